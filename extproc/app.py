@@ -1,0 +1,136 @@
+"""`meshkit extproc`: the gRPC server for Envoy's ext_proc and ext_authz, on one port, one chain.
+
+Served on `--listen`: `envoy.service.ext_proc.v3.ExternalProcessor`, `envoy.service.auth.v3.Authorization`,
+`grpc.health.v1.Health` and server reflection. On `--admin-listen`: `/healthz`, `/readyz`, `/metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from meshkit.admin import Readiness, start_admin
+from meshkit.daemon import DaemonOptions
+from meshkit.errors import MeshkitError
+from meshkit.extproc import authz, server
+from meshkit.extproc.chain import Chain
+from meshkit.extproc.filters import FILTERS, build
+from meshkit.extproc.limits import grpc_message_limit
+from meshkit.extproc.metrics import Metrics
+from meshkit.options import option, parse_host_port, parse_size
+
+log = logging.getLogger("meshkit.extproc")
+
+
+def _parse_filters(value: Any) -> tuple[str, ...]:
+    names = tuple(
+        v.strip() for v in (value if isinstance(value, list | tuple) else str(value).split(",")) if v.strip()
+    )
+    unknown = [n for n in names if n not in FILTERS]
+    if unknown:
+        raise ValueError(f"unknown filter {', '.join(unknown)}; available: {', '.join(FILTERS)}")
+    if not names:
+        raise ValueError(f"name at least one filter; available: {', '.join(FILTERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError("a filter is named twice")
+    return names
+
+
+@dataclass(frozen=True)
+class ExtprocOptions:
+    listen: str = option(
+        "127.0.0.1:50051",
+        "HOST:PORT of the gRPC server (port 0: any free port)",
+        parse=parse_host_port,
+        metavar="HOST:PORT",
+    )
+    filters: tuple[str, ...] = option(
+        ("body-hash",),
+        f"filter chain, in order ({', '.join(FILTERS)})",
+        parse=_parse_filters,
+        metavar="NAME,...",
+    )
+    max_body_bytes: int = option(
+        8 << 20,
+        "largest request body accepted (bigger: 413); also sets the gRPC limit",
+        parse=parse_size,
+        metavar="BYTES",
+    )
+
+
+class ListenError(MeshkitError):
+    """The gRPC or admin address cannot be bound."""
+
+
+SERVICES = (server.SERVICE, authz.SERVICE, health.SERVICE_NAME)
+
+
+async def serve(
+    options: ExtprocOptions,
+    daemon: DaemonOptions,
+    filter_options: Mapping[type[Any], Any],
+    *,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve until `stop` is set, then drain: readiness off, `drain_delay`, stop with `drain_timeout`."""
+    filters = build(options.filters, filter_options)
+    metrics = Metrics([f.name for f in filters])
+    chain = Chain(filters, metrics)
+    limit = grpc_message_limit(options.max_body_bytes)
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    grpc_server.add_generic_rpc_handlers(
+        (
+            server.ExternalProcessor(chain, max_body_bytes=options.max_body_bytes).handler(),
+            authz.Authorization(chain, max_body_bytes=options.max_body_bytes).handler(),
+        )
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection((*SERVICES, reflection.SERVICE_NAME), grpc_server)
+    try:
+        port = grpc_server.add_insecure_port(options.listen)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {options.listen}: {exc}") from None
+    host = options.listen.rpartition(":")[0]
+    readiness = Readiness()
+    try:
+        admin_runner, admin_addr = await start_admin(daemon.admin_listen, readiness, metrics.registry)
+    except OSError as exc:
+        raise ListenError(
+            f"cannot listen on {daemon.admin_listen} (--admin-listen): {exc.strerror}"
+        ) from None
+    await grpc_server.start()
+    for name in ("", server.SERVICE, authz.SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    readiness.set(True, "serving")
+    log.info(
+        "ready", extra={"grpc": f"{host}:{port}", "admin": admin_addr, "filters": ",".join(options.filters)}
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        readiness.set(False, "draining")
+        await health_servicer.enter_graceful_shutdown()
+        if daemon.drain_delay:
+            log.info("readiness off; closing the listener in %.1f s (--drain-delay)", daemon.drain_delay)
+            await asyncio.sleep(daemon.drain_delay)
+        log.info("stopped accepting; in-flight streams get up to %.1f s", daemon.drain_timeout)
+        await grpc_server.stop(grace=daemon.drain_timeout)
+    finally:
+        await grpc_server.stop(grace=None)
+        await admin_runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,123 @@
+"""The filter chain: the hook table, resolved once at start-up, and the rules for running it.
+
+- For each phase, the hooks of the filters that have one, in chain order.
+- Hooks run in order on the same `Exchange`; later hooks see earlier pending header changes.
+- The first `Reply` stops the chain for good: pending changes are dropped and no later hook runs,
+  response phases included. A `ClientError` raised inside a hook becomes that same `Reply`.
+- Any other exception is logged with its traceback, the filter and the request id, and the client gets
+  a 500 JSON reply: a failing filter is never skipped (fail closed).
+- Sync and async hooks are told apart here, once; a chain of sync hooks never touches the event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from meshkit.errors import ClientError
+from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
+from meshkit.extproc.metrics import Metrics
+
+log = logging.getLogger("meshkit.extproc.chain")
+
+INTERNAL_ERROR = Reply.error(500, "internal_error", "the request could not be processed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Hook:
+    filter_name: str
+    fn: Callable[[Exchange], Any]
+    is_async: bool
+
+
+class Chain:
+    def __init__(self, filters: Sequence[Any], metrics: Metrics | None = None) -> None:
+        names = [f.name for f in filters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a filter appears twice in the chain: {', '.join(names)}")
+        self.filters = tuple(filters)
+        self._names = tuple(names)
+        self.metrics = metrics or Metrics(names)
+        self._hooks: dict[Phase, tuple[_Hook, ...]] = {}
+        for phase in PHASES:
+            hooks = []
+            for f in filters:
+                fn = getattr(f, phase.hook_name, None)
+                if fn is not None:
+                    hooks.append(_Hook(f.name, fn, inspect.iscoroutinefunction(fn)))
+            self._hooks[phase] = tuple(hooks)
+        self.phases = frozenset(p for p, hooks in self._hooks.items() if hooks)
+        self.is_async = any(h.is_async for hooks in self._hooks.values() for h in hooks)
+
+    def wants(self, phase: Phase) -> bool:
+        return phase in self.phases
+
+    def run(self, phase: Phase, exchange: Exchange) -> Reply | None:
+        """Run a phase whose hooks are all sync (callers check `is_async` first)."""
+        if exchange.reply is not None:
+            return exchange.reply
+        exchange.phase = phase
+        for hook in self._hooks[phase]:
+            try:
+                reply = cast(Reply | None, hook.fn(exchange))
+            except ClientError as exc:
+                reply = Reply.from_client_error(exc)
+            except Exception:
+                reply = self._failed(hook, exchange)
+            if reply is not None:
+                return self._stop(hook, exchange, reply)
+        return None
+
+    async def run_async(self, phase: Phase, exchange: Exchange) -> Reply | None:
+        if exchange.reply is not None:
+            return exchange.reply
+        exchange.phase = phase
+        for hook in self._hooks[phase]:
+            try:
+                result = hook.fn(exchange)
+                if hook.is_async:
+                    result = await cast(Awaitable[Reply | None], result)
+                reply = cast(Reply | None, result)
+            except ClientError as exc:
+                reply = Reply.from_client_error(exc)
+            except Exception:
+                reply = self._failed(hook, exchange)
+            if reply is not None:
+                return self._stop(hook, exchange, reply)
+        return None
+
+    def _stop(self, hook: _Hook, exchange: Exchange, reply: Reply) -> Reply:
+        exchange.take_mutations()  # a reply drops whatever the chain had pending
+        exchange.reply = reply
+        self.metrics.replied(hook.filter_name, reply.status)
+        return reply
+
+    def _failed(self, hook: _Hook, exchange: Exchange) -> Reply:
+        log.exception(
+            "filter %s failed in %s",
+            hook.filter_name,
+            exchange.phase.value,
+            extra={"filter": hook.filter_name, "request_id": exchange.request_id},
+        )
+        self.metrics.error(f"filter:{hook.filter_name}")
+        return INTERNAL_ERROR
+
+    def finish(self, exchange: Exchange, api: str) -> None:
+        """Count the request once it is over: its outcome, and a pass for every filter if none replied."""
+        metrics = self.metrics
+        if exchange.reply is None:
+            metrics.request(api, "continue")
+            for name in self._names:
+                metrics.passed(name)
+        else:
+            metrics.request(api, "reply")
+
+    def reject(self, exchange: Exchange, reply: Reply, reason: str) -> Reply:
+        """A reply decided by the server core itself (body over the limit, ...): same rules."""
+        exchange.take_mutations()
+        exchange.reply = reply
+        self.metrics.replied(reason, reply.status)
+        return reply

@@ -1,0 +1,24 @@
+"""The filters meshkit ships, by name, and the default chain order."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from meshkit.extproc.filters.body_hash import BodyHashFilter
+
+FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (BodyHashFilter,)}
+
+
+def build(names: Sequence[str], options: Mapping[type[Any], Any]) -> list[Any]:
+    """Instantiate the named filters in order, each with its options instance from `options`."""
+    out = []
+    for name in names:
+        cls = FILTERS[name]
+        out.append(cls(options.get(cls.Options) or cls.Options()))
+    return out
+
+
+def option_sections(names: Sequence[str] | None = None) -> list[type[Any]]:
+    """The options dataclasses of the named filters (all filters when None), for flags and YAML."""
+    return [FILTERS[n].Options for n in (names if names is not None else FILTERS)]

@@ -1,0 +1,89 @@
+"""body-hash: `x-body-hash` = hex digest of the request body, so the mesh can consistent-hash POSTs.
+
+- A request with a non-empty body gets `x-body-hash` (XXH3-128 by default, `--hash sha256`).
+- No body, or an empty one: the header is removed. A client never chooses its own cache key.
+- `--canonical-json`: a JSON body is hashed in canonical form (sorted keys, compact separators, UTF-8),
+  so formatting and key order do not split the cache; `--hash-ignore-fields` first drops top-level
+  fields that do not change the answer (`user`, `metadata`, ...). A body that is not JSON is hashed as
+  raw bytes, never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import xxhash
+from meshkit.extproc.filter import Exchange
+from meshkit.extproc.headers import BODY_HASH
+from meshkit.options import option
+
+HASHES: dict[str, Callable[[bytes], str]] = {
+    "xxh3-128": lambda data: xxhash.xxh3_128_hexdigest(data),
+    "sha256": lambda data: hashlib.sha256(data).hexdigest(),
+}
+_JSON_START = frozenset(b"{[")
+_WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class BodyHashOptions:
+    hash: str = option("xxh3-128", "digest for x-body-hash", choices=tuple(HASHES))
+    canonical_json: bool = option(False, "hash JSON bodies in canonical form (sorted keys, compact)")
+    hash_ignore_fields: tuple[str, ...] = option(
+        (),
+        "with --canonical-json: top-level JSON fields left out of the hash (comma-separated)",
+        metavar="FIELD,...",
+    )
+
+    def __post_init__(self) -> None:
+        if self.hash_ignore_fields and not self.canonical_json:
+            raise ValueError("--hash-ignore-fields needs --canonical-json (it applies to the canonical form)")
+
+
+def canonical_json(body: bytes, ignore: frozenset[str]) -> bytes | None:
+    """The canonical form of a JSON body, or None when the body is not JSON."""
+    start = body.lstrip(_WHITESPACE)[:1]
+    if not start or start[0] not in _JSON_START:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested absurdly deep
+        return None
+    if ignore and isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if k not in ignore}
+    try:
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # lone surrogates from \ud800 escapes cannot be UTF-8
+        return None
+
+
+class BodyHashFilter:
+    name: ClassVar[str] = "body-hash"
+    Options: ClassVar[type[BodyHashOptions]] = BodyHashOptions
+
+    def __init__(self, options: BodyHashOptions) -> None:
+        self.options = options
+        self._digest = HASHES[options.hash]
+        self._canonical = options.canonical_json
+        self._ignore = frozenset(options.hash_ignore_fields)
+
+    def on_request_headers(self, exchange: Exchange) -> None:
+        # Drop a client-sent value now; a body (if any) brings ours in the next phase.
+        exchange.remove_header(BODY_HASH)
+
+    def on_request_body(self, exchange: Exchange) -> None:
+        body = exchange.body
+        if not body:
+            exchange.remove_header(BODY_HASH)
+            return
+        exchange.set_header(BODY_HASH, self.digest(body))
+
+    def digest(self, body: bytes) -> str:
+        """The value this filter sets for a non-empty `body`."""
+        if self._canonical:
+            body = canonical_json(body, self._ignore) or body
+        return self._digest(body)

@@ -1,0 +1,11 @@
+"""Headers meshkit owns. A client-sent value of any of these is removed or overwritten."""
+
+from __future__ import annotations
+
+BODY_HASH = "x-body-hash"
+
+OWNED: frozenset[str] = frozenset({BODY_HASH})
+# Never written to logs, whatever the log level.
+SENSITIVE: frozenset[str] = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie"}
+)

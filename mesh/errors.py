@@ -1,0 +1,55 @@
+"""The errors meshkit raises, as one tree.
+
+MeshkitError
+├── ConfigError        bad options: collected, printed once, the CLI exits 2
+├── ClientError        a request a client must fix: becomes an HTTP status + JSON error body
+├── DependencyError    a server meshkit needs (Redis, NATS, S3, ...) is unreachable: 503
+└── HarnessError       a real server of the test/stack harness failed to start or stop
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+
+class MeshkitError(Exception):
+    """Base of every error meshkit raises on purpose."""
+
+
+class ConfigError(MeshkitError):
+    """One or more invalid options; `problems` holds one line per bad key."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+    def __str__(self) -> str:
+        return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class ClientError(MeshkitError):
+    """A request error the client may see, as `{"error": {"message", "type", "code"}}` with `status`."""
+
+    def __init__(self, status: int, type: str, message: str, code: str | None = None) -> None:
+        self.status = status
+        self.type = type
+        self.message = message
+        self.code = code
+        super().__init__(f"{status} {type}: {message}")
+
+    def body(self) -> bytes:
+        return error_body(self.type, self.message, self.code)
+
+
+class DependencyError(MeshkitError):
+    """A server needed to decide is down or too slow."""
+
+
+class HarnessError(MeshkitError):
+    """A real server started by the harness failed; the message carries its log tail."""
+
+
+def error_body(type: str, message: str, code: str | None = None) -> bytes:
+    """The one JSON error shape of every HTTP-facing part of meshkit (OpenAI-compatible)."""
+    return json.dumps({"error": {"message": message, "type": type, "code": code}}).encode()

@@ -1,0 +1,271 @@
+"""Options: declared once as dataclass fields, read from flags > `MESHKIT_*` env > YAML > defaults.
+
+Each component (and each filter) declares a frozen dataclass whose fields use `option(...)`. From that
+one declaration come the command-line flags (`max_body_bytes` -> `--max-body-bytes`), the environment
+variables (`MESHKIT_EXTPROC_MAX_BODY_BYTES`), the YAML keys (`extproc: {max_body_bytes: ...}`) and the
+`--help` text. Every problem is collected and raised together as one `ConfigError`, naming the key,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from meshkit.errors import ConfigError
+
+T = TypeVar("T")
+Parser = Callable[[Any], Any]
+
+_UNSET: Any = object()
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    parse: Parser | None = None,
+    metavar: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A dataclass field that is also a flag, an env variable and a YAML key."""
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "parse": parse,
+        "metavar": metavar,
+        "secret": secret,
+    }
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# -- value parsers ---------------------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1 << 20,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 10**9,
+    "gib": 1 << 30,
+}
+
+
+def parse_size(value: Any) -> int:
+    """`8388608`, `8MiB`, `512k` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError("expected a size in bytes such as 8388608, 8MiB or 512KiB")
+        size = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower() or None]
+    if size <= 0:
+        raise ValueError("must be a positive size")
+    return size
+
+
+def parse_host_port(value: Any) -> str:
+    """`HOST:PORT` with a numeric port 0-65535 (0: any free port). IPv6 hosts in brackets."""
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, for example 127.0.0.1:50051")
+    return text
+
+
+def parse_seconds(value: Any) -> float:
+    try:
+        seconds = float(str(value).removesuffix("s"))
+    except ValueError:
+        raise ValueError("expected seconds, for example 5 or 0.5") from None
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer") from None
+
+
+def _parse_str_tuple(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _parser_for(f: dataclasses.Field[Any], hint: Any) -> Parser:
+    custom = f.metadata.get("parse")
+    if custom is not None:
+        return typing.cast(Parser, custom)
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return _parse_bool
+    if hint is int:
+        return _parse_int
+    if hint is float:
+        return parse_seconds
+    if origin is tuple:
+        return _parse_str_tuple
+    if origin in (types.UnionType, typing.Union):  # `str | None`
+        return lambda v: None if v in (None, "") else str(v)
+    return lambda v: str(v)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def env_name(command: str, field_name: str) -> str:
+    return f"MESHKIT_{command.upper().replace('-', '_')}_{field_name.upper()}"
+
+
+def fields_of(sections: Sequence[type[Any]]) -> list[tuple[type[Any], dataclasses.Field[Any], Any]]:
+    out = []
+    for section in sections:
+        hints = typing.get_type_hints(section)
+        out.extend((section, f, hints[f.name]) for f in dataclasses.fields(section))
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser, sections: Sequence[type[Any]]) -> None:
+    """One flag per field; flags default to "not given" so env and YAML can fill in."""
+    seen: dict[str, type[Any]] = {}
+    for section, f, hint in fields_of(sections):
+        if f.name in seen:
+            raise RuntimeError(
+                f"option {f.name!r} declared by both {seen[f.name].__name__} and {section.__name__}"
+            )
+        seen[f.name] = section
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        if hint is bool:
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=_UNSET,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            # choices are checked in resolve(), so every bad value is reported together
+            choices = f.metadata.get("choices")
+            metavar = (
+                "{" + ",".join(choices) + "}" if choices else f.metadata.get("metavar") or f.name.upper()
+            )
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=_UNSET, help=help_text, metavar=metavar
+            )
+
+
+def load_yaml_section(path: Path | None, command: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError([f"--config {path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--config {path}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: expected a mapping with a {command!r} section"])
+    section = data.get(command, {})
+    if not isinstance(section, dict):
+        raise ConfigError([f"--config {path}: {command!r} must be a mapping of option: value"])
+    return section
+
+
+def resolve(
+    sections: Sequence[type[Any]],
+    *,
+    command: str,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> dict[type[Any], Any]:
+    """Build one instance per section from flags > env > YAML > defaults; raise every problem at once."""
+    flags = flags or {}
+    env = os.environ if env is None else env
+    config = dict(config or {})
+    problems: list[str] = []
+    values: dict[type[Any], dict[str, Any]] = {s: {} for s in sections}
+    known = set()
+    for section, f, hint in fields_of(sections):
+        known.add(f.name)
+        raw, where = _UNSET, ""
+        if flags.get(f.name, _UNSET) is not _UNSET:
+            raw, where = flags[f.name], flag_name(f.name)
+        elif env_name(command, f.name) in env:
+            raw, where = env[env_name(command, f.name)], env_name(command, f.name)
+        elif f.name in config:
+            raw, where = config[f.name], f"{command}.{f.name} in --config"
+        if raw is _UNSET:
+            continue
+        try:
+            value = _parser_for(f, hint)(raw)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"allowed: {', '.join(choices)}")
+        except ValueError as exc:
+            shown = "***" if f.metadata.get("secret") else repr(raw)
+            problems.append(f"{where}: {shown} is not valid: {exc}")
+            continue
+        values[section][f.name] = value
+    for key in sorted(set(config) - known):
+        problems.append(f"{command}.{key} in --config: unknown option (known: {', '.join(sorted(known))})")
+    prefix = env_name(command, "")
+    names = {env_name(command, n) for n in known}
+    problems.extend(
+        f"{key}: unknown environment option"
+        for key in sorted(env)
+        if key.startswith(prefix) and key not in names
+    )
+    instances: dict[type[Any], Any] = {}
+    for section in sections:
+        try:
+            instances[section] = section(**values[section])
+        except ValueError as exc:  # cross-field checks in __post_init__
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(problems)
+    return instances
+
+
+def describe(instance: Any) -> dict[str, Any]:
+    """The options as a dict for the start-up log line; secrets masked."""
+    out = {}
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        out[f.name] = "***" if f.metadata.get("secret") and value else value
+    return out

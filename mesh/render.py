@@ -1,0 +1,127 @@
+"""The one place templates under `meshkit/envoy/` are filled: harness, `meshkit up`, tests and bench.
+
+Placeholders are `${name}` (string.Template); a missing value is an error, never an empty string.
+Values that are YAML structures (the processing mode, the 413 mapper) are written as JSON, which is
+valid YAML flow style.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Literal
+
+from meshkit.errors import error_body
+from meshkit.extproc.limits import envoy_buffer_limit
+
+Api = Literal["ext_proc", "ext_authz", "plain"]
+TEMPLATES: dict[str, str] = {
+    "ext_proc": "front-extproc.yaml",
+    "ext_authz": "front-extauthz.yaml",
+    "plain": "front-plain.yaml",
+}
+
+
+def template(name: str) -> str:
+    return resources.files("meshkit").joinpath("envoy", name).read_text()
+
+
+def fill(name: str, values: dict[str, object]) -> str:
+    try:
+        return string.Template(template(name)).substitute({k: str(v) for k, v in values.items()})
+    except KeyError as exc:
+        raise ValueError(f"template {name}: no value for ${{{exc.args[0]}}}") from None
+
+
+def duration(seconds: float) -> str:
+    """Envoy's duration syntax: `0.5s` (it rejects `500ms`)."""
+    return f"{seconds:g}s"
+
+
+def processing_mode(phases: Collection[str]) -> dict[str, str]:
+    """ext_proc's processing_mode for a chain with hooks in `phases` (Phase values)."""
+    return {
+        "request_header_mode": "SEND",
+        "request_body_mode": "BUFFERED" if "request_body" in phases else "NONE",
+        "response_header_mode": "SEND" if "response_headers" in phases else "SKIP",
+        "response_body_mode": "BUFFERED" if "response_body" in phases else "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+
+
+def too_large_mapper(max_body_bytes: int) -> dict[str, object]:
+    """Envoy's own 413s (body over its buffer) get meshkit's JSON error body too."""
+    error = json.loads(
+        error_body("request_too_large", f"request body exceeds the limit of {max_body_bytes} bytes")
+    )
+    return {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": 413, "runtime_key": "meshkit.local_reply.too_large"},
+                }
+            }
+        },
+        "body_format_override": {"json_format": error, "content_type": "application/json"},
+    }
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    """Values for the ingress templates; `render()` turns them into an Envoy bootstrap."""
+
+    upstream_port: int
+    extproc_port: int = 0
+    api: Api = "ext_proc"
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 0
+    extproc_host: str = "127.0.0.1"
+    upstream_host: str = "127.0.0.1"
+    max_body_bytes: int = 8 << 20
+    failure_mode_allow: bool = True
+    message_timeout: float = 1.0
+    grpc_timeout: float = 2.0
+    phases: frozenset[str] = field(default_factory=lambda: frozenset({"request_headers", "request_body"}))
+
+    def render(self) -> str:
+        if self.api != "plain" and not self.extproc_port:
+            raise ValueError("extproc_port is required for the ext_proc and ext_authz configs")
+        return fill(
+            TEMPLATES[self.api],
+            {
+                "admin_port": self.admin_port,
+                "listen_address": self.listen_address,
+                "listen_port": self.listen_port,
+                "buffer_limit_bytes": envoy_buffer_limit(self.max_body_bytes),
+                "max_body_bytes": self.max_body_bytes,
+                "too_large_mapper": json.dumps(too_large_mapper(self.max_body_bytes)),
+                "extproc_host": self.extproc_host,
+                "extproc_port": self.extproc_port,
+                "upstream_host": self.upstream_host,
+                "upstream_port": self.upstream_port,
+                "failure_mode_allow": json.dumps(self.failure_mode_allow),
+                "message_timeout": duration(self.message_timeout),
+                "grpc_timeout": duration(self.grpc_timeout),
+                "processing_mode": json.dumps(processing_mode(self.phases)),
+            },
+        )
+
+
+def upstream_direct(
+    listen_port: int = 0, admin_port: int = 0, buffer_limit_bytes: int = envoy_buffer_limit(8 << 20)
+) -> str:
+    return fill(
+        "upstream-direct.yaml",
+        {
+            "listen_address": "127.0.0.1",
+            "listen_port": listen_port,
+            "admin_port": admin_port,
+            "buffer_limit_bytes": buffer_limit_bytes,
+        },
+    )
