@@ -16,8 +16,11 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 from meshkit.extproc.filter import Phase, Reply
+
+__all__ = ["CheckRequest", "DecodeError", "ExtProcResponses", "ProcessingRequest", "check_denied", "check_ok"]
 
 ProcessingRequest = ep.ProcessingRequest
 CheckRequest = authz_pb.CheckRequest

@@ -37,14 +37,19 @@ class Authorization:
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
                     self.check,
-                    request_deserializer=_proto.CheckRequest.FromString,
+                    request_deserializer=_proto.identity,  # parsed below: bad bytes -> INVALID_ARGUMENT
                     response_serializer=_proto.identity,
                 )
             },
         )
 
-    async def check(self, request: _proto.CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def check(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
+        try:
+            request = _proto.CheckRequest.FromString(data)
+        except _proto.DecodeError:
+            self._metrics.error("protocol")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
         http = request.attributes.request.http
         exchange = Exchange(http.headers)
         exchange.request_id = http.id

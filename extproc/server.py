@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from meshkit.extproc import _proto
@@ -48,7 +49,7 @@ class ExternalProcessor:
             {
                 "Process": grpc.stream_stream_rpc_method_handler(
                     self.process,
-                    request_deserializer=_proto.ProcessingRequest.FromString,
+                    request_deserializer=_proto.identity,  # parsed in the loop: bad bytes -> INVALID_ARGUMENT
                     response_serializer=_proto.identity,
                 )
             },
@@ -69,14 +70,18 @@ class ExternalProcessor:
         return data
 
     async def process(
-        self, requests: AsyncIterator[_proto.ProcessingRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         exchange: Exchange | None = None
         body_parts: list[bytes] = []
         metrics = self._metrics
         metrics.in_flight.inc()
         try:
-            async for message in requests:
+            async for data in requests:
+                try:
+                    message = _proto.ProcessingRequest.FromString(data)
+                except _proto.DecodeError:
+                    await self._fault(context, "malformed ProcessingRequest")
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
                     if exchange is not None:
@@ -126,7 +131,7 @@ class ExternalProcessor:
         exchange.end_of_stream = True
         return await self._phase(Phase.REQUEST_BODY, exchange)
 
-    async def _fault(self, context: grpc.aio.ServicerContext, message: str) -> None:
+    async def _fault(self, context: grpc.aio.ServicerContext, message: str) -> NoReturn:
         self._metrics.error("protocol")
         log.warning("ext_proc protocol fault: %s", message)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -119,6 +119,20 @@ class ManagedProcess:
         _RUNNING.pop(proc.pid, None)
         return proc.returncode
 
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to the leader only (as a supervisor would), not to its whole group."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the exit status (raises HarnessError after `timeout` seconds)."""
+        if self._proc is None:
+            raise HarnessError(f"{self.name}: not started")
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise HarnessError(f"{self.name} still running after {timeout:.0f} s\n{self.tail()}") from None
+
     def kill(self) -> None:
         """SIGKILL the whole group at once (a crash, for tests)."""
         if self._proc is not None and self._proc.poll() is None:

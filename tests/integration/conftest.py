@@ -1,0 +1,93 @@
+"""Real servers for integration tests: meshkit's extproc, an echo upstream, and a front Envoy.
+
+Every fixture stops what it started, in teardown, also after a failure or Ctrl-C. When a test fails, the
+log tails of the processes it used are printed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshkit.harness.envoy import Envoy, envoy
+from meshkit.harness.meshkit import Echo, Extproc, echo, extproc
+from meshkit.render import FrontConfig
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """What the echo upstream says it received."""
+        return dict(self.json()["headers"])
+
+
+def request(url: str, method: str = "POST", body: bytes | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
+    """One HTTP/1.1 request on a fresh connection (http.client: no retries, no redirects)."""
+    host_port = url.split("/")[2]
+    path = "/" + url.split("/", 3)[3] if url.count("/") >= 3 else "/"
+    host, _, port = host_port.partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="module")
+def upstream(workdir: Path) -> Iterator[Echo]:
+    with echo(workdir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def meshkit_server(workdir: Path) -> Iterator[Extproc]:
+    with extproc(workdir) as server:
+        yield server
+
+
+def front(workdir: Path, upstream: Echo, server: Extproc | None, api: str, **kw: Any) -> Any:
+    cfg = FrontConfig(upstream_port=upstream.port, extproc_port=server.grpc_port if server else 0,
+                      api=api, listen_port=0, **kw)  # type: ignore[arg-type]
+    return envoy(cfg.render(), workdir)
+
+
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
+def ingress(request: pytest.FixtureRequest, workdir: Path, upstream: Echo, meshkit_server: Extproc) -> Iterator[Envoy]:
+    """A front Envoy to meshkit over ext_proc, then over ext_authz (each module test runs on both)."""
+    with front(workdir, upstream, meshkit_server, request.param) as proxy:
+        yield proxy
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed and call.when == "call":
+        from meshkit.harness.process import running
+
+        for proc in running():
+            report.sections.append((f"log of {proc.name}", proc.tail(30)))
+    return report

@@ -1,0 +1,100 @@
+"""What happens when meshkit's server dies, drains, or gets garbage: through real Envoy and real gRPC."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import xxhash
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshkit.harness.meshkit import Echo, Extproc, extproc
+
+from .conftest import front, request
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz"])
+def test_server_killed_mid_run_requests_still_served_unhashed(workdir: Path, upstream: Echo, api: str) -> None:
+    with extproc(workdir, name=f"doomed-{api}") as server, front(workdir, upstream, server, api) as proxy:
+        before = [request(proxy.url(), body=f"before {i}".encode()) for i in range(20)]
+        assert all(r.upstream_headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(f"before {i}".encode())
+                   for i, r in enumerate(before))
+        server.process.kill()
+        after = [request(proxy.url(), body=f"after {i}".encode(), headers={"x-body-hash": "spoof"})
+                 for i in range(20)]
+        assert [r.status for r in after] == [200] * 20
+        # Unhashed, and a client-chosen value never gets through (Envoy strips it before the filter).
+        assert all("x-body-hash" not in r.upstream_headers for r in after)
+
+
+def _grpc_health(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
+
+
+def test_sigterm_turns_readiness_off_then_drains_and_exits_zero(workdir: Path) -> None:
+    with extproc(workdir, ["--drain-delay", "1.5"], name="draining") as server:
+        assert request(f"{server.admin_url}/readyz", method="GET").status == 200
+        assert _grpc_health(server.grpc_port) == health_pb2.HealthCheckResponse.SERVING
+        assert request(f"{server.admin_url}/healthz", method="GET").status == 200
+        started = time.monotonic()
+        server.process.signal(signal.SIGTERM)
+        deadline = started + 1.0
+        status = None
+        while time.monotonic() < deadline:
+            status = request(f"{server.admin_url}/readyz", method="GET").status
+            if status == 503:
+                break
+        assert status == 503, "readiness still on after SIGTERM"
+        assert server.process.wait(10) == 0
+        assert time.monotonic() - started >= 1.5  # --drain-delay was honoured
+        assert "stopped" in server.process.log_text()
+
+
+def test_garbage_on_the_stream_gets_grpc_error_and_server_lives(meshkit_server: Extproc) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{meshkit_server.grpc_port}") as channel:
+        raw = channel.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw(iter([b"\xff\xff\xff\xff garbage"]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        check = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check",
+                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            check(b"\xff\xff not a CheckRequest", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        process = channel.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                                        request_serializer=ep.ProcessingRequest.SerializeToString,
+                                        response_deserializer=ep.ProcessingResponse.FromString)
+        twice = [ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
+                 ep.ProcessingRequest(request_headers=ep.HttpHeaders())]
+        with pytest.raises(grpc.RpcError) as err:
+            list(process(iter(twice), timeout=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            list(process(iter([ep.ProcessingRequest()]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        # The server still answers a well-formed stream.
+        good = [ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
+                ep.ProcessingRequest(request_body=ep.HttpBody(body=b"still here", end_of_stream=True))]
+        responses = list(process(iter(good), timeout=5))
+        sets = responses[1].request_body.response.header_mutation.set_headers
+        assert sets[0].header.raw_value == xxhash.xxh3_128_hexdigest(b"still here").encode()
+    assert meshkit_server.process.returncode is None
+
+
+def test_garbage_bytes_on_the_port_do_not_kill_the_server(meshkit_server: Extproc) -> None:
+    with socket.create_connection(("127.0.0.1", meshkit_server.grpc_port), timeout=2) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 10)
+        sock.recv(1024)
+    assert _grpc_health(meshkit_server.grpc_port) == health_pb2.HealthCheckResponse.SERVING
