@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
+
 from meshkit.extproc.filter import Phase, Reply
 
 __all__ = ["CheckRequest", "DecodeError", "ExtProcResponses", "ProcessingRequest", "check_denied", "check_ok"]

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from meshkit.admin import Readiness, start_admin
 from meshkit.daemon import DaemonOptions
 from meshkit.errors import MeshkitError

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import grpc
+
 from meshkit.extproc import _proto
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import Exchange, Phase, Reply

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
+
 from meshkit.extproc import _proto
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import Exchange, Phase, Reply

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
 from meshkit.errors import ConfigError
 
 T = TypeVar("T")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import xxhash
+
 from meshkit.extproc.filter import Exchange
 from meshkit.extproc.headers import BODY_HASH
 from meshkit.options import option

@@ -14,6 +14,8 @@ from pathlib import Path
 from meshkit.harness.process import ManagedProcess, log_match, log_matches
 
 _ADDR = r"(\d+\.\d+\.\d+\.\d+):(\d+)"
+# The ready line, in text (`ready grpc=... admin=...`) or JSON (`"msg": "ready", "grpc": ...`) logs.
+_READY = r'(?:\bready grpc=|"msg": "ready")'
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,10 @@ def meshkit_argv(*args: str) -> list[str]:
 def extproc(workdir: Path, args: Sequence[str] = (), *, name: str = "meshkit-extproc") -> Iterator[Extproc]:
     """`meshkit extproc --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 ARGS...`"""
     argv = meshkit_argv("extproc", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args)
-    proc = ManagedProcess(name, argv, log_dir=workdir, ready=log_matches(r"ready grpc="))
+    proc = ManagedProcess(name, argv, log_dir=workdir, ready=log_matches(_READY))
     with proc:
-        grpc = log_match(proc, rf"ready grpc={_ADDR}")
-        admin = log_match(proc, rf"ready grpc=\S+ admin={_ADDR}")
+        grpc = log_match(proc, rf'{_READY}.*?\bgrpc"?[=:] ?"?{_ADDR}')
+        admin = log_match(proc, rf'{_READY}.*?\badmin"?[=:] ?"?{_ADDR}')
         yield Extproc(proc, int(grpc.group(2)), int(admin.group(2)))
 
 

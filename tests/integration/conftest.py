@@ -37,8 +37,13 @@ class Response:
         return dict(self.json()["headers"])
 
 
-def request(url: str, method: str = "POST", body: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
+def request(
+    url: str,
+    method: str = "POST",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Response:
     """One HTTP/1.1 request on a fresh connection (http.client: no retries, no redirects)."""
     host_port = url.split("/")[2]
     path = "/" + url.split("/", 3)[3] if url.count("/") >= 3 else "/"
@@ -70,13 +75,20 @@ def meshkit_server(workdir: Path) -> Iterator[Extproc]:
 
 
 def front(workdir: Path, upstream: Echo, server: Extproc | None, api: str, **kw: Any) -> Any:
-    cfg = FrontConfig(upstream_port=upstream.port, extproc_port=server.grpc_port if server else 0,
-                      api=api, listen_port=0, **kw)  # type: ignore[arg-type]
+    cfg = FrontConfig(
+        upstream_port=upstream.port,
+        extproc_port=server.grpc_port if server else 0,
+        api=api,
+        listen_port=0,
+        **kw,
+    )  # type: ignore[arg-type]
     return envoy(cfg.render(), workdir)
 
 
 @pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
-def ingress(request: pytest.FixtureRequest, workdir: Path, upstream: Echo, meshkit_server: Extproc) -> Iterator[Envoy]:
+def ingress(
+    request: pytest.FixtureRequest, workdir: Path, upstream: Echo, meshkit_server: Extproc
+) -> Iterator[Envoy]:
     """A front Envoy to meshkit over ext_proc, then over ext_authz (each module test runs on both)."""
     with front(workdir, upstream, meshkit_server, request.param) as proxy:
         yield proxy

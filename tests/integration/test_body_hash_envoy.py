@@ -28,7 +28,7 @@ def random_body(size: int, *, binary: bool, seed: int) -> bytes:
     rng = random.Random(seed)
     if binary:
         return rng.randbytes(size)
-    return "".join(rng.choice("abcdefghij klmnop\n{}\":,é") for _ in range(size)).encode()[:size]
+    return "".join(rng.choice('abcdefghij klmnop\n{}":,é') for _ in range(size)).encode()[:size]
 
 
 @pytest.mark.parametrize("size", [1, 1024, 65536, 1 << 20, 5 << 20])
@@ -46,8 +46,12 @@ def test_upstream_receives_hash_of_exact_body(ingress: Envoy, size: int, binary:
 
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
 def test_no_body_no_header_even_when_spoofed(ingress: Envoy, method: str) -> None:
-    resp = request(ingress.url(path="/v1/models"), method=method, body=b"" if method == "POST" else None,
-                   headers={"x-body-hash": "chosen-by-client"})
+    resp = request(
+        ingress.url(path="/v1/models"),
+        method=method,
+        body=b"" if method == "POST" else None,
+        headers={"x-body-hash": "chosen-by-client"},
+    )
     assert resp.status == 200
     assert "x-body-hash" not in resp.upstream_headers
     assert "x-body-hash" not in resp.headers
@@ -55,12 +59,17 @@ def test_no_body_no_header_even_when_spoofed(ingress: Envoy, method: str) -> Non
 
 def test_spoofed_hash_is_overwritten(ingress: Envoy) -> None:
     body = b'{"input": "hello"}'
-    resp = request(ingress.url(), body=body, headers={"x-body-hash": "0" * 32, "content-type": "application/json"})
+    resp = request(
+        ingress.url(), body=body, headers={"x-body-hash": "0" * 32, "content-type": "application/json"}
+    )
     assert resp.upstream_headers["x-body-hash"] == xxh(body)
 
 
-@pytest.mark.parametrize("size", [MAX + 1, MAX + (512 << 10), MAX + (3 << 20)],
-                         ids=["one-byte-over", "meshkit-answers", "envoy-answers"])
+@pytest.mark.parametrize(
+    "size",
+    [MAX + 1, MAX + (512 << 10), MAX + (3 << 20)],
+    ids=["one-byte-over", "meshkit-answers", "envoy-answers"],
+)
 def test_oversized_body_gets_413_json(ingress: Envoy, size: int) -> None:
     resp = request(ingress.url(), body=b"a" * size)
     assert resp.status == 413
@@ -85,7 +94,9 @@ def test_concurrent_distinct_bodies_each_get_their_own_hash(ingress: Envoy) -> N
     assert [r.upstream_headers["x-body-hash"] for r in responses] == [xxh(b) for b in bodies]
 
 
-def test_metrics_count_requests(ingress: Envoy, meshkit_server: Extproc, request_info: pytest.FixtureRequest) -> None:
+def test_metrics_count_requests(
+    ingress: Envoy, meshkit_server: Extproc, request_info: pytest.FixtureRequest
+) -> None:
     api = request_info.node.callspec.params["ingress"]
     request(ingress.url(), body=b"counted")
     resp = request(f"{meshkit_server.admin_url}/metrics", method="GET")
@@ -103,10 +114,12 @@ def request_info(request: pytest.FixtureRequest) -> pytest.FixtureRequest:
 
 # -- canonical JSON, on its own server -------------------------------------------------------------
 @pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
-def canonical_ingress(request: pytest.FixtureRequest, workdir: Path, upstream: Echo):  # noqa: ANN201
+def canonical_ingress(request: pytest.FixtureRequest, workdir: Path, upstream: Echo):
     args = ["--canonical-json", "--hash-ignore-fields", "user,metadata,stream_options", "--hash", "sha256"]
-    with extproc(workdir, args, name=f"canonical-{request.param}") as server, \
-            front(workdir, upstream, server, request.param) as proxy:
+    with (
+        extproc(workdir, args, name=f"canonical-{request.param}") as server,
+        front(workdir, upstream, server, request.param) as proxy,
+    ):
         yield proxy
 
 
@@ -119,7 +132,9 @@ def hash_at_upstream(proxy: Envoy, body: bytes) -> str:
 def test_canonical_json_ignores_format_order_and_listed_fields(canonical_ingress: Envoy) -> None:
     a = b'{"model": "m1", "input": ["a", "b"], "user": "alice"}'
     b = b'{\n  "input" : [ "a","b" ],\n  "model":"m1", "metadata": {"trace": 1}, "user": "bob"\n}'
-    canonical = json.dumps({"input": ["a", "b"], "model": "m1"}, sort_keys=True, separators=(",", ":")).encode()
+    canonical = json.dumps(
+        {"input": ["a", "b"], "model": "m1"}, sort_keys=True, separators=(",", ":")
+    ).encode()
     assert hash_at_upstream(canonical_ingress, a) == hash_at_upstream(canonical_ingress, b)
     assert hash_at_upstream(canonical_ingress, a) == hashlib.sha256(canonical).hexdigest()
 
@@ -130,6 +145,6 @@ def test_canonical_json_keeps_fields_that_change_the_answer(canonical_ingress: E
     assert hash_at_upstream(canonical_ingress, a) != hash_at_upstream(canonical_ingress, b)
 
 
-@pytest.mark.parametrize("body", [b"not json {", b"{\"unterminated\": ", b"[1, 2", bytes(range(256))])
+@pytest.mark.parametrize("body", [b"not json {", b'{"unterminated": ', b"[1, 2", bytes(range(256))])
 def test_invalid_json_is_hashed_raw(canonical_ingress: Envoy, body: bytes) -> None:
     assert hash_at_upstream(canonical_ingress, body) == hashlib.sha256(body).hexdigest()

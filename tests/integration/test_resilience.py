@@ -21,14 +21,20 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("api", ["ext_proc", "ext_authz"])
-def test_server_killed_mid_run_requests_still_served_unhashed(workdir: Path, upstream: Echo, api: str) -> None:
+def test_server_killed_mid_run_requests_still_served_unhashed(
+    workdir: Path, upstream: Echo, api: str
+) -> None:
     with extproc(workdir, name=f"doomed-{api}") as server, front(workdir, upstream, server, api) as proxy:
         before = [request(proxy.url(), body=f"before {i}".encode()) for i in range(20)]
-        assert all(r.upstream_headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(f"before {i}".encode())
-                   for i, r in enumerate(before))
+        assert all(
+            r.upstream_headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(f"before {i}".encode())
+            for i, r in enumerate(before)
+        )
         server.process.kill()
-        after = [request(proxy.url(), body=f"after {i}".encode(), headers={"x-body-hash": "spoof"})
-                 for i in range(20)]
+        after = [
+            request(proxy.url(), body=f"after {i}".encode(), headers={"x-body-hash": "spoof"})
+            for i in range(20)
+        ]
         assert [r.status for r in after] == [200] * 20
         # Unhashed, and a client-chosen value never gets through (Envoy strips it before the filter).
         assert all("x-body-hash" not in r.upstream_headers for r in after)
@@ -61,22 +67,32 @@ def test_sigterm_turns_readiness_off_then_drains_and_exits_zero(workdir: Path) -
 
 def test_garbage_on_the_stream_gets_grpc_error_and_server_lives(meshkit_server: Extproc) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{meshkit_server.grpc_port}") as channel:
-        raw = channel.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
-                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        raw = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(raw(iter([b"\xff\xff\xff\xff garbage"]), timeout=5))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        check = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check",
-                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        check = channel.unary_unary(
+            "/envoy.service.auth.v3.Authorization/Check",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         with pytest.raises(grpc.RpcError) as err:
             check(b"\xff\xff not a CheckRequest", timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        process = channel.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
-                                        request_serializer=ep.ProcessingRequest.SerializeToString,
-                                        response_deserializer=ep.ProcessingResponse.FromString)
-        twice = [ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
-                 ep.ProcessingRequest(request_headers=ep.HttpHeaders())]
+        process = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=ep.ProcessingRequest.SerializeToString,
+            response_deserializer=ep.ProcessingResponse.FromString,
+        )
+        twice = [
+            ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
+            ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
+        ]
         with pytest.raises(grpc.RpcError) as err:
             list(process(iter(twice), timeout=5))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -85,8 +101,10 @@ def test_garbage_on_the_stream_gets_grpc_error_and_server_lives(meshkit_server: 
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         # The server still answers a well-formed stream.
-        good = [ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
-                ep.ProcessingRequest(request_body=ep.HttpBody(body=b"still here", end_of_stream=True))]
+        good = [
+            ep.ProcessingRequest(request_headers=ep.HttpHeaders()),
+            ep.ProcessingRequest(request_body=ep.HttpBody(body=b"still here", end_of_stream=True)),
+        ]
         responses = list(process(iter(good), timeout=5))
         sets = responses[1].request_body.response.header_mutation.set_headers
         assert sets[0].header.raw_value == xxhash.xxh3_128_hexdigest(b"still here").encode()

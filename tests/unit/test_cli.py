@@ -1,0 +1,51 @@
+"""The CLI as a user meets it: a real `meshkit` process, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def meshkit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshkit", *args], capture_output=True, text=True, timeout=30, env=env
+    )
+
+
+def test_bad_options_exit_2_with_every_problem_and_no_traceback() -> None:
+    result = meshkit("extproc", "--hash", "md5", "--max-body-bytes", "huge", "--filters", "body-hash,nope")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for needle in ("--hash: 'md5'", "--max-body-bytes: 'huge'", "unknown filter nope"):
+        assert needle in result.stderr
+
+
+def test_env_and_yaml_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "meshkit.yaml"
+    cfg.write_text("extproc:\n  hash: sha3\n")
+    result = meshkit("extproc", "--config", str(cfg), env={"MESHKIT_EXTPROC_LISTEN": "nowhere", "PATH": ""})
+    assert result.returncode == 2
+    assert "MESHKIT_EXTPROC_LISTEN: 'nowhere'" in result.stderr
+    assert "extproc.hash in --config: 'sha3'" in result.stderr
+
+
+def test_port_in_use_exits_1_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = meshkit("extproc", "--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--admin-listen)" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["extproc", "up", "echo"])
+def test_help(command: str) -> None:
+    result = meshkit(command, "--help")
+    assert result.returncode == 0
+    assert "usage: meshkit" in result.stdout

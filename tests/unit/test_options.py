@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshkit.errors import ConfigError
+from meshkit.options import load_yaml_section, option, parse_size, resolve
+
+
+@dataclass(frozen=True)
+class Opts:
+    size: int = option(10, "a size", parse=parse_size)
+    mode: str = option("a", "a mode", choices=("a", "b"))
+    names: tuple[str, ...] = option((), "names")
+    on: bool = option(False, "a switch")
+
+
+def test_defaults() -> None:
+    assert resolve([Opts], command="x", env={})[Opts] == Opts()
+
+
+def test_precedence_flags_over_env_over_yaml() -> None:
+    config = {"size": "1KiB", "mode": "b", "names": ["p", "q"], "on": True}
+    env = {"MESHKIT_X_SIZE": "2KiB", "MESHKIT_X_ON": "false"}
+    opts = resolve([Opts], command="x", flags={"size": "3"}, env=env, config=config)[Opts]
+    assert opts == Opts(size=3, mode="b", names=("p", "q"), on=False)
+
+
+def test_every_problem_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve(
+            [Opts],
+            command="x",
+            flags={"size": "lots"},
+            env={"MESHKIT_X_MODE": "c", "MESHKIT_X_TYPO": "1"},
+            config={"colour": "red", "on": "maybe"},
+        )
+    text = str(err.value)
+    assert len(err.value.problems) == 5
+    for needle in (
+        "--size: 'lots'",
+        "MESHKIT_X_MODE: 'c'",
+        "allowed: a, b",
+        "x.colour in --config: unknown",
+        "MESHKIT_X_TYPO: unknown",
+        "x.on in --config: 'maybe'",
+    ):
+        assert needle in text
+
+
+@pytest.mark.parametrize(("text", "size"), [("8MiB", 8 << 20), ("512k", 512 << 10), ("1000", 1000), (42, 42)])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1.5MiB", "MiB", True])
+def test_bad_sizes(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_yaml_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("x:\n  size: 4KiB\nother: {a: 1}\n")
+    assert load_yaml_section(path, "x") == {"size": "4KiB"}
+    path.write_text("x: [not, a, mapping]\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_yaml_section(path, "x")
+    path.write_text("x: {a: [}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml_section(path, "x")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_yaml_section(tmp_path / "missing.yaml", "x")
