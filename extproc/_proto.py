@@ -35,6 +35,45 @@ def identity(data: bytes) -> bytes:
     return data
 
 
+# -- hand-encoded responses -------------------------------------------------------------------------
+# The responses that carry per-request header values are written straight in protobuf's wire format
+# (about 1 µs, against about 5 µs through message objects). Field numbers come from the descriptors,
+# and tests/unit/extproc/test_proto.py checks every encoder against the real message classes.
+def _number(message: type, name: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[name].number)  # type: ignore[attr-defined]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(number: int) -> bytes:
+    return _varint(number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+_HV_KEY = _tag(_number(HeaderValue, "key"))
+_HV_VALUE = _tag(_number(HeaderValue, "value"))
+_HV_RAW = _tag(_number(HeaderValue, "raw_value"))
+_HVO_HEADER = _tag(_number(HeaderValueOption, "header"))
+_HVO_OVERWRITE = _varint(_number(HeaderValueOption, "append_action") << 3) + _varint(
+    HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+)
+
+
+def _header_option(key: str, value: str, value_tag: bytes) -> bytes:
+    header = _field(_HV_KEY, key.encode()) + _field(value_tag, value.encode())
+    return _field(_HVO_HEADER, header) + _HVO_OVERWRITE
+
+
 # -- ext_proc ------------------------------------------------------------------------------------
 def headers_of(headers: ep.HttpHeaders) -> dict[str, str]:
     """Envoy's header map as a dict (lowercase names; Envoy 1.40 sends raw_value)."""
@@ -65,6 +104,22 @@ def _wrap(phase: Phase, common: ep.CommonResponse) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
 
 
+_MUT_SET = _tag(_number(ep.HeaderMutation, "set_headers"))
+_MUT_REMOVE = _tag(_number(ep.HeaderMutation, "remove_headers"))
+_COMMON_MUTATION = _tag(_number(ep.CommonResponse, "header_mutation"))
+_COMMON_CLEAR = _varint(_number(ep.CommonResponse, "clear_route_cache") << 3) + b"\x01"
+_WRAPPER_RESPONSE = _tag(_number(ep.HeadersResponse, "response"))  # BodyResponse: the same number
+_PHASE_TAG = {phase: _tag(_number(ep.ProcessingResponse, phase.value)) for phase in Phase}
+
+
+def _encode_phase(phase: Phase, sets: dict[str, str], removes: Iterable[str], clear: bool) -> bytes:
+    mutation = b"".join(_field(_MUT_SET, _header_option(k, v, _HV_RAW)) for k, v in sets.items())
+    if removes:
+        mutation += b"".join(_field(_MUT_REMOVE, name.encode()) for name in sorted(removes))
+    common = _field(_COMMON_MUTATION, mutation) + (_COMMON_CLEAR if clear else b"")
+    return _field(_PHASE_TAG[phase], _field(_WRAPPER_RESPONSE, common))
+
+
 class ExtProcResponses:
     """Serialized `ProcessingResponse`s; the ones without header values are cached."""
 
@@ -74,7 +129,7 @@ class ExtProcResponses:
     def phase(self, phase: Phase, mutation: Mutation) -> bytes:
         sets, removes, clear = mutation
         if sets:
-            return _wrap(phase, _common(sets, removes, clear)).SerializeToString()
+            return _encode_phase(phase, sets, removes, clear)
         key = (phase, frozenset(removes), clear)
         data = self._static.get(key)
         if data is None:
@@ -118,18 +173,19 @@ _DENIAL_CODES = {
 _OK_EMPTY = authz_pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 
 
+_OK_HEADERS = _tag(_number(authz_pb.OkHttpResponse, "headers"))
+_OK_REMOVE = _tag(_number(authz_pb.OkHttpResponse, "headers_to_remove"))
+_CHECK_OK = _tag(_number(authz_pb.CheckResponse, "ok_response"))
+
+
 def check_ok(sets: dict[str, str], removes: Iterable[str]) -> bytes:
-    removes = sorted(removes)
+    """OK, with header changes (ext_authz reads `HeaderValue.value`, not raw_value)."""
     if not sets and not removes:
         return _OK_EMPTY
-    response = authz_pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
-    ok = response.ok_response
-    for key, value in sets.items():
-        ok.headers.append(
-            HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=_OVERWRITE)
-        )
-    ok.headers_to_remove.extend(removes)
-    return response.SerializeToString()
+    ok = b"".join(_field(_OK_HEADERS, _header_option(k, v, _HV_VALUE)) for k, v in sets.items())
+    if removes:
+        ok += b"".join(_field(_OK_REMOVE, name.encode()) for name in sorted(removes))
+    return _OK_EMPTY + _field(_CHECK_OK, ok)
 
 
 def check_denied(reply: Reply) -> bytes:

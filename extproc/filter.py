@@ -32,6 +32,9 @@ class Phase(enum.Enum):
     RESPONSE_HEADERS = "response_headers"
     RESPONSE_BODY = "response_body"
 
+    # Members are singletons: identity hashing keeps dict lookups on the request path in C.
+    __hash__ = object.__hash__
+
     @property
     def hook_name(self) -> str:
         return f"on_{self.value}"

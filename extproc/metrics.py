@@ -1,77 +1,107 @@
 """Prometheus metrics of the ext_proc/ext_authz server.
 
-    meshkit_extproc_requests_total{api, outcome}          one per HTTP request: continue | reply | error
+    meshkit_extproc_requests_total{api, outcome}                  one per HTTP request: continue | reply
     meshkit_extproc_filter_decisions_total{filter, decision, status}   per filter: continue | reply
-    meshkit_extproc_phase_seconds{api, phase}             time our server spent on one phase
-    meshkit_extproc_errors_total{kind}                    protocol faults, filter exceptions
-    meshkit_extproc_streams_in_flight                     open ext_proc streams / Check calls
+    meshkit_extproc_phase_seconds{api, phase}                     histogram: our time per request phase
+    meshkit_extproc_errors_total{kind}                            protocol faults, filter exceptions
+    meshkit_extproc_streams_in_flight                             open ext_proc streams / Check calls
 
-Label children are resolved once and cached, so the request path does no label lookups.
+The request path only adds to plain ints (a few hundred nanoseconds per request, no locks: every
+update happens on the server's event loop); `collect()` turns them into metric families when
+Prometheus scrapes. prometheus_client's own Counter/Histogram cost about 10 µs per request here, as
+much as the rest of our Python code together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 # Our server answers a phase in tens of microseconds; Envoy's message_timeout is about 0.2-1 s.
-_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1, 0.25, 1.0)
+BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1, 0.25, 1.0)
+
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 class Metrics:
     def __init__(self, filter_names: Sequence[str], registry: CollectorRegistry | None = None) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.decisions: dict[tuple[str, str, str], int] = {(name, "continue", ""): 0 for name in filter_names}
+        self.phases: dict[tuple[str, str], Histogram] = {}
+        self.errors: dict[str, int] = {}
+        self.in_flight = 0
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self._requests = Counter(
-            "meshkit_extproc_requests_total", "HTTP requests processed", ["api", "outcome"], registry=r
-        )
-        self._decisions = Counter(
-            "meshkit_extproc_filter_decisions_total",
-            "Decisions per filter",
-            ["filter", "decision", "status"],
-            registry=r,
-        )
-        self._phase = Histogram(
-            "meshkit_extproc_phase_seconds",
-            "Server time per request phase",
-            ["api", "phase"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
-        self._errors = Counter(
-            "meshkit_extproc_errors_total", "Protocol faults and filter failures", ["kind"], registry=r
-        )
-        self.in_flight = Gauge(
-            "meshkit_extproc_streams_in_flight", "Open ext_proc streams and Check calls", registry=r
-        )
-        self._cache: dict[tuple[str, ...], object] = {}
-        for name in filter_names:  # so every filter shows up at 0 before its first request
-            self._decisions.labels(name, "continue", "")
+        self.registry.register(self)
 
+    # -- the request path ----------------------------------------------------------------------------
     def request(self, api: str, outcome: str) -> None:
-        key = ("req", api, outcome)
-        child = self._cache.get(key)
-        if child is None:
-            child = self._cache[key] = self._requests.labels(api, outcome)
-        child.inc()  # type: ignore[attr-defined]
-
-    def replied(self, source: str, status: int) -> None:
-        self._decisions.labels(source, "reply", str(status)).inc()
+        key = (api, outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def passed(self, filter_name: str) -> None:
-        key = ("pass", filter_name)
-        child = self._cache.get(key)
-        if child is None:
-            child = self._cache[key] = self._decisions.labels(filter_name, "continue", "")
-        child.inc()  # type: ignore[attr-defined]
+        key = (filter_name, "continue", "")
+        self.decisions[key] = self.decisions.get(key, 0) + 1
 
-    def phase_seconds(self, api: str, phase: str) -> Histogram:
-        key = ("phase", api, phase)
-        child = self._cache.get(key)
-        if child is None:
-            child = self._cache[key] = self._phase.labels(api, phase)
-        return child  # type: ignore[return-value]
+    def replied(self, source: str, status: int) -> None:
+        key = (source, "reply", str(status))
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def phase(self, api: str, phase: str) -> Histogram:
+        """The histogram for one (api, phase); callers keep it and call `observe(seconds)`."""
+        key = (api, phase)
+        hist = self.phases.get(key)
+        if hist is None:
+            hist = self.phases[key] = Histogram()
+        return hist
 
     def error(self, kind: str) -> None:
-        self._errors.labels(kind).inc()
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    # -- the scrape ----------------------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "meshkit_extproc_requests", "HTTP requests processed", labels=["api", "outcome"]
+        )
+        for labels, value in sorted(self.requests.items()):
+            requests.add_metric(labels, value)
+        decisions = CounterMetricFamily(
+            "meshkit_extproc_filter_decisions",
+            "Decisions per filter",
+            labels=["filter", "decision", "status"],
+        )
+        for labels, value in sorted(self.decisions.items()):
+            decisions.add_metric(labels, value)
+        phases = HistogramMetricFamily(
+            "meshkit_extproc_phase_seconds", "Server time per request phase", labels=["api", "phase"]
+        )
+        for labels, hist in sorted(self.phases.items()):
+            phases.add_metric(list(labels), hist.cumulative(), hist.sum)
+        errors = CounterMetricFamily(
+            "meshkit_extproc_errors", "Protocol faults and filter failures", labels=["kind"]
+        )
+        for kind, value in sorted(self.errors.items()):
+            errors.add_metric([kind], value)
+        yield from (requests, decisions, phases, errors)
+        yield GaugeMetricFamily(
+            "meshkit_extproc_streams_in_flight", "Open ext_proc streams and Check calls", value=self.in_flight
+        )

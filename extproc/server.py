@@ -22,7 +22,7 @@ import grpc
 
 from meshkit.extproc import _proto
 from meshkit.extproc.chain import Chain
-from meshkit.extproc.filter import Exchange, Phase, Reply
+from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
 
 log = logging.getLogger("meshkit.extproc.server")
 
@@ -43,6 +43,7 @@ class ExternalProcessor:
         self._too_large = too_large(max_body_bytes)
         self._metrics = chain.metrics
         self._sync = not chain.is_async
+        self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -67,7 +68,7 @@ class ExternalProcessor:
             data = self.responses.immediate(reply)
         else:
             data = self.responses.phase(phase, exchange.take_mutations())
-        self._metrics.phase_seconds(API, phase.value).observe(time.perf_counter() - started)
+        self._histograms[phase].observe(time.perf_counter() - started)
         return data
 
     async def process(
@@ -76,7 +77,7 @@ class ExternalProcessor:
         exchange: Exchange | None = None
         body_parts: list[bytes] = []
         metrics = self._metrics
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             async for data in requests:
                 try:
@@ -107,7 +108,7 @@ class ExternalProcessor:
                 else:
                     await self._fault(context, "a ProcessingRequest without a request phase")
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             if exchange is not None:
                 self.chain.finish(exchange, API)
 
