@@ -15,7 +15,7 @@ from meshkit.harness.process import ManagedProcess, log_match, log_matches
 
 _ADDR = r"(\d+\.\d+\.\d+\.\d+):(\d+)"
 # The ready line, in text (`ready grpc=... admin=...`) or JSON (`"msg": "ready", "grpc": ...`) logs.
-_READY = r'(?:\bready grpc=|"msg": "ready")'
+_READY = r'(?:\bready |"msg": "ready")'
 
 
 @dataclass(frozen=True)
