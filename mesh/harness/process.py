@@ -66,8 +66,9 @@ class ManagedProcess:
         if self._proc is not None:
             raise HarnessError(f"{self.name}: already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        _set_aside(self.log_path)
         env = {**os.environ, **self._env} if self._env is not None else None
-        with self.log_path.open("ab") as log:
+        with self.log_path.open("wb") as log:
             try:
                 self._proc = subprocess.Popen(
                     self.argv,
@@ -171,6 +172,16 @@ class ManagedProcess:
     def __repr__(self) -> str:
         pid = self._proc.pid if self._proc else None
         return f"ManagedProcess({self.name!r}, pid={pid})"
+
+
+def _set_aside(log_path: Path) -> None:
+    """Move an earlier run's log to `<name>.N.log`: its old "ready" line and ports must not pass as ours."""
+    if not log_path.exists():
+        return
+    n = 1
+    while (old := log_path.with_name(f"{log_path.stem}.{n}{log_path.suffix}")).exists():
+        n += 1
+    log_path.rename(old)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -1,0 +1,118 @@
+"""A real redis-server (Debian `redis-server` 7.0) without persistence, for tests and the local stack.
+
+Redis cannot bind port 0 and report the port back, so `redis_server()` picks one with `free_port()` and,
+when another process grabs it first (`Address already in use`), tries a new one, up to 3 attempts.
+Readiness is the server's own word twice: its "Ready to accept connections" log line and a `+PONG`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshkit.errors import HarnessError
+from meshkit.harness.process import ManagedProcess, Probe, free_port, log_matches
+
+HOST = "127.0.0.1"
+BIND_ATTEMPTS = 3
+_IN_USE = "Address already in use"
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """A running redis-server on 127.0.0.1 (`--save '' --appendonly no`); `url` is for redis-py."""
+
+    host: str
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def ping(self) -> bool:
+        return redis_ping(self.host, self.port)
+
+
+def redis_server_binary() -> str:
+    """Path of `redis-server`, or HarnessError naming the package to install."""
+    path = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        raise HarnessError("redis-server not found: install the Debian package `redis-server`")
+    return path
+
+
+def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True if a RESP `PING` on a fresh connection gets `+PONG`."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        return False
+    return reply == b"+PONG\r\n"
+
+
+@contextmanager
+def redis_server(workdir: Path, *, name: str = "redis", start_timeout: float = 10.0) -> Iterator[RedisServer]:
+    """Run redis-server on a free loopback port with no persistence; stop it on exit, also on exceptions."""
+    binary = redis_server_binary()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc: ManagedProcess | None = None
+    port = 0
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        port = free_port(HOST)
+        candidate = ManagedProcess(
+            name,
+            [
+                binary,
+                "--bind",
+                HOST,
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                "",
+            ],
+            log_dir=workdir,
+            ready=_ready(port),
+            cwd=workdir,
+            start_timeout=start_timeout,
+            stop_timeout=10.0,
+        )
+        try:
+            candidate.start()
+        except HarnessError:
+            if attempt < BIND_ATTEMPTS and _IN_USE in candidate.log_text():
+                continue
+            raise
+        proc = candidate
+        break
+    if proc is None:  # pragma: no cover - the loop either breaks or raises
+        raise HarnessError(f"{name}: no free port after {BIND_ATTEMPTS} attempts")
+    try:
+        yield RedisServer(host=HOST, port=port, process=proc)
+    finally:
+        proc.stop()
+
+
+def _ready(port: int) -> Probe:
+    logged = log_matches(r"Ready to accept connections")
+    return lambda proc: logged(proc) and redis_ping(HOST, port)

@@ -1,0 +1,177 @@
+"""A real varnishd (Debian `varnish` 7.1) for tests and the local stack.
+
+`varnish_server()` runs `varnishd -F -n <workdir>/<name> -a 127.0.0.1:P -T 127.0.0.1:P2 -f <vcl>
+-s malloc,64m` as root; varnishd drops privileges by itself and reads the `-f` file AFTER that, so the
+VCL is written to a world-readable temporary directory (a pytest `tmp_path` sits under a 0700 directory),
+removed on exit.
+`backends={"name": (host, port)}` are declared right after the VCL's `vcl 4.x;` line, so a VCL can name
+backends whose ports are only known at run time. Backend hosts are resolved when the VCL compiles: use
+addresses, not names this machine cannot resolve.
+
+The `-a` socket is opened by the manager before the cache child runs, so readiness is both: the port
+accepts AND varnishd logged that its child started. Ports come from `free_port()`; when one is taken
+before varnishd binds it, a new pair is tried, up to 3 attempts.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshkit.errors import HarnessError
+from meshkit.harness.process import ManagedProcess, Probe, free_port, log_matches, tcp_accepts
+
+HOST = "127.0.0.1"
+BIND_ATTEMPTS = 3
+_BIND_FAILED = re.compile(r"Could not get socket .*Address already in use|-T .* could not be listened on")
+_VCL_VERSION = re.compile(r"^\s*vcl\s+\d+\.\d+\s*;[^\n]*\n?", re.MULTILINE)
+_CHILD_STARTED = r"Child \(\d+\) said Child starts"
+
+
+@dataclass(frozen=True)
+class VarnishServer:
+    """A running varnishd: HTTP at `url`, its CLI on `admin_port`, `-n` instance directory `instance_dir`."""
+
+    host: str
+    port: int
+    admin_port: int
+    instance_dir: Path
+    vcl_path: Path
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def adm(self, *args: str, timeout: float = 10.0) -> str:
+        """Run `varnishadm -n <instance_dir> ARGS...` (`ban ...`, `vcl.list`); its stdout, or HarnessError."""
+        binary = shutil.which("varnishadm") or shutil.which("varnishadm", path="/usr/sbin:/usr/local/sbin")
+        if binary is None:
+            raise HarnessError("varnishadm not found: install the Debian package `varnish`")
+        result = subprocess.run(
+            [binary, "-n", str(self.instance_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise HarnessError(
+                f"varnishadm {' '.join(args)}: status {result.returncode}: {result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+
+def varnishd_binary() -> str:
+    """Path of `varnishd`, or HarnessError naming the package to install."""
+    path = shutil.which("varnishd") or shutil.which("varnishd", path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        raise HarnessError("varnishd not found: install the Debian package `varnish`")
+    return path
+
+
+def render_vcl(vcl_text: str, backends: Mapping[str, tuple[str, int]] | None = None) -> str:
+    """`vcl_text` with one `backend NAME { .host; .port; }` per entry inserted after its `vcl 4.x;` line."""
+    match = _VCL_VERSION.search(vcl_text)
+    if match is None:
+        raise HarnessError("the VCL must declare its version first, e.g. `vcl 4.1;`")
+    if not backends:
+        return vcl_text
+    declarations = "".join(
+        f'backend {name} {{ .host = "{host}"; .port = "{int(port)}"; }}\n'
+        for name, (host, port) in backends.items()
+    )
+    head = match.group(0) if match.group(0).endswith("\n") else match.group(0) + "\n"
+    return vcl_text[: match.start()] + head + declarations + vcl_text[match.end() :]
+
+
+@contextmanager
+def varnish_server(
+    workdir: Path,
+    vcl_text: str,
+    *,
+    backends: Mapping[str, tuple[str, int]] | None = None,
+    params: Mapping[str, str] | None = None,
+    storage: str = "malloc,64m",
+    name: str = "varnish",
+    start_timeout: float = 20.0,
+) -> Iterator[VarnishServer]:
+    """Run varnishd with `vcl_text` (plus `backends`, `-p` `params`); stop it on exit, also on exceptions."""
+    binary = varnishd_binary()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    instance_dir = workdir / name
+    vcl = render_vcl(vcl_text, backends)
+    # Readable by the unprivileged varnish users, wherever `workdir` lives.
+    vcl_dir = Path(tempfile.mkdtemp(prefix="meshkit-vcl-"))
+    try:
+        vcl_dir.chmod(0o755)
+        vcl_path = vcl_dir / f"{name}.vcl"
+        vcl_path.write_text(vcl)
+        vcl_path.chmod(0o644)
+        (workdir / f"{name}.vcl").write_text(vcl)  # a copy to read next to the log
+        extra: list[str] = []
+        for key, value in (params or {}).items():
+            extra += ["-p", f"{key}={value}"]
+        proc: ManagedProcess | None = None
+        port = admin_port = 0
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            port, admin_port = free_port(HOST), free_port(HOST)
+            candidate = ManagedProcess(
+                name,
+                [
+                    binary,
+                    "-F",
+                    "-n",
+                    str(instance_dir),
+                    "-a",
+                    f"{HOST}:{port}",
+                    "-T",
+                    f"{HOST}:{admin_port}",
+                    "-f",
+                    str(vcl_path),
+                    "-s",
+                    storage,
+                    *extra,
+                ],
+                log_dir=workdir,
+                ready=_ready(port),
+                cwd=workdir,
+                start_timeout=start_timeout,
+                stop_timeout=10.0,
+            )
+            try:
+                candidate.start()
+            except HarnessError:
+                if attempt < BIND_ATTEMPTS and _BIND_FAILED.search(candidate.log_text()):
+                    continue
+                raise
+            proc = candidate
+            break
+        if proc is None:  # pragma: no cover - the loop either breaks or raises
+            raise HarnessError(f"{name}: no free ports after {BIND_ATTEMPTS} attempts")
+        try:
+            yield VarnishServer(
+                host=HOST,
+                port=port,
+                admin_port=admin_port,
+                instance_dir=instance_dir,
+                vcl_path=vcl_path,
+                process=proc,
+            )
+        finally:
+            proc.stop()
+    finally:
+        shutil.rmtree(vcl_dir, ignore_errors=True)
+
+
+def _ready(port: int) -> Probe:
+    started = log_matches(_CHILD_STARTED)
+    accepts = tcp_accepts(HOST, port)
+    return lambda proc: started(proc) and accepts(proc)
