@@ -11,6 +11,7 @@ Header values: ext_proc reads `HeaderValue.raw_value`; ext_authz's OK response r
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, cast
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
@@ -33,6 +34,10 @@ Mutation = tuple[dict[str, str], set[str], bool]
 
 def identity(data: bytes) -> bytes:
     return data
+
+
+def _serialized(message: Any) -> bytes:
+    return cast(bytes, message.SerializeToString())
 
 
 # -- hand-encoded responses -------------------------------------------------------------------------
@@ -143,13 +148,13 @@ class ExtProcResponses:
         """The empty answer to a trailers message (only sent if Envoy is configured to)."""
         response = ep.ProcessingResponse()
         getattr(response, phase_name).SetInParent()
-        return response.SerializeToString()
+        return _serialized(response)
 
     @staticmethod
     def immediate(reply: Reply) -> bytes:
         response = ep.ProcessingResponse(
             immediate_response=ep.ImmediateResponse(
-                status=HttpStatus(code=reply.status),  # type: ignore[arg-type]
+                status=HttpStatus(code=reply.status),
                 body=reply.body,
                 details=reply.details,
             )
@@ -161,7 +166,7 @@ class ExtProcResponses:
                     header=HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
                 )
             )
-        return response.SerializeToString()
+        return _serialized(response)
 
 
 # -- ext_authz -----------------------------------------------------------------------------------
@@ -170,7 +175,7 @@ _DENIAL_CODES = {
     403: code_pb2.PERMISSION_DENIED,
     429: code_pb2.RESOURCE_EXHAUSTED,
 }
-_OK_EMPTY = authz_pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
+_OK_EMPTY = _serialized(authz_pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)))
 
 
 _OK_HEADERS = _tag(_number(authz_pb.OkHttpResponse, "headers"))
@@ -192,10 +197,10 @@ def check_denied(reply: Reply) -> bytes:
     code = _DENIAL_CODES.get(reply.status, code_pb2.PERMISSION_DENIED)
     response = authz_pb.CheckResponse(status=status_pb2.Status(code=code, message=reply.details))
     denied = response.denied_response
-    denied.status.code = reply.status  # type: ignore[assignment]
+    denied.status.code = reply.status
     denied.body = reply.body.decode("utf-8", "replace")
     for key, value in reply.headers:
         denied.headers.append(
             HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=_OVERWRITE)
         )
-    return response.SerializeToString()
+    return _serialized(response)

@@ -36,7 +36,8 @@ class Histogram:
         self.sum += seconds
 
     def cumulative(self) -> list[tuple[str, float]]:
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts, strict=True):
             total += count
             out.append((bound, total))
@@ -89,8 +90,8 @@ class Metrics:
             "Decisions per filter",
             labels=["filter", "decision", "status"],
         )
-        for labels, value in sorted(self.decisions.items()):
-            decisions.add_metric(labels, value)
+        for decision, count in sorted(self.decisions.items()):
+            decisions.add_metric(decision, count)
         phases = HistogramMetricFamily(
             "meshkit_extproc_phase_seconds", "Server time per request phase", labels=["api", "phase"]
         )
@@ -99,8 +100,8 @@ class Metrics:
         errors = CounterMetricFamily(
             "meshkit_extproc_errors", "Protocol faults and filter failures", labels=["kind"]
         )
-        for kind, value in sorted(self.errors.items()):
-            errors.add_metric([kind], value)
+        for kind, count in sorted(self.errors.items()):
+            errors.add_metric([kind], count)
         yield from (requests, decisions, phases, errors)
         yield GaugeMetricFamily(
             "meshkit_extproc_streams_in_flight", "Open ext_proc streams and Check calls", value=self.in_flight

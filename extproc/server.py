@@ -137,3 +137,4 @@ class ExternalProcessor:
         self._metrics.error("protocol")
         log.warning("ext_proc protocol fault: %s", message)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        raise AssertionError("unreachable: abort raises")

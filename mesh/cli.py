@@ -42,6 +42,7 @@ def _setup_extproc(parser: argparse.ArgumentParser) -> None:
 
 def _run_extproc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import asyncio
+    import logging
 
     from meshkit import daemon, logs
     from meshkit.extproc.app import ExtprocOptions, serve
@@ -54,7 +55,7 @@ def _run_extproc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     options: ExtprocOptions = resolved[ExtprocOptions]
     daemon_options: daemon.DaemonOptions = resolved[daemon.DaemonOptions]
     logs.setup(daemon_options.log_format, daemon_options.log_level)
-    logs.logging.getLogger("meshkit").info(
+    logging.getLogger("meshkit").info(
         "starting meshkit extproc %s",
         __version__,
         extra={"options": {k: v for o in resolved.values() for k, v in describe(o).items()}},

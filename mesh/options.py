@@ -152,7 +152,7 @@ def env_name(command: str, field_name: str) -> str:
 
 
 def fields_of(sections: Sequence[type[Any]]) -> list[tuple[type[Any], dataclasses.Field[Any], Any]]:
-    out = []
+    out: list[tuple[type[Any], dataclasses.Field[Any], Any]] = []
     for section in sections:
         hints = typing.get_type_hints(section)
         out.extend((section, f, hints[f.name]) for f in dataclasses.fields(section))

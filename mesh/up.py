@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import xxhash
 
@@ -43,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="run the walkthrough, verify it, stop (for CI)")
 
 
-def _post(port: int, body: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], dict]:
+Answer = tuple[int, dict[str, str], dict[str, Any]]  # status, headers, JSON body
+
+
+def _post(port: int, body: str, headers: dict[str, str] | None = None) -> Answer:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(

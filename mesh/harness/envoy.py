@@ -67,7 +67,7 @@ def _is_live(admin_path: Path) -> bool:
         return False
     try:
         with urllib.request.urlopen(f"{url}/ready", timeout=1) as resp:  # noqa: S310 - loopback admin
-            return resp.status == 200
+            return int(resp.status) == 200
     except OSError:
         return False
 

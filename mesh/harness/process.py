@@ -42,7 +42,7 @@ class ManagedProcess:
     def __init__(
         self,
         name: str,
-        argv: Sequence[str],
+        argv: Sequence[str | Path],
         *,
         log_dir: Path,
         ready: Probe | None = None,
