@@ -12,15 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from meshkit.admin import Readiness, start_admin
 from meshkit.daemon import DaemonOptions
-from meshkit.errors import MeshkitError
+from meshkit.errors import ConfigError, MeshkitError
 from meshkit.extproc import authz, server
 from meshkit.extproc.chain import Chain
+from meshkit.extproc.cores import AioCore, Core, ThreadCore
 from meshkit.extproc.filters import FILTERS, build
 from meshkit.extproc.limits import grpc_message_limit
 from meshkit.extproc.metrics import Metrics
@@ -63,13 +60,16 @@ class ExtprocOptions:
         parse=parse_size,
         metavar="BYTES",
     )
+    server_core: str = option(
+        "aio",
+        "grpcio server core: aio (asyncio, async filters allowed) or threads (a pool; sync filters only)",
+        choices=("aio", "threads"),
+    )
+    threads: int = option(32, "worker threads of --server-core threads (one per concurrent ext_proc stream)")
 
 
 class ListenError(MeshkitError):
     """The gRPC or admin address cannot be bound."""
-
-
-SERVICES = (server.SERVICE, authz.SERVICE, health.SERVICE_NAME)
 
 
 async def serve(
@@ -84,25 +84,24 @@ async def serve(
     filters = build(options.filters, filter_options)
     metrics = Metrics([f.name for f in filters])
     chain = Chain(filters, metrics)
-    limit = grpc_message_limit(options.max_body_bytes)
-    grpc_server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    grpc_server.add_generic_rpc_handlers(
-        (
-            server.ExternalProcessor(chain, max_body_bytes=options.max_body_bytes).handler(),
-            authz.Authorization(chain, max_body_bytes=options.max_body_bytes).handler(),
+    if options.server_core == "threads" and chain.is_async:
+        raise ConfigError(
+            [f"--server-core threads: the chain {','.join(options.filters)} has async hooks; use aio"]
         )
+    limit = grpc_message_limit(options.max_body_bytes)
+    blocking = options.server_core == "threads"
+    handlers = (
+        server.ExternalProcessor(chain, max_body_bytes=options.max_body_bytes).handler(blocking=blocking),
+        authz.Authorization(chain, max_body_bytes=options.max_body_bytes).handler(blocking=blocking),
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection((*SERVICES, reflection.SERVICE_NAME), grpc_server)
+    services = (server.SERVICE, authz.SERVICE)
+    core: Core = (
+        ThreadCore(handlers, services, limit, options.threads)
+        if blocking
+        else AioCore(handlers, services, limit)
+    )
     try:
-        port = grpc_server.add_insecure_port(options.listen)
+        port = core.add_port(options.listen)
     except RuntimeError as exc:
         raise ListenError(f"cannot listen on {options.listen}: {exc}") from None
     host = options.listen.rpartition(":")[0]
@@ -113,9 +112,7 @@ async def serve(
         raise ListenError(
             f"cannot listen on {daemon.admin_listen} (--admin-listen): {exc.strerror}"
         ) from None
-    await grpc_server.start()
-    for name in ("", server.SERVICE, authz.SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await core.start(services)
     readiness.set(True, "serving")
     log.info(
         "ready", extra={"grpc": f"{host}:{port}", "admin": admin_addr, "filters": ",".join(options.filters)}
@@ -125,13 +122,13 @@ async def serve(
     try:
         await stop.wait()
         readiness.set(False, "draining")
-        await health_servicer.enter_graceful_shutdown()
+        await core.not_serving()
         if daemon.drain_delay:
             log.info("readiness off; closing the listener in %.1f s (--drain-delay)", daemon.drain_delay)
             await asyncio.sleep(daemon.drain_delay)
         log.info("stopped accepting; in-flight streams get up to %.1f s", daemon.drain_timeout)
-        await grpc_server.stop(grace=daemon.drain_timeout)
+        await core.stop(daemon.drain_timeout)
     finally:
-        await grpc_server.stop(grace=None)
+        await core.stop(None)
         await admin_runner.cleanup()
     log.info("stopped")

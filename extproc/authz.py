@@ -33,12 +33,13 @@ class Authorization:
         self._has_headers_phase = Phase.REQUEST_HEADERS in chain.phases
         self._has_body_phase = Phase.REQUEST_BODY in chain.phases
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self, *, blocking: bool = False) -> grpc.GenericRpcHandler:
+        """The method table for an aio server, or (`blocking`) for grpcio's thread-pool server."""
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check,
+                    self.check_blocking if blocking else self.check,
                     request_deserializer=_proto.identity,  # parsed below: bad bytes -> INVALID_ARGUMENT
                     response_serializer=_proto.identity,
                 )
@@ -47,23 +48,45 @@ class Authorization:
 
     async def check(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
+        begun = self._begin(data)
+        if begun is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
+            raise AssertionError("unreachable: abort raises")
+        exchange, body = begun
+        reply = self._decide(exchange, body) if self._sync else await self._decide_async(exchange, body)
+        return self._end(exchange, reply, started)
+
+    def check_blocking(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        begun = self._begin(data)
+        if begun is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
+            raise AssertionError("unreachable: abort raises")
+        exchange, body = begun
+        return self._end(exchange, self._decide(exchange, body), started)
+
+    def _begin(self, data: bytes) -> tuple[Exchange, bytes] | None:
         try:
             request = _proto.CheckRequest.FromString(data)
         except _proto.DecodeError:
             self._metrics.error("protocol")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
+            return None
+        self._metrics.in_flight += 1
         http = request.attributes.request.http
         exchange = Exchange(http.headers)
         exchange.request_id = http.id
-        body = http.raw_body or http.body.encode()
+        body: bytes = http.raw_body or http.body.encode()
         exchange.end_of_stream = not body
-        reply = self._decide(exchange, body) if self._sync else await self._decide_async(exchange, body)
+        return exchange, body
+
+    def _end(self, exchange: Exchange, reply: Reply | None, started: float) -> bytes:
         if reply is None:
             sets, removes, _ = exchange.take_mutations()
             data = _proto.check_ok(sets, removes)
         else:
             data = _proto.check_denied(reply)
         self.chain.finish(exchange, API)
+        self._metrics.in_flight -= 1
         self._histogram.observe(time.perf_counter() - started)
         return data
 

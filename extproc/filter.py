@@ -102,6 +102,11 @@ class Exchange:
         self._request_id: str | None = None
         self.state: dict[str, Any] = {}
 
+    def set_header_source(self, source: Callable[[], dict[str, str]] | Mapping[str, str]) -> None:
+        """Where `headers` comes from (read lazily, once); the server sets it when headers arrive."""
+        self._header_source = source
+        self._headers = None
+
     # -- reading -----------------------------------------------------------------------------------
     @property
     def headers(self) -> Mapping[str, str]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import NoReturn
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 
@@ -45,96 +45,135 @@ class ExternalProcessor:
         self._sync = not chain.is_async
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self, *, blocking: bool = False) -> grpc.GenericRpcHandler:
+        """The method table for an aio server, or (`blocking`) for grpcio's thread-pool server."""
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Process": grpc.stream_stream_rpc_method_handler(
-                    self.process,
-                    request_deserializer=_proto.identity,  # parsed in the loop: bad bytes -> INVALID_ARGUMENT
+                    self.process_blocking if blocking else self.process,
+                    request_deserializer=_proto.identity,  # parsed in _step: bad bytes -> INVALID_ARGUMENT
                     response_serializer=_proto.identity,
                 )
             },
         )
 
-    async def _phase(self, phase: Phase, exchange: Exchange) -> bytes:
-        started = time.perf_counter()
-        chain = self.chain
-        if phase in chain.phases:
-            reply = chain.run(phase, exchange) if self._sync else await chain.run_async(phase, exchange)
-        else:
-            reply = exchange.reply
-        if reply is not None:
-            data = self.responses.immediate(reply)
-        else:
-            data = self.responses.phase(phase, exchange.take_mutations())
-        self._histograms[phase].observe(time.perf_counter() - started)
-        return data
-
+    # -- the two stream loops: identical but for `await` -----------------------------------------------
     async def process(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        exchange: Exchange | None = None
-        body_parts: list[bytes] = []
-        metrics = self._metrics
-        metrics.in_flight += 1
+        stream = _Stream()
+        self._metrics.in_flight += 1
         try:
             async for data in requests:
-                try:
-                    message = _proto.ProcessingRequest.FromString(data)
-                except _proto.DecodeError:
-                    await self._fault(context, "malformed ProcessingRequest")
-                kind = message.WhichOneof("request")
-                if kind == "request_headers":
-                    if exchange is not None:
-                        await self._fault(context, "request_headers arrived twice on one stream")
-                    msg = message.request_headers
-                    exchange = Exchange(lambda msg=msg: _proto.headers_of(msg))  # type: ignore[misc]
-                    exchange.end_of_stream = msg.end_of_stream
-                    yield await self._phase(Phase.REQUEST_HEADERS, exchange)
-                elif kind == "request_body":
-                    exchange = exchange or Exchange()
-                    yield await self._body(exchange, message.request_body, body_parts)
-                elif kind == "response_headers":
-                    exchange = exchange or Exchange()
-                    exchange.end_of_stream = message.response_headers.end_of_stream
-                    yield await self._phase(Phase.RESPONSE_HEADERS, exchange)
-                elif kind == "response_body":
-                    exchange = exchange or Exchange()
-                    exchange.body = message.response_body.body
-                    yield await self._phase(Phase.RESPONSE_BODY, exchange)
-                elif kind in _TRAILERS:
-                    yield self.responses.trailers(kind)
+                step = self._step(stream, data)
+                if isinstance(step, Phase):
+                    started = time.perf_counter()
+                    ex = stream.exchange
+                    reply = self.chain.run(step, ex) if self._sync else await self.chain.run_async(step, ex)
+                    yield self._answer(step, ex, reply, started)
+                elif isinstance(step, bytes):
+                    yield step
                 else:
-                    await self._fault(context, "a ProcessingRequest without a request phase")
+                    self._fault_logged(step)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, step)
         finally:
-            metrics.in_flight -= 1
-            if exchange is not None:
-                self.chain.finish(exchange, API)
+            self._done(stream)
 
-    async def _body(self, exchange: Exchange, msg: object, parts: list[bytes]) -> bytes:
-        body: bytes = msg.body  # type: ignore[attr-defined]
-        if not msg.end_of_stream:  # type: ignore[attr-defined]
-            # STREAMED/partial delivery: keep the pieces, answer "continue", hash at the end.
+    def process_blocking(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        stream = _Stream()
+        self._metrics.in_flight += 1
+        try:
+            for data in requests:
+                step = self._step(stream, data)
+                if isinstance(step, Phase):
+                    started = time.perf_counter()
+                    yield self._answer(step, stream.exchange, self.chain.run(step, stream.exchange), started)
+                elif isinstance(step, bytes):
+                    yield step
+                else:
+                    self._fault_logged(step)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, step)
+        finally:
+            self._done(stream)
+
+    # -- one message -----------------------------------------------------------------------------------
+    def _step(self, stream: _Stream, data: bytes) -> Phase | bytes | str:
+        """Take one message: the phase the chain must run, a ready answer, or a protocol fault (str)."""
+        try:
+            message = _proto.ProcessingRequest.FromString(data)
+        except _proto.DecodeError:
+            return "malformed ProcessingRequest"
+        kind = message.WhichOneof("request")
+        ex = stream.exchange
+        if kind == "request_headers":
+            if stream.started:
+                return "request_headers arrived twice on one stream"
+            msg = message.request_headers
+            ex.set_header_source(lambda: _proto.headers_of(msg))
+            ex.end_of_stream = msg.end_of_stream
+            stream.started = True
+            return Phase.REQUEST_HEADERS
+        stream.started = True
+        if kind == "request_body":
+            return self._body(stream, message.request_body)
+        if kind == "response_headers":
+            ex.end_of_stream = message.response_headers.end_of_stream
+            return Phase.RESPONSE_HEADERS
+        if kind == "response_body":
+            ex.body = message.response_body.body
+            return Phase.RESPONSE_BODY
+        if kind in _TRAILERS:
+            return self.responses.trailers(kind)
+        return "a ProcessingRequest without a request phase"
+
+    def _body(self, stream: _Stream, msg: Any) -> Phase | bytes:
+        ex, parts, body = stream.exchange, stream.body_parts, msg.body
+        if not msg.end_of_stream:
+            # STREAMED/partial delivery: keep the pieces, answer "continue", run the hooks at the end.
             parts.append(body)
-            if sum(map(len, parts)) > self.max_body_bytes:
-                exchange.reply = exchange.reply or self.chain.reject(
-                    exchange, self._too_large, "max-body-bytes"
-                )
-                return self.responses.immediate(exchange.reply)
-            return self.responses.phase(Phase.REQUEST_BODY, ({}, set(), False))
+            if ex.reply is None and sum(map(len, parts)) > self.max_body_bytes:
+                self.chain.reject(ex, self._too_large, "max-body-bytes")
+            if ex.reply is not None:
+                return self.responses.immediate(ex.reply)
+            return self.responses.phase(Phase.REQUEST_BODY, _NO_MUTATION)
         if parts:
             parts.append(body)
             body = b"".join(parts)
             parts.clear()
-        if len(body) > self.max_body_bytes and exchange.reply is None:
-            self.chain.reject(exchange, self._too_large, "max-body-bytes")
-        exchange.body = body
-        exchange.end_of_stream = True
-        return await self._phase(Phase.REQUEST_BODY, exchange)
+        if len(body) > self.max_body_bytes and ex.reply is None:
+            self.chain.reject(ex, self._too_large, "max-body-bytes")
+        ex.body = body
+        ex.end_of_stream = True
+        return Phase.REQUEST_BODY
 
-    async def _fault(self, context: grpc.aio.ServicerContext, message: str) -> NoReturn:
+    def _answer(self, phase: Phase, ex: Exchange, reply: Reply | None, started: float) -> bytes:
+        if reply is not None:
+            data = self.responses.immediate(reply)
+        else:
+            data = self.responses.phase(phase, ex.take_mutations())
+        self._histograms[phase].observe(time.perf_counter() - started)
+        return data
+
+    def _done(self, stream: _Stream) -> None:
+        self._metrics.in_flight -= 1
+        if stream.started:
+            self.chain.finish(stream.exchange, API)
+
+    def _fault_logged(self, message: str) -> None:
         self._metrics.error("protocol")
         log.warning("ext_proc protocol fault: %s", message)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        raise AssertionError("unreachable: abort raises")
+
+
+_NO_MUTATION: _proto.Mutation = ({}, set(), False)
+
+
+class _Stream:
+    """Per-stream state: the exchange, and body pieces when Envoy streams the body in chunks."""
+
+    __slots__ = ("body_parts", "exchange", "started")
+
+    def __init__(self) -> None:
+        self.exchange = Exchange()
+        self.body_parts: list[bytes] = []
+        self.started = False
