@@ -14,10 +14,10 @@ from typing import Any
 
 from meshkit.admin import Readiness, start_admin
 from meshkit.daemon import DaemonOptions
-from meshkit.errors import ConfigError, MeshkitError
+from meshkit.errors import MeshkitError
 from meshkit.extproc import authz, server
 from meshkit.extproc.chain import Chain
-from meshkit.extproc.cores import AioCore, Core, ThreadCore
+from meshkit.extproc.cores import AioCore
 from meshkit.extproc.filters import FILTERS, build
 from meshkit.extproc.limits import grpc_message_limit
 from meshkit.extproc.metrics import Metrics
@@ -60,12 +60,6 @@ class ExtprocOptions:
         parse=parse_size,
         metavar="BYTES",
     )
-    server_core: str = option(
-        "aio",
-        "grpcio server core: aio (asyncio, async filters allowed) or threads (a pool; sync filters only)",
-        choices=("aio", "threads"),
-    )
-    threads: int = option(32, "worker threads of --server-core threads (one per concurrent ext_proc stream)")
 
 
 class ListenError(MeshkitError):
@@ -84,22 +78,13 @@ async def serve(
     filters = build(options.filters, filter_options)
     metrics = Metrics([f.name for f in filters])
     chain = Chain(filters, metrics)
-    if options.server_core == "threads" and chain.is_async:
-        raise ConfigError(
-            [f"--server-core threads: the chain {','.join(options.filters)} has async hooks; use aio"]
-        )
     limit = grpc_message_limit(options.max_body_bytes)
-    blocking = options.server_core == "threads"
     handlers = (
-        server.ExternalProcessor(chain, max_body_bytes=options.max_body_bytes).handler(blocking=blocking),
-        authz.Authorization(chain, max_body_bytes=options.max_body_bytes).handler(blocking=blocking),
+        server.ExternalProcessor(chain, max_body_bytes=options.max_body_bytes).handler(),
+        authz.Authorization(chain, max_body_bytes=options.max_body_bytes).handler(),
     )
     services = (server.SERVICE, authz.SERVICE)
-    core: Core = (
-        ThreadCore(handlers, services, limit, options.threads)
-        if blocking
-        else AioCore(handlers, services, limit)
-    )
+    core = AioCore(handlers, services, limit)
     try:
         port = core.add_port(options.listen)
     except RuntimeError as exc:

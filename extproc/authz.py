@@ -33,13 +33,12 @@ class Authorization:
         self._has_headers_phase = Phase.REQUEST_HEADERS in chain.phases
         self._has_body_phase = Phase.REQUEST_BODY in chain.phases
 
-    def handler(self, *, blocking: bool = False) -> grpc.GenericRpcHandler:
-        """The method table for an aio server, or (`blocking`) for grpcio's thread-pool server."""
+    def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check_blocking if blocking else self.check,
+                    self.check,
                     request_deserializer=_proto.identity,  # parsed below: bad bytes -> INVALID_ARGUMENT
                     response_serializer=_proto.identity,
                 )
@@ -55,15 +54,6 @@ class Authorization:
         exchange, body = begun
         reply = self._decide(exchange, body) if self._sync else await self._decide_async(exchange, body)
         return self._end(exchange, reply, started)
-
-    def check_blocking(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        started = time.perf_counter()
-        begun = self._begin(data)
-        if begun is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
-            raise AssertionError("unreachable: abort raises")
-        exchange, body = begun
-        return self._end(exchange, self._decide(exchange, body), started)
 
     def _begin(self, data: bytes) -> tuple[Exchange, bytes] | None:
         try:

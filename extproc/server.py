@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -45,20 +45,18 @@ class ExternalProcessor:
         self._sync = not chain.is_async
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
 
-    def handler(self, *, blocking: bool = False) -> grpc.GenericRpcHandler:
-        """The method table for an aio server, or (`blocking`) for grpcio's thread-pool server."""
+    def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Process": grpc.stream_stream_rpc_method_handler(
-                    self.process_blocking if blocking else self.process,
+                    self.process,
                     request_deserializer=_proto.identity,  # parsed in _step: bad bytes -> INVALID_ARGUMENT
                     response_serializer=_proto.identity,
                 )
             },
         )
 
-    # -- the two stream loops: identical but for `await` -----------------------------------------------
     async def process(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
@@ -77,23 +75,6 @@ class ExternalProcessor:
                 else:
                     self._fault_logged(step)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, step)
-        finally:
-            self._done(stream)
-
-    def process_blocking(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        stream = _Stream()
-        self._metrics.in_flight += 1
-        try:
-            for data in requests:
-                step = self._step(stream, data)
-                if isinstance(step, Phase):
-                    started = time.perf_counter()
-                    yield self._answer(step, stream.exchange, self.chain.run(step, stream.exchange), started)
-                elif isinstance(step, bytes):
-                    yield step
-                else:
-                    self._fault_logged(step)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, step)
         finally:
             self._done(stream)
 
