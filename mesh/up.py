@@ -33,7 +33,9 @@ DEMO_BODY = '{"model": "text-embedding-3-small", "input": "hello mesh"}'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=10000, help="ingress port on 127.0.0.1 (default: 10000)")
+    parser.add_argument(
+        "--port", type=int, default=10000, help="ingress port on 127.0.0.1 (default: 10000; 0: any)"
+    )
     parser.add_argument(
         "--api",
         choices=("ext_authz", "ext_proc"),
@@ -137,13 +139,14 @@ def run_up(args: argparse.Namespace) -> int:
                     listen_port=args.port,
                 )
                 with envoy(config.render(), workdir, name="envoy-ingress") as proxy:
+                    port = proxy.listeners["ingress"][1]  # --port 0 picks a free one
                     if args.check:
-                        problems = check(args.port)
+                        problems = check(port)
                         for p in problems:
                             print(f"FAIL: {p}", file=sys.stderr)
                         print("check: OK" if not problems else "check: FAILED", flush=True)
                         return 1 if problems else 0
-                    print(walkthrough(proxy, args.port, server.admin_port), flush=True)
+                    print(walkthrough(proxy, port, server.admin_port), flush=True)
                     while True:
                         time.sleep(0.5)
                         for proc in (upstream.process, server.process, proxy.process):
