@@ -43,7 +43,8 @@ def test_failing_test_leaves_nothing(tmp_path: Path) -> None:
 
         def test_fails(tmp_path):
             with echo(tmp_path) as upstream, extproc(tmp_path) as server:
-                Path({str(tmp_path / "pids")!r}).write_text(f"{{upstream.process.pid}} {{server.process.pid}}")
+                pids = f"{{upstream.process.pid}} {{server.process.pid}}"
+                Path({str(tmp_path / "pids")!r}).write_text(pids)
                 assert False, "this test fails on purpose"
     """)
     )
