@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
 from meshkit.errors import error_body
+from meshkit.extproc.filters import phases_of
 from meshkit.extproc.limits import envoy_buffer_limit
 
 Api = Literal["ext_proc", "ext_authz", "plain"]
@@ -87,7 +88,7 @@ class FrontConfig:
     failure_mode_allow: bool = True
     message_timeout: float = 1.0
     grpc_timeout: float = 2.0
-    phases: frozenset[str] = field(default_factory=lambda: frozenset({"request_headers", "request_body"}))
+    filters: tuple[str, ...] = ("body-hash",)  # the chain meshkit runs: its hooks decide processing_mode
 
     def render(self) -> str:
         if self.api != "plain" and not self.extproc_port:
@@ -108,7 +109,7 @@ class FrontConfig:
                 "failure_mode_allow": json.dumps(self.failure_mode_allow),
                 "message_timeout": duration(self.message_timeout),
                 "grpc_timeout": duration(self.grpc_timeout),
-                "processing_mode": json.dumps(processing_mode(self.phases)),
+                "processing_mode": json.dumps(processing_mode(phases_of(self.filters))),
             },
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meshkit.extproc.filter import PHASES
 from meshkit.extproc.filters.body_hash import BodyHashFilter
 
 FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (BodyHashFilter,)}
@@ -22,3 +23,8 @@ def build(names: Sequence[str], options: Mapping[type[Any], Any]) -> list[Any]:
 def option_sections(names: Sequence[str] | None = None) -> list[type[Any]]:
     """The options dataclasses of the named filters (all filters when None), for flags and YAML."""
     return [FILTERS[n].Options for n in (names if names is not None else FILTERS)]
+
+
+def phases_of(names: Sequence[str]) -> frozenset[str]:
+    """The phases (`Phase` values) the named filters have hooks for: what Envoy must send us."""
+    return frozenset(p.value for name in names for p in PHASES if hasattr(FILTERS[name], p.hook_name))
