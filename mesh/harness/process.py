@@ -27,10 +27,12 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from meshkit.errors import HarnessError
 
 Probe = Callable[["ManagedProcess"], bool]
+T = TypeVar("T")
 
 _RUNNING: dict[int, ManagedProcess] = {}
 _POLL_INTERVAL = 0.02
@@ -237,6 +239,24 @@ def http_ok(url: str) -> Probe:
             return False
 
     return probe
+
+
+def start_on_free_ports(
+    make: Callable[[], tuple[ManagedProcess, T]], bind_failed: Callable[[str], bool], attempts: int = 3
+) -> tuple[ManagedProcess, T]:
+    """Start what `make()` builds (it picks fresh ports with `free_port` each call) and return it with
+    its ports; when the start fails because a port was taken in the meantime (`bind_failed(log)`),
+    try again with new ports, up to `attempts` times."""
+    for attempt in range(1, attempts + 1):
+        proc, ports = make()
+        try:
+            proc.start()
+        except HarnessError:
+            if attempt < attempts and bind_failed(proc.log_text()):
+                continue
+            raise
+        return proc, ports
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

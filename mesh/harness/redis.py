@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshkit.errors import HarnessError
-from meshkit.harness.process import ManagedProcess, Probe, free_port, log_matches
+from meshkit.harness.process import ManagedProcess, Probe, free_port, log_matches, start_on_free_ports
 
 HOST = "127.0.0.1"
 BIND_ATTEMPTS = 3
@@ -68,11 +68,10 @@ def redis_server(workdir: Path, *, name: str = "redis", start_timeout: float = 1
     binary = redis_server_binary()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    proc: ManagedProcess | None = None
-    port = 0
-    for attempt in range(1, BIND_ATTEMPTS + 1):
+
+    def make() -> tuple[ManagedProcess, int]:
         port = free_port(HOST)
-        candidate = ManagedProcess(
+        proc = ManagedProcess(
             name,
             [
                 binary,
@@ -97,16 +96,9 @@ def redis_server(workdir: Path, *, name: str = "redis", start_timeout: float = 1
             start_timeout=start_timeout,
             stop_timeout=10.0,
         )
-        try:
-            candidate.start()
-        except HarnessError:
-            if attempt < BIND_ATTEMPTS and _IN_USE in candidate.log_text():
-                continue
-            raise
-        proc = candidate
-        break
-    if proc is None:  # pragma: no cover - the loop either breaks or raises
-        raise HarnessError(f"{name}: no free port after {BIND_ATTEMPTS} attempts")
+        return proc, port
+
+    proc, port = start_on_free_ports(make, lambda log: _IN_USE in log, BIND_ATTEMPTS)
     try:
         yield RedisServer(host=HOST, port=port, process=proc)
     finally:

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshkit.errors import HarnessError
-from meshkit.harness.process import ManagedProcess, Probe, free_port, log_matches, tcp_accepts
+from meshkit.harness.process import (
+    ManagedProcess,
+    Probe,
+    free_port,
+    log_matches,
+    start_on_free_ports,
+    tcp_accepts,
+)
 
 HOST = "127.0.0.1"
 BIND_ATTEMPTS = 3
@@ -119,11 +126,10 @@ def varnish_server(
         extra: list[str] = []
         for key, value in (params or {}).items():
             extra += ["-p", f"{key}={value}"]
-        proc: ManagedProcess | None = None
-        port = admin_port = 0
-        for attempt in range(1, BIND_ATTEMPTS + 1):
+
+        def make() -> tuple[ManagedProcess, tuple[int, int]]:
             port, admin_port = free_port(HOST), free_port(HOST)
-            candidate = ManagedProcess(
+            proc = ManagedProcess(
                 name,
                 [
                     binary,
@@ -146,16 +152,11 @@ def varnish_server(
                 start_timeout=start_timeout,
                 stop_timeout=10.0,
             )
-            try:
-                candidate.start()
-            except HarnessError:
-                if attempt < BIND_ATTEMPTS and _BIND_FAILED.search(candidate.log_text()):
-                    continue
-                raise
-            proc = candidate
-            break
-        if proc is None:  # pragma: no cover - the loop either breaks or raises
-            raise HarnessError(f"{name}: no free ports after {BIND_ATTEMPTS} attempts")
+            return proc, (port, admin_port)
+
+        proc, (port, admin_port) = start_on_free_ports(
+            make, lambda log: bool(_BIND_FAILED.search(log)), BIND_ATTEMPTS
+        )
         try:
             yield VarnishServer(
                 host=HOST,
