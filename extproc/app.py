@@ -1,7 +1,8 @@
 """`meshkit extproc`: the gRPC server for Envoy's ext_proc and ext_authz, on one port, one chain.
 
 Served on `--listen`: `envoy.service.ext_proc.v3.ExternalProcessor`, `envoy.service.auth.v3.Authorization`,
-`grpc.health.v1.Health` and server reflection. On `--admin-listen`: `/healthz`, `/readyz`, `/metrics`.
+`grpc.health.v1.Health` and server reflection. On `--http-listen` (optional): Envoy's ext_authz HTTP
+protocol. On `--admin-listen`: `/healthz`, `/readyz`, `/metrics`. One filter chain behind all three.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from meshkit.extproc import authz, server
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.cores import AioCore
 from meshkit.extproc.filters import FILTERS, build
+from meshkit.extproc.http_authz import HttpAuthorization, HttpAuthzServer
 from meshkit.extproc.limits import grpc_message_limit
 from meshkit.extproc.metrics import Metrics
 from meshkit.options import option, parse_host_port, parse_size
@@ -53,6 +55,12 @@ class ExtprocOptions:
         f"filter chain, in order ({', '.join(FILTERS)})",
         parse=_parse_filters,
         metavar="NAME,...",
+    )
+    http_listen: str = option(
+        "",
+        "HOST:PORT for Envoy's ext_authz HTTP protocol (http_service), the cheapest path; empty: off",
+        parse=lambda v: parse_host_port(v) if str(v).strip() else "",
+        metavar="HOST:PORT",
     )
     max_body_bytes: int = option(
         8 << 20,
@@ -97,11 +105,20 @@ async def serve(
         raise ListenError(
             f"cannot listen on {daemon.admin_listen} (--admin-listen): {exc.strerror}"
         ) from None
+    http_server: HttpAuthzServer | None = None
+    addresses = {"grpc": f"{host}:{port}", "admin": admin_addr}
+    if options.http_listen:
+        http_server = HttpAuthzServer(HttpAuthorization(chain, max_body_bytes=options.max_body_bytes))
+        try:
+            addresses["http"] = await http_server.start(options.http_listen)
+        except OSError as exc:
+            await admin_runner.cleanup()
+            raise ListenError(
+                f"cannot listen on {options.http_listen} (--http-listen): {exc.strerror}"
+            ) from None
     await core.start(services)
     readiness.set(True, "serving")
-    log.info(
-        "ready", extra={"grpc": f"{host}:{port}", "admin": admin_addr, "filters": ",".join(options.filters)}
-    )
+    log.info("ready", extra={**addresses, "filters": ",".join(options.filters)})
     if ready is not None:
         ready.set()
     try:
@@ -111,9 +128,14 @@ async def serve(
         if daemon.drain_delay:
             log.info("readiness off; closing the listener in %.1f s (--drain-delay)", daemon.drain_delay)
             await asyncio.sleep(daemon.drain_delay)
-        log.info("stopped accepting; in-flight streams get up to %.1f s", daemon.drain_timeout)
-        await core.stop(daemon.drain_timeout)
+        log.info("stopped accepting; in-flight requests get up to %.1f s", daemon.drain_timeout)
+        stops = [core.stop(daemon.drain_timeout)]
+        if http_server is not None:
+            stops.append(http_server.stop(daemon.drain_timeout))
+        await asyncio.gather(*stops)
     finally:
         await core.stop(None)
+        if http_server is not None:
+            await http_server.stop(0)
         await admin_runner.cleanup()
     log.info("stopped")

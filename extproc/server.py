@@ -23,16 +23,13 @@ import grpc
 from meshkit.extproc import _proto
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
+from meshkit.extproc.oneshot import too_large
 
 log = logging.getLogger("meshkit.extproc.server")
 
 API = "ext_proc"
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _TRAILERS = frozenset({"request_trailers", "response_trailers"})
-
-
-def too_large(limit: int) -> Reply:
-    return Reply.error(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
 
 
 class ExternalProcessor:

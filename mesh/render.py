@@ -16,12 +16,14 @@ from typing import Literal
 
 from meshkit.errors import error_body
 from meshkit.extproc.filters import phases_of
+from meshkit.extproc.headers import OWNED
 from meshkit.extproc.limits import envoy_buffer_limit
 
-Api = Literal["ext_proc", "ext_authz", "plain"]
+Api = Literal["ext_proc", "ext_authz", "ext_authz_http", "plain"]
 TEMPLATES: dict[str, str] = {
     "ext_proc": "front-extproc.yaml",
     "ext_authz": "front-extauthz.yaml",
+    "ext_authz_http": "front-extauthz-http.yaml",
     "plain": "front-plain.yaml",
 }
 
@@ -110,6 +112,8 @@ class FrontConfig:
                 "message_timeout": duration(self.message_timeout),
                 "grpc_timeout": duration(self.grpc_timeout),
                 "processing_mode": json.dumps(processing_mode(phases_of(self.filters))),
+                "owned_headers": json.dumps([{"exact": h} for h in sorted(OWNED)]),
+                "forwarded_headers": json.dumps([{"exact": "x-request-id"}]),
             },
         )
 

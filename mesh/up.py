@@ -1,6 +1,6 @@
 """`meshkit up`: the local stack on one machine, with real processes.
 
-Today: Envoy ingress on 127.0.0.1:10000 -> meshkit body-hash (ext_authz by default, `--api ext_proc`)
+Today: Envoy ingress on 127.0.0.1:10000 -> meshkit body-hash (ext_authz over HTTP by default; `--api`)
 -> `meshkit echo` upstream, which answers with what it received. It prints curl lines to try and runs
 until Ctrl-C (or SIGTERM), then stops every process it started. `--check` sends the walkthrough's
 requests itself, verifies the answers and exits 0 (all good) or 1.
@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api",
-        choices=("ext_authz", "ext_proc"),
-        default="ext_authz",
-        help="how Envoy calls meshkit (default: ext_authz, the cheaper path)",
+        choices=("ext_authz_http", "ext_authz", "ext_proc"),
+        default="ext_authz_http",
+        help="how Envoy calls meshkit (default: ext_authz_http, the cheapest path per request)",
     )
     parser.add_argument("--workdir", type=Path, help="where configs and logs go (default: a temp dir)")
     parser.add_argument("--check", action="store_true", help="run the walkthrough, verify it, stop (for CI)")
@@ -134,7 +134,7 @@ def run_up(args: argparse.Namespace) -> int:
                 print(f"  meshkit extproc on 127.0.0.1:{server.grpc_port}", flush=True)
                 config = FrontConfig(
                     upstream_port=upstream.port,
-                    extproc_port=server.grpc_port,
+                    extproc_port=server.port_for(args.api),
                     api=args.api,
                     listen_port=args.port,
                 )

@@ -25,6 +25,11 @@ class Extproc:
     process: ManagedProcess
     grpc_port: int
     admin_port: int
+    http_port: int
+
+    def port_for(self, api: str) -> int:
+        """The port Envoy's filter calls for `api` (ext_authz_http: the HTTP port; else gRPC)."""
+        return self.http_port if api == "ext_authz_http" else self.grpc_port
 
     @property
     def admin_url(self) -> str:
@@ -43,13 +48,15 @@ def meshkit_argv(*args: str) -> list[str]:
 
 @contextmanager
 def extproc(workdir: Path, args: Sequence[str] = (), *, name: str = "meshkit-extproc") -> Iterator[Extproc]:
-    """`meshkit extproc --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 ARGS...`"""
-    argv = meshkit_argv("extproc", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args)
+    """`meshkit extproc` on free loopback ports (gRPC, ext_authz HTTP, admin) with extra `args`."""
+    ports = ("--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    argv = meshkit_argv("extproc", *ports, *args)
     proc = ManagedProcess(name, argv, log_dir=workdir, ready=log_matches(_READY))
     with proc:
         grpc = log_match(proc, rf'{_READY}.*?\bgrpc"?[=:] ?"?{_ADDR}')
         admin = log_match(proc, rf'{_READY}.*?\badmin"?[=:] ?"?{_ADDR}')
-        yield Extproc(proc, int(grpc.group(2)), int(admin.group(2)))
+        http = log_match(proc, rf'{_READY}.*?\bhttp"?[=:] ?"?{_ADDR}')
+        yield Extproc(proc, int(grpc.group(2)), int(admin.group(2)), int(http.group(2)))
 
 
 @contextmanager

@@ -77,7 +77,7 @@ def meshkit_server(workdir: Path) -> Iterator[Extproc]:
 def front(workdir: Path, upstream: Echo, server: Extproc | None, api: str, **kw: Any) -> Any:
     cfg = FrontConfig(
         upstream_port=upstream.port,
-        extproc_port=server.grpc_port if server else 0,
+        extproc_port=server.port_for(api) if server else 0,
         api=api,
         listen_port=0,
         **kw,
@@ -85,11 +85,11 @@ def front(workdir: Path, upstream: Echo, server: Extproc | None, api: str, **kw:
     return envoy(cfg.render(), workdir)
 
 
-@pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz", "ext_authz_http"])
 def ingress(
     request: pytest.FixtureRequest, workdir: Path, upstream: Echo, meshkit_server: Extproc
 ) -> Iterator[Envoy]:
-    """A front Envoy to meshkit over ext_proc, then over ext_authz (each module test runs on both)."""
+    """A front Envoy to meshkit over ext_proc, ext_authz (gRPC), ext_authz (HTTP): each test runs on all."""
     with front(workdir, upstream, meshkit_server, request.param) as proxy:
         yield proxy
 

@@ -20,7 +20,7 @@ from .conftest import front, request
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("api", ["ext_proc", "ext_authz"])
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http"])
 def test_server_killed_mid_run_requests_still_served_unhashed(
     workdir: Path, upstream: Echo, api: str
 ) -> None:

@@ -27,7 +27,7 @@ def validate(config: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "plain"])
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http", "plain"])
 @pytest.mark.parametrize(("max_body", "fail_open"), [(8 << 20, True), (1024, False), (64 << 20, True)])
 def test_front_configs_validate(api: str, max_body: int, fail_open: bool, tmp_path: Path) -> None:
     config = FrontConfig(
@@ -55,6 +55,10 @@ def test_front_configs_validate(api: str, max_body: int, fail_open: bool, tmp_pa
     if api == "ext_authz":
         assert meshkit_filter["with_request_body"]["max_request_bytes"] == max_body
         assert meshkit_filter["with_request_body"]["pack_as_bytes"] is True
+    elif api == "ext_authz_http":
+        assert meshkit_filter["with_request_body"]["max_request_bytes"] == max_body
+        response = meshkit_filter["http_service"]["authorization_response"]
+        assert response["allowed_upstream_headers"]["patterns"] == [{"exact": "x-body-hash"}]
     else:
         assert meshkit_filter["message_timeout"] == "0.5s"
 

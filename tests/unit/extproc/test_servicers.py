@@ -145,3 +145,50 @@ async def test_check_over_limit_is_denied_413(channel: grpc.aio.Channel) -> None
     assert resp.status.code != code_pb2.OK
     assert resp.denied_response.status.code == 413
     assert json.loads(resp.denied_response.body)["error"]["type"] == "request_too_large"
+
+
+# -- ext_authz over HTTP ------------------------------------------------------------------------------
+@pytest.fixture
+async def http_authz() -> AsyncIterator[str]:
+    from meshkit.extproc.http_authz import HttpAuthorization, HttpAuthzServer
+
+    chain = Chain([BodyHashFilter(BodyHashOptions())])
+    server = HttpAuthzServer(HttpAuthorization(chain, max_body_bytes=LIMIT))
+    address = await server.start("127.0.0.1:0")
+    yield f"http://{address}"
+    await server.stop(1)
+
+
+async def test_http_check_sets_hash(http_authz: str) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{http_authz}/v1/x", data=b"payload", headers={"x-body-hash": "spoof"}
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(b"payload")
+            assert "x-envoy-auth-headers-to-remove" not in resp.headers
+        async with session.get(f"{http_authz}/v1/models", headers={"x-body-hash": "spoof"}) as resp:
+            assert resp.status == 200
+            assert "x-body-hash" not in resp.headers
+            assert resp.headers["x-envoy-auth-headers-to-remove"] == "x-body-hash"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_http_check_over_limit_is_413_json(http_authz: str, chunked: bool) -> None:
+    import aiohttp
+
+    body = b"x" * (LIMIT + 1)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:500]
+        yield body[500:]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(http_authz, data=chunks() if chunked else body) as resp,
+    ):
+        assert resp.status == 413
+        assert resp.headers["content-type"] == "application/json"
+        assert (await resp.json())["error"]["type"] == "request_too_large"

@@ -1,0 +1,68 @@
+"""What both ext_authz adapters share: the request phases back to back, in one call.
+
+Envoy's ext_authz filter (gRPC `Check` or its HTTP protocol) hands over the headers and the whole
+buffered body at once. The chain's request-headers hooks run, the body size is checked, the
+request-body hooks run, all on one `Exchange`; the adapter turns the outcome into its own wire format.
+Response phases do not exist in ext_authz: a chain that needs them runs over ext_proc.
+"""
+
+from __future__ import annotations
+
+import time
+
+from meshkit.extproc.chain import Chain
+from meshkit.extproc.filter import Exchange, Phase, Reply
+
+__all__ = ["OneShot", "too_large"]
+
+
+def too_large(limit: int) -> Reply:
+    return Reply.error(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+class OneShot:
+    """Base of the ext_authz adapters: `decide()` / `decide_async()`, then `finish()`."""
+
+    api = "ext_authz"
+
+    def __init__(self, chain: Chain, *, max_body_bytes: int) -> None:
+        self.chain = chain
+        self.max_body_bytes = max_body_bytes
+        self._too_large = too_large(max_body_bytes)
+        self._metrics = chain.metrics
+        self._sync = not chain.is_async
+        self._histogram = chain.metrics.phase(self.api, "check")
+        self._has_headers_phase = Phase.REQUEST_HEADERS in chain.phases
+        self._has_body_phase = Phase.REQUEST_BODY in chain.phases
+
+    def decide(self, exchange: Exchange, body: bytes) -> Reply | None:
+        chain = self.chain
+        if self._has_headers_phase and (reply := chain.run(Phase.REQUEST_HEADERS, exchange)):
+            return reply
+        if not body:
+            return None
+        if len(body) > self.max_body_bytes:
+            return chain.reject(exchange, self._too_large, "max-body-bytes")
+        exchange.body = body
+        return chain.run(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
+
+    async def decide_async(self, exchange: Exchange, body: bytes) -> Reply | None:
+        chain = self.chain
+        if self._has_headers_phase and (reply := await chain.run_async(Phase.REQUEST_HEADERS, exchange)):
+            return reply
+        if not body:
+            return None
+        if len(body) > self.max_body_bytes:
+            return chain.reject(exchange, self._too_large, "max-body-bytes")
+        exchange.body = body
+        return await chain.run_async(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
+
+    async def run(self, exchange: Exchange, body: bytes) -> Reply | None:
+        """`decide` for sync chains (no event-loop round trip), `decide_async` otherwise."""
+        if self._sync:
+            return self.decide(exchange, body)
+        return await self.decide_async(exchange, body)
+
+    def finish(self, exchange: Exchange, started: float) -> None:
+        self.chain.finish(exchange, self.api)
+        self._histogram.observe(time.perf_counter() - started)
