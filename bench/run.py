@@ -6,6 +6,7 @@ For each body size (default 1 KiB and 64 KiB POSTs) and each configuration, the 
     envoy-alone       FrontConfig(api="plain"), no filter: the ceiling
     meshkit-extproc   `meshkit extproc` + FrontConfig(api="ext_proc")  (headers SEND + BUFFERED body)
     meshkit-extauthz  `meshkit extproc` + FrontConfig(api="ext_authz") (one unary Check with the body)
+    meshkit-authzhttp `meshkit extproc` + FrontConfig(api="ext_authz_http") (one keep-alive HTTP/1.1 check)
     naive-aio         bench/peers/naive_aio.py (meshkit's venv) + ext_proc: the naive baseline
     peer-sdk          bench/peers/peer_sdk.py (envoy-extproc-sdk, own venv) + ext_proc: the peer to beat
 
@@ -62,7 +63,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BASELINE = "envoy-alone"
 PEER = "peer-sdk"
-MESHKIT_ROWS = ("meshkit-extproc", "meshkit-extauthz")
+MESHKIT_ROWS = ("meshkit-extproc", "meshkit-extauthz", "meshkit-authzhttp")
 # The targets of the issue, all stated for 1 KiB bodies.
 TARGET_SIZE = 1024
 TARGET_VS_PEER = 2.0
@@ -84,6 +85,7 @@ CONFIGS: dict[str, Config] = {
         Config("envoy-alone", "plain", "none"),
         Config("meshkit-extproc", "ext_proc", "meshkit"),
         Config("meshkit-extauthz", "ext_authz", "meshkit"),
+        Config("meshkit-authzhttp", "ext_authz_http", "meshkit"),
         Config("naive-aio", "ext_proc", "naive"),
         Config("peer-sdk", "ext_proc", "peer"),
     )
@@ -271,9 +273,9 @@ def reference_server(name: str, python: str, script: Path, workdir: Path) -> Ite
 
 
 @contextlib.contextmanager
-def meshkit_server(workdir: Path, extra: Sequence[str], name: str) -> Iterator[tuple[int, int]]:
+def meshkit_server(workdir: Path, extra: Sequence[str], name: str, api: str) -> Iterator[tuple[int, int]]:
     with extproc(workdir, extra, name=name) as server:
-        yield server.process.pid, server.grpc_port
+        yield server.process.pid, server.port_for(api)
 
 
 def start_server(
@@ -284,7 +286,7 @@ def start_server(
     if config.server == "none":
         return None, 0
     if config.server == "meshkit":
-        return stack.enter_context(meshkit_server(workdir, shlex.split(args.meshkit_args), name))
+        return stack.enter_context(meshkit_server(workdir, shlex.split(args.meshkit_args), name, config.api))
     if config.server == "naive":
         return stack.enter_context(reference_server(name, sys.executable, PEERS / "naive_aio.py", workdir))
     python = str(args.peer_venv / "bin" / "python")

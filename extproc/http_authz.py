@@ -75,7 +75,7 @@ class HttpAuthzServer:
     """The aiohttp low-level server (no router, no middleware: every path is a check)."""
 
     def __init__(self, authz: HttpAuthorization) -> None:
-        self._handler = web.Server(authz.handle, access_log=None, handle_signals=False)
+        self._handler = web.Server(authz.handle, access_log=None)
         self._server: asyncio.Server | None = None
 
     async def start(self, address: str) -> str:

@@ -148,3 +148,11 @@ def test_canonical_json_keeps_fields_that_change_the_answer(canonical_ingress: E
 @pytest.mark.parametrize("body", [b"not json {", b'{"unterminated": ', b"[1, 2", bytes(range(256))])
 def test_invalid_json_is_hashed_raw(canonical_ingress: Envoy, body: bytes) -> None:
     assert hash_at_upstream(canonical_ingress, body) == hashlib.sha256(body).hexdigest()
+
+
+def test_no_log_line_per_request(ingress: Envoy, meshkit_server: Extproc) -> None:
+    before = meshkit_server.process.log_text()
+    for i in range(20):
+        assert request(ingress.url(), body=f"quiet {i}".encode()).status == 200
+    added = meshkit_server.process.log_text()[len(before) :]
+    assert added == "", f"the request path logged: {added[:500]}"
