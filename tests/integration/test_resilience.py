@@ -116,3 +116,23 @@ def test_garbage_bytes_on_the_port_do_not_kill_the_server(meshkit_server: Extpro
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 10)
         sock.recv(1024)
     assert _grpc_health(meshkit_server.grpc_port) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_and_health_list_the_services(meshkit_server: Extproc) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{meshkit_server.grpc_port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in answer.list_services_response.service}
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("envoy.service.ext_proc.v3.ExternalProcessor", "envoy.service.auth.v3.Authorization"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    assert {
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        "envoy.service.auth.v3.Authorization",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
