@@ -40,7 +40,7 @@ class Authorization(OneShot):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
             raise AssertionError("unreachable: abort raises")
         exchange, body = begun
-        reply = await self.run(exchange, body)
+        reply = await self.decide(exchange, body)
         self._metrics.in_flight -= 1
         if reply is None:
             sets, removes, _ = exchange.take_mutations()

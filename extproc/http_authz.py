@@ -42,7 +42,7 @@ class HttpAuthorization(OneShot):
             exchange.end_of_stream = not body
             self._metrics.in_flight += 1
             try:
-                reply = await self.run(exchange, body)
+                reply = await self.decide(exchange, body)
             finally:
                 self._metrics.in_flight -= 1
         if reply is None:

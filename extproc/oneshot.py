@@ -21,7 +21,7 @@ def too_large(limit: int) -> Reply:
 
 
 class OneShot:
-    """Base of the ext_authz adapters: `decide()` / `decide_async()`, then `finish()`."""
+    """Base of the ext_authz adapters: `decide()`, then `finish()`."""
 
     api = "ext_authz"
 
@@ -30,38 +30,20 @@ class OneShot:
         self.max_body_bytes = max_body_bytes
         self._too_large = too_large(max_body_bytes)
         self._metrics = chain.metrics
-        self._sync = not chain.is_async
         self._histogram = chain.metrics.phase(self.api, "check")
         self._has_headers_phase = Phase.REQUEST_HEADERS in chain.phases
         self._has_body_phase = Phase.REQUEST_BODY in chain.phases
 
-    def decide(self, exchange: Exchange, body: bytes) -> Reply | None:
+    async def decide(self, exchange: Exchange, body: bytes) -> Reply | None:
         chain = self.chain
-        if self._has_headers_phase and (reply := chain.run(Phase.REQUEST_HEADERS, exchange)):
+        if self._has_headers_phase and (reply := await chain.run(Phase.REQUEST_HEADERS, exchange)):
             return reply
         if not body:
             return None
         if len(body) > self.max_body_bytes:
             return chain.reject(exchange, self._too_large, "max-body-bytes")
         exchange.body = body
-        return chain.run(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
-
-    async def decide_async(self, exchange: Exchange, body: bytes) -> Reply | None:
-        chain = self.chain
-        if self._has_headers_phase and (reply := await chain.run_async(Phase.REQUEST_HEADERS, exchange)):
-            return reply
-        if not body:
-            return None
-        if len(body) > self.max_body_bytes:
-            return chain.reject(exchange, self._too_large, "max-body-bytes")
-        exchange.body = body
-        return await chain.run_async(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
-
-    async def run(self, exchange: Exchange, body: bytes) -> Reply | None:
-        """`decide` for sync chains (no event-loop round trip), `decide_async` otherwise."""
-        if self._sync:
-            return self.decide(exchange, body)
-        return await self.decide_async(exchange, body)
+        return await chain.run(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
 
     def finish(self, exchange: Exchange, started: float) -> None:
         self.chain.finish(exchange, self.api)

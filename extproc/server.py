@@ -39,7 +39,6 @@ class ExternalProcessor:
         self.responses = _proto.ExtProcResponses()
         self._too_large = too_large(max_body_bytes)
         self._metrics = chain.metrics
-        self._sync = not chain.is_async
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -65,8 +64,7 @@ class ExternalProcessor:
                 if isinstance(step, Phase):
                     started = time.perf_counter()
                     ex = stream.exchange
-                    reply = self.chain.run(step, ex) if self._sync else await self.chain.run_async(step, ex)
-                    yield self._answer(step, ex, reply, started)
+                    yield self._answer(step, ex, await self.chain.run(step, ex), started)
                 elif isinstance(step, bytes):
                     yield step
                 else:

@@ -67,11 +67,11 @@ class AsyncFilter:
         return None
 
 
-def test_hooks_run_in_order_and_see_earlier_changes() -> None:
+async def test_hooks_run_in_order_and_see_earlier_changes() -> None:
     log: list[str] = []
     chain = Chain([Recorder("a", log, header="from-a"), Recorder("b", log)])
     ex = Exchange({})
-    assert chain.run(Phase.REQUEST_HEADERS, ex) is None
+    assert await chain.run(Phase.REQUEST_HEADERS, ex) is None
     assert log == ["a:request_headers:None", "b:request_headers:from-a"]
     assert ex.take_mutations() == ({"x-seen": "from-a"}, set(), False)
 
@@ -83,33 +83,33 @@ def test_phases_come_from_the_hooks_filters_have() -> None:
     assert not Chain([Recorder("a", [])]).is_async
 
 
-def test_first_reply_stops_the_chain_and_drops_pending_changes() -> None:
+async def test_first_reply_stops_the_chain_and_drops_pending_changes() -> None:
     log: list[str] = []
     chain = Chain([Recorder("a", log, header="x", reply_in=Phase.REQUEST_HEADERS), Recorder("b", log)])
     ex = Exchange({})
-    reply = chain.run(Phase.REQUEST_HEADERS, ex)
+    reply = await chain.run(Phase.REQUEST_HEADERS, ex)
     assert reply is not None and reply.status == 403
     assert log == ["a:request_headers:None"]
     assert ex.take_mutations() == ({}, set(), False)
     # Later phases, response phases included, run no hook and return the same reply.
-    assert chain.run(Phase.RESPONSE_HEADERS, ex) is reply
+    assert await chain.run(Phase.RESPONSE_HEADERS, ex) is reply
     assert log == ["a:request_headers:None"]
 
 
-def test_client_error_becomes_reply() -> None:
+async def test_client_error_becomes_reply() -> None:
     err = ClientError(429, "rate_limited", "slow down", code="rpm")
     chain = Chain([Recorder("a", [], raise_in=Phase.REQUEST_BODY, error=err)])
-    reply = chain.run(Phase.REQUEST_BODY, Exchange({}))
+    reply = await chain.run(Phase.REQUEST_BODY, Exchange({}))
     assert reply == Reply.error(429, "rate_limited", "slow down", "rpm")
     assert reply.headers == (("content-type", "application/json"),)
 
 
-def test_unexpected_exception_fails_closed_with_500(caplog: pytest.LogCaptureFixture) -> None:
+async def test_unexpected_exception_fails_closed_with_500(caplog: pytest.LogCaptureFixture) -> None:
     log: list[str] = []
     chain = Chain([Recorder("a", log, raise_in=Phase.REQUEST_HEADERS), Recorder("b", log)])
     ex = Exchange({"x-request-id": "req-1"})
     with caplog.at_level(logging.ERROR):
-        reply = chain.run(Phase.REQUEST_HEADERS, ex)
+        reply = await chain.run(Phase.REQUEST_HEADERS, ex)
     assert reply is not None and reply.status == 500
     assert b"boom" not in reply.body  # no internals to the client
     assert log == ["a:request_headers:None"]  # b never ran: the failed filter was not skipped over
@@ -122,7 +122,7 @@ async def test_async_and_sync_hooks_mix() -> None:
     log: list[str] = []
     chain = Chain([Recorder("a", log, header="1"), AsyncFilter()])
     ex = Exchange({})
-    assert await chain.run_async(Phase.REQUEST_BODY, ex) is None
+    assert await chain.run(Phase.REQUEST_BODY, ex) is None
     assert ex.take_mutations()[0] == {"x-seen": "1", "x-async": "yes"}
 
 
