@@ -51,10 +51,6 @@ class Chain:
                     hooks.append(_Hook(f.name, fn, inspect.iscoroutinefunction(fn)))
             self._hooks[phase] = tuple(hooks)
         self.phases = frozenset(p for p, hooks in self._hooks.items() if hooks)
-        self.is_async = any(h.is_async for hooks in self._hooks.values() for h in hooks)
-
-    def wants(self, phase: Phase) -> bool:
-        return phase in self.phases
 
     async def run(self, phase: Phase, exchange: Exchange) -> Reply | None:
         """Run one phase's hooks in order. A chain of sync hooks never suspends: awaiting this is a

@@ -79,8 +79,11 @@ async def test_hooks_run_in_order_and_see_earlier_changes() -> None:
 def test_phases_come_from_the_hooks_filters_have() -> None:
     chain = Chain([AsyncFilter()])
     assert chain.phases == {Phase.REQUEST_BODY}
-    assert chain.is_async
-    assert not Chain([Recorder("a", [])]).is_async
+    assert Chain([Recorder("a", [])]).phases == {
+        Phase.REQUEST_HEADERS,
+        Phase.REQUEST_BODY,
+        Phase.RESPONSE_HEADERS,
+    }
 
 
 async def test_first_reply_stops_the_chain_and_drops_pending_changes() -> None:
