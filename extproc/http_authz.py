@@ -26,6 +26,7 @@ from meshkit.extproc.oneshot import OneShot
 log = logging.getLogger("meshkit.extproc.http_authz")
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+_INCOMPLETE = Reply.error(400, "incomplete_body", "the request body ended before its Content-Length")
 
 
 class HttpAuthorization(OneShot):
@@ -34,17 +35,7 @@ class HttpAuthorization(OneShot):
     async def handle(self, request: web.BaseRequest) -> web.Response:
         started = time.perf_counter()
         exchange = Exchange(request.headers)
-        reply: Reply | None
-        body = await _read_body(request, self.max_body_bytes)
-        if body is None:  # over the limit: refused without reading the rest
-            reply = self.chain.reject(exchange, self._too_large, "max-body-bytes")
-        else:
-            exchange.end_of_stream = not body
-            self._metrics.in_flight += 1
-            try:
-                reply = await self.decide(exchange, body)
-            finally:
-                self._metrics.in_flight -= 1
+        reply = await self._decide_request(request, exchange)
         if reply is None:
             sets, removes, _ = exchange.take_mutations()
             headers = dict(sets)
@@ -55,6 +46,21 @@ class HttpAuthorization(OneShot):
             response = web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
         self.finish(exchange, started)
         return response
+
+    async def _decide_request(self, request: web.BaseRequest, exchange: Exchange) -> Reply | None:
+        try:
+            body = await _read_body(request, self.max_body_bytes)
+        except (asyncio.IncompleteReadError, ConnectionResetError):  # Envoy went away mid-body
+            log.info("check request ended before its body did", extra={"request_id": exchange.request_id})
+            return self.chain.reject(exchange, _INCOMPLETE, "incomplete-body")
+        if body is None:  # over the limit: refused without reading the rest
+            return self.chain.reject(exchange, self._too_large, "max-body-bytes")
+        exchange.end_of_stream = not body
+        self._metrics.in_flight += 1
+        try:
+            return await self.decide(exchange, body)
+        finally:
+            self._metrics.in_flight -= 1
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:

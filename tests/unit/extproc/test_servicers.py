@@ -192,3 +192,26 @@ async def test_http_check_over_limit_is_413_json(http_authz: str, chunked: bool)
         assert resp.status == 413
         assert resp.headers["content-type"] == "application/json"
         assert (await resp.json())["error"]["type"] == "request_too_large"
+
+
+async def test_http_check_body_cut_short_logs_no_traceback(
+    http_authz: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    import aiohttp
+
+    host, port = http_authz.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+    await writer.drain()
+    with caplog.at_level(logging.INFO):
+        writer.write_eof()  # the peer is gone mid-body: nobody to answer, nothing to crash
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400")
+        writer.close()
+        async with aiohttp.ClientSession() as session, session.post(http_authz, data=b"next") as resp:
+            assert resp.status == 200  # and the server carries on
+    assert "ended before its body did" in caplog.text
+    assert "Traceback" not in caplog.text
