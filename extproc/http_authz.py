@@ -26,6 +26,7 @@ from meshkit.extproc.oneshot import OneShot
 log = logging.getLogger("meshkit.extproc.http_authz")
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+MAX_HEADER_BYTES = 64 << 10
 _INCOMPLETE = Reply.error(400, "incomplete_body", "the request body ended before its Content-Length")
 
 
@@ -81,12 +82,19 @@ class HttpAuthzServer:
     """The aiohttp low-level server (no router, no middleware: every path is a check)."""
 
     def __init__(self, authz: HttpAuthorization) -> None:
-        self._handler = web.Server(authz.handle, access_log=None)
+        # Envoy forwards request lines and headers up to 60 KiB; aiohttp's default cap is 8190 bytes.
+        self._handler = web.Server(
+            authz.handle, access_log=None, max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES
+        )
         self._server: asyncio.Server | None = None
 
     async def start(self, address: str) -> str:
         """Listen on `HOST:PORT` (port 0: any free one); return the bound `host:port`."""
         host, _, port = address.rpartition(":")
+        if host.strip("[]") not in {"127.0.0.1", "::1", "localhost"}:
+            log.warning(
+                "--http-listen %s is not loopback: every path on it is a check; keep it off ingress", address
+            )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._handler, host.strip("[]"), int(port), reuse_address=True

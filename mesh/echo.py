@@ -33,7 +33,9 @@ async def _echo(request: web.Request) -> web.Response:
 
 
 def echo_app() -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(
+        client_max_size=MAX_BODY, handler_args={"max_line_size": 64 << 10, "max_field_size": 64 << 10}
+    )
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 

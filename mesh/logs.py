@@ -69,9 +69,25 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class WithoutPeerData(logging.Filter):
+    """aiohttp's server logs a bad request with a traceback that quotes the request (Authorization
+    headers included): keep the event and the exception's type, drop the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None:
+            record.msg = f"{record.getMessage()}: {record.exc_info[0].__name__}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for name in ("aiohttp.server", "aiohttp.web"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, WithoutPeerData) for f in logger.filters):
+            logger.addFilter(WithoutPeerData())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

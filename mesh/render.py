@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
-from meshkit.errors import error_body
+from meshkit.extproc.chain import INTERNAL_ERROR
 from meshkit.extproc.filters import phases_of
 from meshkit.extproc.headers import OWNED
 from meshkit.extproc.limits import envoy_buffer_limit
+from meshkit.extproc.oneshot import too_large
 
 Api = Literal["ext_proc", "ext_authz", "ext_authz_http", "plain"]
 TEMPLATES: dict[str, str] = {
@@ -56,22 +57,27 @@ def processing_mode(phases: Collection[str]) -> dict[str, str]:
     }
 
 
-def too_large_mapper(max_body_bytes: int) -> dict[str, object]:
-    """Envoy's own 413s (body over its buffer) get meshkit's JSON error body too."""
-    error = json.loads(
-        error_body("request_too_large", f"request body exceeds the limit of {max_body_bytes} bytes")
-    )
+def _status_mapper(status: int, error: bytes) -> dict[str, object]:
     return {
         "filter": {
             "status_code_filter": {
                 "comparison": {
                     "op": "EQ",
-                    "value": {"default_value": 413, "runtime_key": "meshkit.local_reply.too_large"},
+                    "value": {"default_value": status, "runtime_key": f"meshkit.local_reply.{status}"},
                 }
             }
         },
-        "body_format_override": {"json_format": error, "content_type": "application/json"},
+        "body_format_override": {"json_format": json.loads(error), "content_type": "application/json"},
     }
+
+
+def local_reply_mappers(max_body_bytes: int) -> list[dict[str, object]]:
+    """Envoy's own 413 (body over its buffer) and 500 (meshkit failed or errored with the filter set to
+    fail closed: `status_on_error` 500) carry meshkit's JSON error body too."""
+    return [
+        _status_mapper(413, too_large(max_body_bytes).body),
+        _status_mapper(500, INTERNAL_ERROR.body),
+    ]
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class FrontConfig:
                 "listen_port": self.listen_port,
                 "buffer_limit_bytes": envoy_buffer_limit(self.max_body_bytes),
                 "max_body_bytes": self.max_body_bytes,
-                "too_large_mapper": json.dumps(too_large_mapper(self.max_body_bytes)),
+                "local_reply_mappers": json.dumps(local_reply_mappers(self.max_body_bytes)),
                 "extproc_host": self.extproc_host,
                 "extproc_port": self.extproc_port,
                 "upstream_host": self.upstream_host,

@@ -13,6 +13,7 @@ import xxhash
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshkit.harness.envoy import Envoy
 from meshkit.harness.meshkit import Echo, Extproc, extproc
 
 from .conftest import front, request
@@ -136,3 +137,28 @@ def test_reflection_and_health_list_the_services(meshkit_server: Extproc) -> Non
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= names
+
+
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http"])
+def test_fail_closed_config_answers_500_json_when_server_is_down(
+    workdir: Path, upstream: Echo, api: str
+) -> None:
+    with (
+        extproc(workdir, name=f"closed-{api}") as server,
+        front(workdir, upstream, server, api, failure_mode_allow=False) as proxy,
+    ):
+        assert request(proxy.url(), body=b"up").status == 200
+        server.process.kill()
+        resp = request(proxy.url(), body=b"down")
+        assert resp.status == 500
+        assert resp.headers["content-type"] == "application/json"
+        assert resp.json()["error"]["type"] == "internal_error"
+
+
+def test_big_headers_pass_and_secrets_stay_out_of_logs(ingress: Envoy, meshkit_server: Extproc) -> None:
+    token = "Bearer " + "s3cr3t" * 3000  # 18 KB: over aiohttp's default 8190-byte field limit
+    path = "/v1/" + "p" * 9000
+    resp = request(ingress.url(path=path), body=b"big headers", headers={"authorization": token})
+    assert resp.status == 200, resp.body[:200]
+    assert resp.upstream_headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(b"big headers")
+    assert "s3cr3t" not in meshkit_server.process.log_text()
