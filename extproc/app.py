@@ -23,15 +23,13 @@ from meshkit.extproc.filters import FILTERS, build
 from meshkit.extproc.http_authz import HttpAuthorization, HttpAuthzServer
 from meshkit.extproc.limits import grpc_message_limit
 from meshkit.extproc.metrics import Metrics
-from meshkit.options import option, parse_host_port, parse_size
+from meshkit.options import option, parse_host_port, parse_size, parse_str_tuple
 
 log = logging.getLogger("meshkit.extproc")
 
 
 def _parse_filters(value: Any) -> tuple[str, ...]:
-    names = tuple(
-        v.strip() for v in (value if isinstance(value, list | tuple) else str(value).split(",")) if v.strip()
-    )
+    names = parse_str_tuple(value)
     unknown = [n for n in names if n not in FILTERS]
     if unknown:
         raise ValueError(f"unknown filter {', '.join(unknown)}; available: {', '.join(FILTERS)}")

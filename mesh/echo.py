@@ -15,6 +15,8 @@ import signal
 
 from aiohttp import web
 
+from meshkit.errors import MeshkitError
+
 log = logging.getLogger("meshkit.echo")
 
 MAX_BODY = 256 << 20
@@ -45,7 +47,11 @@ async def serve_echo(listen: str, stop: asyncio.Event) -> None:
     runner = web.AppRunner(echo_app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=1.0)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise MeshkitError(f"cannot listen on {listen}: {exc.strerror}") from None
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     print(f"ready: http={host}:{bound}", flush=True)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import types
@@ -66,6 +67,9 @@ _SIZE_UNITS = {
 }
 
 
+MAX_SIZE = 1 << 30
+
+
 def parse_size(value: Any) -> int:
     """`8388608`, `8MiB`, `512k` -> bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -77,6 +81,8 @@ def parse_size(value: Any) -> int:
         size = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower() or None]
     if size <= 0:
         raise ValueError("must be a positive size")
+    if size > MAX_SIZE:
+        raise ValueError(f"must be at most {MAX_SIZE} bytes (1 GiB: Envoy's and gRPC's limits are 32-bit)")
     return size
 
 
@@ -94,8 +100,8 @@ def parse_seconds(value: Any) -> float:
         seconds = float(str(value).removesuffix("s"))
     except ValueError:
         raise ValueError("expected seconds, for example 5 or 0.5") from None
-    if seconds < 0:
-        raise ValueError("must not be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("expected a finite number of seconds, 0 or more")
     return seconds
 
 
@@ -119,7 +125,7 @@ def _parse_int(value: Any) -> int:
         raise ValueError("expected an integer") from None
 
 
-def _parse_str_tuple(value: Any) -> tuple[str, ...]:
+def parse_str_tuple(value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     return tuple(str(item).strip() for item in items if str(item).strip())
 
@@ -136,7 +142,7 @@ def _parser_for(f: dataclasses.Field[Any], hint: Any) -> Parser:
     if hint is float:
         return parse_seconds
     if origin is tuple:
-        return _parse_str_tuple
+        return parse_str_tuple
     if origin in (types.UnionType, typing.Union):  # `str | None`
         return lambda v: None if v in (None, "") else str(v)
     return lambda v: str(v)
@@ -197,6 +203,8 @@ def load_yaml_section(path: Path | None, command: str) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
         raise ConfigError([f"--config {path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeError:
+        raise ConfigError([f"--config {path}: not UTF-8 text"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"--config {path}: not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
@@ -243,7 +251,9 @@ def resolve(
             problems.append(f"{where}: {shown} is not valid: {exc}")
             continue
         values[section][f.name] = value
-    for key in sorted(set(config) - known):
+    for key in sorted(map(str, config)):
+        if key in known:
+            continue
         problems.append(f"{command}.{key} in --config: unknown option (known: {', '.join(sorted(known))})")
     prefix = env_name(command, "")
     names = {env_name(command, n) for n in known}

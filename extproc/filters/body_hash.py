@@ -5,7 +5,8 @@
 - `--canonical-json`: a JSON body is hashed in canonical form (sorted keys, compact separators, UTF-8),
   so formatting and key order do not split the cache; `--hash-ignore-fields` first drops top-level
   fields that do not change the answer (`user`, `metadata`, ...). A body that is not JSON is hashed as
-  raw bytes, never an error.
+  raw bytes, never an error; so is JSON with a duplicate key (parsers disagree on its meaning) and
+  JSON over `--canonical-json-max-bytes` (parsing is CPU on the request path).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import xxhash
 
 from meshkit.extproc.filter import Exchange
 from meshkit.extproc.headers import BODY_HASH
-from meshkit.options import option
+from meshkit.options import option, parse_size
 
 HASHES: dict[str, Callable[[bytes], str]] = {
     "xxh3-128": lambda data: xxhash.xxh3_128_hexdigest(data),
@@ -34,6 +35,12 @@ _WHITESPACE = b" \t\r\n"
 class BodyHashOptions:
     hash: str = option("xxh3-128", "digest for x-body-hash", choices=tuple(HASHES))
     canonical_json: bool = option(False, "hash JSON bodies in canonical form (sorted keys, compact)")
+    canonical_json_max_bytes: int = option(
+        256 << 10,
+        "with --canonical-json: bigger JSON bodies are hashed raw (parsing blocks the server: ~120 ms/MB)",
+        parse=parse_size,
+        metavar="BYTES",
+    )
     hash_ignore_fields: tuple[str, ...] = option(
         (),
         "with --canonical-json: top-level JSON fields left out of the hash (comma-separated)",
@@ -45,14 +52,23 @@ class BodyHashOptions:
             raise ValueError("--hash-ignore-fields needs --canonical-json (it applies to the canonical form)")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        # Parsers disagree on {"a": 1, "a": 2} (first wins, last wins, error): hashing one reading of it
+        # could give two different requests one cache key. Such a body is hashed as raw bytes.
+        raise ValueError("duplicate key")
+    return doc
+
+
 def canonical_json(body: bytes, ignore: frozenset[str]) -> bytes | None:
-    """The canonical form of a JSON body, or None when the body is not JSON."""
+    """The canonical form of a JSON body, or None when the body is not (unambiguous) JSON."""
     start = body.lstrip(_WHITESPACE)[:1]
     if not start or start[0] not in _JSON_START:
         return None
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested absurdly deep
+        doc = json.loads(body, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, duplicate keys, or nested absurdly deep
         return None
     if ignore and isinstance(doc, dict):
         doc = {k: v for k, v in doc.items() if k not in ignore}
@@ -70,6 +86,7 @@ class BodyHashFilter:
         self.options = options
         self._digest = HASHES[options.hash]
         self._canonical = options.canonical_json
+        self._canonical_max = options.canonical_json_max_bytes
         self._ignore = frozenset(options.hash_ignore_fields)
 
     def on_request_headers(self, exchange: Exchange) -> None:
@@ -85,6 +102,6 @@ class BodyHashFilter:
 
     def digest(self, body: bytes) -> str:
         """The value this filter sets for a non-empty `body`."""
-        if self._canonical:
+        if self._canonical and len(body) <= self._canonical_max:
             body = canonical_json(body, self._ignore) or body
         return self._digest(body)

@@ -94,17 +94,28 @@ def test_concurrent_distinct_bodies_each_get_their_own_hash(ingress: Envoy) -> N
     assert [r.upstream_headers["x-body-hash"] for r in responses] == [xxh(b) for b in bodies]
 
 
+def metric(admin_url: str, series: str) -> float:
+    """The value of one exact series (`name{labels}`) from the admin /metrics page, 0 if absent."""
+    text = request(f"{admin_url}/metrics", method="GET").body.decode()
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(series + " ")]
+    return float(values[0]) if values else 0.0
+
+
 def test_metrics_count_requests(
     ingress: Envoy, meshkit_server: Extproc, request_info: pytest.FixtureRequest
 ) -> None:
     api = request_info.node.callspec.params["ingress"]
-    request(ingress.url(), body=b"counted")
-    resp = request(f"{meshkit_server.admin_url}/metrics", method="GET")
-    text = resp.body.decode()
-    assert resp.status == 200
-    assert f'meshkit_extproc_requests_total{{api="{api}",outcome="continue"}}' in text
-    assert 'meshkit_extproc_filter_decisions_total{decision="continue",filter="body-hash",status=""}' in text
-    assert "meshkit_extproc_phase_seconds_bucket" in text
+    phase = "request_body" if api == "ext_proc" else "check"
+    series = (
+        f'meshkit_extproc_requests_total{{api="{api}",outcome="continue"}}',
+        'meshkit_extproc_filter_decisions_total{decision="continue",filter="body-hash",status=""}',
+        f'meshkit_extproc_phase_seconds_count{{api="{api}",phase="{phase}"}}',
+    )
+    before = [metric(meshkit_server.admin_url, s) for s in series]
+    for i in range(3):
+        assert request(ingress.url(), body=f"counted {i}".encode()).status == 200
+    after = [metric(meshkit_server.admin_url, s) for s in series]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3, 3]
 
 
 @pytest.fixture

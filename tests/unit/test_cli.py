@@ -49,3 +49,39 @@ def test_help(command: str) -> None:
     result = meshkit(command, "--help")
     assert result.returncode == 0
     assert "usage: meshkit" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("extproc:\n  1: 2\n", "extproc.1 in --config: unknown option"),
+        ("extproc:\n  filters: [1, 2]\n", "unknown filter 1, 2"),
+        ("extproc:\n  max_body_bytes: 3GiB\n", "at most 1073741824 bytes"),
+        ("extproc:\n  drain_delay: inf\n", "finite number of seconds"),
+    ],
+)
+def test_odd_config_values_are_reported_not_raised(tmp_path: Path, yaml_text: str, needle: str) -> None:
+    cfg = tmp_path / "meshkit.yaml"
+    cfg.write_text(yaml_text)
+    result = meshkit("extproc", "--config", str(cfg))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert needle in result.stderr
+
+
+def test_config_that_is_not_utf8(tmp_path: Path) -> None:
+    cfg = tmp_path / "meshkit.yaml"
+    cfg.write_bytes(b"extproc:\n  hash: \xff\xfe\n")
+    result = meshkit("extproc", "--config", str(cfg))
+    assert result.returncode == 2
+    assert "not UTF-8" in result.stderr
+
+
+def test_echo_port_in_use_exits_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = meshkit("echo", "--listen", f"127.0.0.1:{taken.getsockname()[1]}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot listen on" in result.stderr

@@ -86,3 +86,17 @@ def test_canonical_form_is_compact_sorted_utf8() -> None:
 def test_ignore_fields_require_canonical_json() -> None:
     with pytest.raises(ValueError, match="--canonical-json"):
         BodyHashOptions(hash_ignore_fields=("user",))
+
+
+def test_duplicate_keys_are_hashed_raw() -> None:
+    f = BodyHashFilter(BodyHashOptions(canonical_json=True))
+    ambiguous = b'{"input": "X", "input": "Y"}'
+    assert f.digest(ambiguous) == xxhash.xxh3_128_hexdigest(ambiguous)
+    assert f.digest(ambiguous) != f.digest(b'{"input": "Y"}')
+
+
+def test_big_json_is_hashed_raw() -> None:
+    f = BodyHashFilter(BodyHashOptions(canonical_json=True, canonical_json_max_bytes=64))
+    small, big = b'{ "a" : 1 }', b'{ "a" : "' + b"x" * 100 + b'" }'
+    assert f.digest(small) == xxhash.xxh3_128_hexdigest(b'{"a":1}')
+    assert f.digest(big) == xxhash.xxh3_128_hexdigest(big)
