@@ -256,12 +256,6 @@ def make_body(size: int) -> bytes:
     return bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz0123456789", k=size))
 
 
-def fail_open_count(front: Envoy) -> int:
-    """Requests the front Envoy let through unprocessed (`failure_mode_allow`) so far."""
-    stats = front.stats("http.ingress.")
-    return sum(v for name, v in stats.items() if name.endswith(".failure_mode_allowed"))
-
-
 # -- servers -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def reference_server(name: str, python: str, script: Path, workdir: Path) -> Iterator[tuple[int, int]]:
@@ -352,13 +346,13 @@ def measure(
     if reason is not None:
         return Row(config.label, size, "FAILED", reason)
     run_wrk(wrk, url, target.body_file, args.warmup, args)
-    fail_open = fail_open_count(front)
+    fail_open = front.failed_open()
     before = CpuSnapshot.take(pids)
     result, wrk_cpu = run_wrk(wrk, url, target.body_file, args.duration, args)
     after = CpuSnapshot.take(pids)
     delta = {role: after.sessions[role] - before.sessions[role] for role in pids}
     requests = result.requests
-    row = Row(config.label, size, "ok", wrk=result, fail_open=fail_open_count(front) - fail_open)
+    row = Row(config.label, size, "ok", wrk=result, fail_open=front.failed_open() - fail_open)
     row.server_cpu_us = us_per_request(delta["server"], requests) if "server" in delta else None
     row.front_cpu_us = us_per_request(delta["front"], requests)
     row.upstream_cpu_us = us_per_request(delta["upstream"], requests)

@@ -75,7 +75,8 @@ _HVO_OVERWRITE = _varint(_number(HeaderValueOption, "append_action") << 3) + _va
 
 
 def _header_option(key: str, value: str, value_tag: bytes) -> bytes:
-    header = _field(_HV_KEY, key.encode()) + _field(value_tag, value.encode())
+    # surrogateescape: a value a filter copied from a non-UTF-8 request header goes back byte for byte
+    header = _field(_HV_KEY, key.encode()) + _field(value_tag, value.encode("utf-8", "surrogateescape"))
     return _field(_HVO_HEADER, header) + _HVO_OVERWRITE
 
 
@@ -92,7 +93,8 @@ def _common(sets: dict[str, str], removes: Iterable[str], clear: bool) -> ep.Com
         for key, value in sets.items():
             mutation.set_headers.append(
                 HeaderValueOption(
-                    header=HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+                    header=HeaderValue(key=key, raw_value=value.encode("utf-8", "surrogateescape")),
+                    append_action=_OVERWRITE,
                 )
             )
         mutation.remove_headers.extend(sorted(removes))
@@ -163,7 +165,8 @@ class ExtProcResponses:
         for key, value in reply.headers:
             headers.set_headers.append(
                 HeaderValueOption(
-                    header=HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+                    header=HeaderValue(key=key, raw_value=value.encode("utf-8", "surrogateescape")),
+                    append_action=_OVERWRITE,
                 )
             )
         return _serialized(response)

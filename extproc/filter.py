@@ -7,8 +7,8 @@ which, once, at start-up.
 
     on_request_headers(exchange)   request headers arrived (always the first phase)
     on_request_body(exchange)      the whole request body arrived (only for requests with a body)
-    on_response_headers(exchange)  the upstream's response headers arrived (ext_proc only)
-    on_response_body(exchange)     the upstream's whole response body arrived (ext_proc only)
+    on_response_headers(exchange)  the upstream's response headers arrived (ext_proc only): `response_headers`
+    on_response_body(exchange)     the upstream's whole response body arrived (ext_proc only): `response_body`
 
 Filters never touch protobuf: they read `headers`/`body` and change the request through
 `set_header`, `remove_header` and `clear_route_cache`; the server turns that into Envoy's messages.
@@ -80,12 +80,15 @@ class Exchange:
         "_headers",
         "_remove",
         "_request_id",
+        "_response_header_source",
+        "_response_headers",
         "_set",
         "body",
         "clear_route",
         "end_of_stream",
         "phase",
         "reply",
+        "response_body",
         "state",
     )
 
@@ -95,6 +98,9 @@ class Exchange:
         self._set: dict[str, str] = {}
         self._remove: set[str] = set()
         self.body: bytes | None = None
+        self._response_header_source: Callable[[], dict[str, str]] | None = None
+        self._response_headers: Mapping[str, str] | None = None
+        self.response_body: bytes | None = None
         self.clear_route = False
         self.end_of_stream = False
         self.phase = Phase.REQUEST_HEADERS
@@ -119,6 +125,18 @@ class Exchange:
             else:
                 self._headers = source
         return self._headers
+
+    def set_response_header_source(self, source: Callable[[], dict[str, str]]) -> None:
+        self._response_header_source = source
+        self._response_headers = None
+
+    @property
+    def response_headers(self) -> Mapping[str, str]:
+        """The upstream's response headers (ext_proc response phases; empty before them)."""
+        if self._response_headers is None:
+            source = self._response_header_source
+            self._response_headers = source() if source is not None else {}
+        return self._response_headers
 
     @property
     def request_id(self) -> str:

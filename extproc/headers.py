@@ -5,7 +5,3 @@ from __future__ import annotations
 BODY_HASH = "x-body-hash"
 
 OWNED: frozenset[str] = frozenset({BODY_HASH})
-# Never written to logs, whatever the log level.
-SENSITIVE: frozenset[str] = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie"}
-)

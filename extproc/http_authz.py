@@ -68,6 +68,8 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
     """The whole body, or None as soon as it is known to exceed `limit` bytes."""
     length = request.content_length
     if length is not None:
+        if length == 0:  # Envoy sends `content-length: 0` for a request without a body
+            return b""
         return None if length > limit else await request.content.readexactly(length)
     parts, size = [], 0
     async for chunk in request.content.iter_any():  # chunked: count as it arrives

@@ -6,7 +6,8 @@ decides, `_proto` builds. Rules:
 - A request without a body costs one message (headers with end_of_stream) and one response.
 - A body over `max_body_bytes` gets a 413 JSON `ImmediateResponse` (Envoy's buffer limit and gRPC's
   message limit are set above it in the rendered configs, so we are the ones who answer).
-- After an `ImmediateResponse` the stream is finished; anything Envoy still sends is answered empty.
+- After an `ImmediateResponse` Envoy ends the stream; should a message still arrive, it gets the same
+  `ImmediateResponse` again (the chain never runs after a reply).
 - Protocol faults (an empty message, headers twice) end the stream with INVALID_ARGUMENT. EOF and
   cancellation end it quietly. No exception escapes to grpcio from here except through `abort`.
 """
@@ -94,10 +95,12 @@ class ExternalProcessor:
         if kind == "request_body":
             return self._body(stream, message.request_body)
         if kind == "response_headers":
-            ex.end_of_stream = message.response_headers.end_of_stream
+            msg = message.response_headers
+            ex.set_response_header_source(lambda: _proto.headers_of(msg))
+            ex.end_of_stream = msg.end_of_stream
             return Phase.RESPONSE_HEADERS
         if kind == "response_body":
-            ex.body = message.response_body.body
+            ex.response_body = message.response_body.body
             return Phase.RESPONSE_BODY
         if kind in _TRAILERS:
             return self.responses.trailers(kind)

@@ -59,9 +59,16 @@ def _post(port: int, body: str, headers: dict[str, str] | None = None) -> Answer
             headers={"content-type": "application/json", **(headers or {})},
         )
         resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read() or b"{}")
+        status, resp_headers, raw = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    except OSError as exc:  # reset, refused, timed out: a failed check, not a traceback
+        return 0, {}, {"error": {"message": f"no answer: {exc}"}}
     finally:
         conn.close()
+    try:
+        doc = json.loads(raw or b"{}")
+    except ValueError:
+        doc = {"error": {"message": f"not JSON: {raw[:200]!r}"}}
+    return status, resp_headers, doc if isinstance(doc, dict) else {"body": doc}
 
 
 def check(port: int) -> list[str]:

@@ -46,6 +46,12 @@ class Envoy:
         host, port = self.listeners[listener]
         return f"http://{host}:{port}{path}"
 
+    def failed_open(self) -> int:
+        """Requests let through unprocessed so far because the external filter failed
+        (`failure_mode_allow`): a test that expects meshkit to have answered checks this stays 0."""
+        stats = self.stats("http.")
+        return sum(v for name, v in stats.items() if name.endswith(".failure_mode_allowed"))
+
     def stats(self, prefix: str = "") -> dict[str, int]:
         """Counters and gauges from the admin `/stats` (optionally only names starting with `prefix`)."""
         with urllib.request.urlopen(f"{self.admin_url}/stats?format=json", timeout=5) as resp:  # noqa: S310

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.meshkit import Echo, Extproc, echo, extproc
-from meshkit.render import FrontConfig
+from meshkit.render import Api, FrontConfig
 
 pytestmark = pytest.mark.integration
 
@@ -74,14 +75,12 @@ def meshkit_server(workdir: Path) -> Iterator[Extproc]:
         yield server
 
 
-def front(workdir: Path, upstream: Echo, server: Extproc | None, api: str, **kw: Any) -> Any:
-    cfg = FrontConfig(
-        upstream_port=upstream.port,
-        extproc_port=server.port_for(api) if server else 0,
-        api=api,
-        listen_port=0,
-        **kw,
-    )  # type: ignore[arg-type]
+def front(
+    workdir: Path, upstream: Echo, server: Extproc | None, api: Api, **kw: Any
+) -> AbstractContextManager[Envoy]:
+    """A front Envoy on a free port: client -> Envoy -> meshkit over `api` -> the echo upstream."""
+    port = server.port_for(api) if server else 0
+    cfg = FrontConfig(upstream_port=upstream.port, extproc_port=port, api=api, listen_port=0, **kw)
     return envoy(cfg.render(), workdir)
 
 

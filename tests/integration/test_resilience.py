@@ -60,6 +60,7 @@ def test_sigterm_turns_readiness_off_then_drains_and_exits_zero(workdir: Path) -
             status = request(f"{server.admin_url}/readyz", method="GET").status
             if status == 503:
                 break
+            time.sleep(0.01)
         assert status == 503, "readiness still on after SIGTERM"
         assert server.process.wait(10) == 0
         assert time.monotonic() - started >= 1.5  # --drain-delay was honoured

@@ -12,7 +12,7 @@ from meshkit.extproc.chain import Chain
 from meshkit.extproc.filters import phases_of
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
 from meshkit.harness.envoy import envoy_binary
-from meshkit.render import FrontConfig, processing_mode, upstream_direct
+from meshkit.render import Api, FrontConfig, processing_mode, upstream_direct
 
 
 def validate(config: str, tmp_path: Path) -> None:
@@ -29,12 +29,12 @@ def validate(config: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http", "plain"])
 @pytest.mark.parametrize(("max_body", "fail_open"), [(8 << 20, True), (1024, False), (64 << 20, True)])
-def test_front_configs_validate(api: str, max_body: int, fail_open: bool, tmp_path: Path) -> None:
+def test_front_configs_validate(api: Api, max_body: int, fail_open: bool, tmp_path: Path) -> None:
     config = FrontConfig(
         upstream_port=8080,
         extproc_port=50051,
         api=api,
-        max_body_bytes=max_body,  # type: ignore[arg-type]
+        max_body_bytes=max_body,
         failure_mode_allow=fail_open,
         message_timeout=0.5,
     ).render()
