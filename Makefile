@@ -1,4 +1,4 @@
-# Entry points. The venv (.venv, an editable install with the dev extras) is assumed to exist.
+# Entry points. scripts/setup makes the .venv (and installs the Debian servers) when missing.
 PYTHON ?= .venv/bin/python
 RUFF ?= .venv/bin/ruff
 BENCH_ARGS ?= --rounds 3
@@ -8,6 +8,7 @@ BENCH_ARGS ?= --rounds 3
 # Side-by-side benchmark through a real Envoy: 3 interleaved rounds, medians (about 6 minutes);
 # e.g. make bench BENCH_ARGS="--rounds 1 --sizes 1024".
 bench:
+	scripts/setup
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 test:
