@@ -163,3 +163,33 @@ def test_big_headers_pass_and_secrets_stay_out_of_logs(ingress: Envoy, meshkit_s
     assert resp.status == 200, resp.body[:200]
     assert resp.upstream_headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(b"big headers")
     assert "s3cr3t" not in meshkit_server.process.log_text()
+
+
+def test_sigterm_lets_an_open_stream_finish(workdir: Path) -> None:
+    """A stream that is mid-request when SIGTERM arrives still gets its answer; then the server exits 0."""
+    import queue
+
+    with extproc(workdir, ["--drain-timeout", "10"], name="drain-inflight") as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        process = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=ep.ProcessingRequest.SerializeToString,
+            response_deserializer=ep.ProcessingResponse.FromString,
+        )
+        outbox: queue.Queue[ep.ProcessingRequest | None] = queue.Queue()
+        responses = process(iter(outbox.get, None), timeout=15)
+        outbox.put(ep.ProcessingRequest(request_headers=ep.HttpHeaders()))
+        assert next(responses).WhichOneof("response") == "request_headers"  # the stream is open, mid-request
+        server.process.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while request(f"{server.admin_url}/readyz", method="GET").status != 503:
+            assert time.monotonic() < deadline, "readiness still on after SIGTERM"
+            time.sleep(0.01)
+        outbox.put(ep.ProcessingRequest(request_body=ep.HttpBody(body=b"late body", end_of_stream=True)))
+        answer = next(responses)
+        (option,) = answer.request_body.response.header_mutation.set_headers
+        assert option.header.raw_value == xxhash.xxh3_128_hexdigest(b"late body").encode()
+        outbox.put(None)
+        assert list(responses) == []
+        channel.close()
+        assert server.process.wait(15) == 0
