@@ -67,6 +67,16 @@ class Reply:
         return cls.error(exc.status, exc.type, exc.message, exc.code)
 
 
+# Headers as a mapping, or a function that builds one on first read (most filters never read them).
+HeaderSource = Callable[[], Mapping[str, str]] | Mapping[str, str] | None
+
+
+def _resolve(source: HeaderSource) -> Mapping[str, str]:
+    if source is None:
+        return {}
+    return source() if callable(source) else source
+
+
 class Exchange:
     """One HTTP request as the chain sees it: one gRPC stream, or one ext_authz `Check`.
 
@@ -92,13 +102,13 @@ class Exchange:
         "state",
     )
 
-    def __init__(self, header_source: Callable[[], dict[str, str]] | Mapping[str, str] | None = None) -> None:
+    def __init__(self, header_source: HeaderSource = None) -> None:
         self._header_source = header_source
         self._headers: Mapping[str, str] | None = None
         self._set: dict[str, str] = {}
         self._remove: set[str] = set()
         self.body: bytes | None = None
-        self._response_header_source: Callable[[], dict[str, str]] | None = None
+        self._response_header_source: HeaderSource = None
         self._response_headers: Mapping[str, str] | None = None
         self.response_body: bytes | None = None
         self.clear_route = False
@@ -108,7 +118,7 @@ class Exchange:
         self._request_id: str | None = None
         self.state: dict[str, Any] = {}
 
-    def set_header_source(self, source: Callable[[], dict[str, str]] | Mapping[str, str]) -> None:
+    def set_header_source(self, source: HeaderSource) -> None:
         """Where `headers` comes from (read lazily, once); the server sets it when headers arrive."""
         self._header_source = source
         self._headers = None
@@ -117,16 +127,10 @@ class Exchange:
     @property
     def headers(self) -> Mapping[str, str]:
         if self._headers is None:
-            source = self._header_source
-            if source is None:
-                self._headers = {}
-            elif callable(source):
-                self._headers = source()
-            else:
-                self._headers = source
+            self._headers = _resolve(self._header_source)
         return self._headers
 
-    def set_response_header_source(self, source: Callable[[], dict[str, str]]) -> None:
+    def set_response_header_source(self, source: HeaderSource) -> None:
         self._response_header_source = source
         self._response_headers = None
 
@@ -134,8 +138,7 @@ class Exchange:
     def response_headers(self) -> Mapping[str, str]:
         """The upstream's response headers (ext_proc response phases; empty before them)."""
         if self._response_headers is None:
-            source = self._response_header_source
-            self._response_headers = source() if source is not None else {}
+            self._response_headers = _resolve(self._response_header_source)
         return self._response_headers
 
     @property
