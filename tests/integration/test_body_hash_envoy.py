@@ -145,7 +145,7 @@ def request_info(request: pytest.FixtureRequest) -> pytest.FixtureRequest:
 
 # -- canonical JSON, on its own server -------------------------------------------------------------
 @pytest.fixture(scope="module", params=["ext_proc", "ext_authz", "ext_authz_http"])
-def canonical_ingress(request: pytest.FixtureRequest, workdir: Path, upstream: Echo):
+def canonical_ingress(request: pytest.FixtureRequest, workdir: Path, upstream: Echo) -> Iterator[Envoy]:
     args = ["--canonical-json", "--hash-ignore-fields", "user,metadata,stream_options", "--hash", "sha256"]
     with (
         extproc(workdir, args, name=f"canonical-{request.param}") as server,

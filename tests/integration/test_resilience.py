@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshkit.harness.envoy import Envoy
 from meshkit.harness.meshkit import Echo, Extproc, extproc
+from meshkit.render import Api
 
 from .conftest import front, request
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http"])
 def test_server_killed_mid_run_requests_still_served_unhashed(
-    workdir: Path, upstream: Echo, api: str
+    workdir: Path, upstream: Echo, api: Api
 ) -> None:
     with extproc(workdir, name=f"doomed-{api}") as server, front(workdir, upstream, server, api) as proxy:
         before = [request(proxy.url(), body=f"before {i}".encode()) for i in range(20)]
@@ -142,7 +143,7 @@ def test_reflection_and_health_list_the_services(meshkit_server: Extproc) -> Non
 
 @pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http"])
 def test_fail_closed_config_answers_500_json_when_server_is_down(
-    workdir: Path, upstream: Echo, api: str
+    workdir: Path, upstream: Echo, api: Api
 ) -> None:
     with (
         extproc(workdir, name=f"closed-{api}") as server,

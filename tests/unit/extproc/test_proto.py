@@ -29,7 +29,7 @@ def expected_phase(phase: Phase, sets: dict[str, str], removes: set[str], clear:
     wrapper = (
         ep.HeadersResponse if phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS) else ep.BodyResponse
     )
-    return ep.ProcessingResponse(**{phase.value: wrapper(response=common)}).SerializeToString()
+    return bytes(ep.ProcessingResponse(**{phase.value: wrapper(response=common)}).SerializeToString())
 
 
 @pytest.mark.parametrize("phase", list(Phase))
