@@ -92,10 +92,10 @@ def check(port: int) -> list[str]:
     return problems
 
 
-def walkthrough(proxy: Envoy, port: int, admin_port: int) -> str:
+def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str) -> str:
     url = f"http://127.0.0.1:{port}"
     return f"""
-meshkit local stack is up:  client -> Envoy {url} -> meshkit body-hash -> echo upstream
+meshkit local stack is up:  client -> Envoy {url} -> meshkit body-hash ({api}) -> echo upstream
 
   # the upstream answers with what it received: look for "x-body-hash" (also echoed as a response header)
   curl -si {url}/v1/embeddings -H 'content-type: application/json' -d '{DEMO_BODY}'
@@ -138,7 +138,11 @@ def run_up(args: argparse.Namespace) -> int:
         try:
             with echo(workdir) as upstream, extproc(workdir, ["--log-format", "json"]) as server:
                 print(f"  echo upstream on 127.0.0.1:{upstream.port}", flush=True)
-                print(f"  meshkit extproc on 127.0.0.1:{server.grpc_port}", flush=True)
+                print(
+                    f"  meshkit extproc: gRPC on 127.0.0.1:{server.grpc_port}, ext_authz HTTP on "
+                    f"127.0.0.1:{server.http_port}, admin on 127.0.0.1:{server.admin_port}",
+                    flush=True,
+                )
                 config = FrontConfig(
                     upstream_port=upstream.port,
                     extproc_port=server.port_for(args.api),
@@ -153,7 +157,7 @@ def run_up(args: argparse.Namespace) -> int:
                             print(f"FAIL: {p}", file=sys.stderr)
                         print("check: OK" if not problems else "check: FAILED", flush=True)
                         return 1 if problems else 0
-                    print(walkthrough(proxy, port, server.admin_port), flush=True)
+                    print(walkthrough(proxy, port, server.admin_port, args.api), flush=True)
                     while True:
                         time.sleep(0.5)
                         for proc in (upstream.process, server.process, proxy.process):
