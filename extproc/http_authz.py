@@ -27,6 +27,9 @@ log = logging.getLogger("meshkit.extproc.http_authz")
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 MAX_HEADER_BYTES = 64 << 10
+# Longer than the idle_timeout (30 s) the rendered Envoy cluster uses: Envoy, not meshkit, closes an
+# idle connection, so no check is ever sent into a connection that is being closed.
+KEEPALIVE_SECONDS = 75.0
 _INCOMPLETE = Reply.error(400, "incomplete_body", "the request body ended before its Content-Length")
 
 
@@ -86,7 +89,11 @@ class HttpAuthzServer:
     def __init__(self, authz: HttpAuthorization) -> None:
         # Envoy forwards request lines and headers up to 60 KiB; aiohttp's default cap is 8190 bytes.
         self._handler = web.Server(
-            authz.handle, access_log=None, max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES
+            authz.handle,
+            access_log=None,
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
+            keepalive_timeout=KEEPALIVE_SECONDS,
         )
         self._server: asyncio.Server | None = None
 

@@ -11,6 +11,7 @@ import yaml
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filters import phases_of
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
+from meshkit.extproc.http_authz import KEEPALIVE_SECONDS
 from meshkit.harness.envoy import envoy_binary
 from meshkit.render import Api, FrontConfig, processing_mode, upstream_direct
 
@@ -59,6 +60,12 @@ def test_front_configs_validate(api: Api, max_body: int, fail_open: bool, tmp_pa
         assert meshkit_filter["with_request_body"]["max_request_bytes"] == max_body
         response = meshkit_filter["http_service"]["authorization_response"]
         assert response["allowed_upstream_headers"]["patterns"] == [{"exact": "x-body-hash"}]
+        (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "meshkit_extproc"]
+        options = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+        idle = float(options["common_http_protocol_options"]["idle_timeout"].removesuffix("s"))
+        assert idle < KEEPALIVE_SECONDS  # Envoy closes idle connections first
     else:
         assert meshkit_filter["message_timeout"] == "0.5s"
 
