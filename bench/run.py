@@ -379,7 +379,7 @@ def run_config(
         with contextlib.ExitStack() as stack:
             server_pid, server_port = start_server(stack, config, workdir, args)
             front_config = FrontConfig(
-                upstream_port=upstream.listeners["upstream"][1],
+                upstream_ports=(upstream.listeners["upstream"][1],),
                 extproc_port=server_port,
                 api=config.api,
                 listen_port=0,

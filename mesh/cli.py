@@ -71,6 +71,7 @@ def _run_extproc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 # -- meshkit echo -----------------------------------------------------------------------------------
 def _setup_echo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (port 0: any free port)")
+    parser.add_argument("--name", default="echo", help='reported as "upstream" in every answer')
 
 
 def _run_echo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -81,7 +82,7 @@ def _run_echo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         listen = parse_host_port(args.listen)
     except ValueError as exc:
         raise ConfigError([f"--listen: {args.listen!r} is not valid: {exc}"]) from None
-    run_echo(listen)
+    run_echo(listen, args.name)
     return 0
 
 

@@ -84,7 +84,7 @@ def local_reply_mappers(max_body_bytes: int) -> list[dict[str, object]]:
 class FrontConfig:
     """Values for the ingress templates; `render()` turns them into an Envoy bootstrap."""
 
-    upstream_port: int
+    upstream_ports: tuple[int, ...]  # the upstream pods; several: ring-hashed on x-body-hash
     extproc_port: int = 0
     api: Api = "ext_proc"
     listen_address: str = "127.0.0.1"
@@ -99,6 +99,8 @@ class FrontConfig:
     filters: tuple[str, ...] = ("body-hash",)  # the chain meshkit runs: its hooks decide processing_mode
 
     def render(self) -> str:
+        if not self.upstream_ports:
+            raise ValueError("upstream_ports: name at least one upstream")
         if self.api != "plain" and not self.extproc_port:
             raise ValueError("extproc_port is required for the ext_proc and ext_authz configs")
         return fill(
@@ -112,8 +114,18 @@ class FrontConfig:
                 "local_reply_mappers": json.dumps(local_reply_mappers(self.max_body_bytes)),
                 "extproc_host": self.extproc_host,
                 "extproc_port": self.extproc_port,
-                "upstream_host": self.upstream_host,
-                "upstream_port": self.upstream_port,
+                "upstream_endpoints": json.dumps(
+                    [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": self.upstream_host, "port_value": p}
+                                }
+                            }
+                        }
+                        for p in self.upstream_ports
+                    ]
+                ),
                 "failure_mode_allow": json.dumps(self.failure_mode_allow),
                 "message_timeout": duration(self.message_timeout),
                 "grpc_timeout": duration(self.grpc_timeout),

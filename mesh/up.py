@@ -144,7 +144,7 @@ def run_up(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 config = FrontConfig(
-                    upstream_port=upstream.port,
+                    upstream_ports=(upstream.port,),
                     extproc_port=server.port_for(args.api),
                     api=args.api,
                     listen_port=args.port,

@@ -64,7 +64,7 @@ def echo(workdir: Path, *, name: str = "echo") -> Iterator[Echo]:
     """`meshkit echo --listen 127.0.0.1:0`: an upstream that answers with what it received."""
     proc = ManagedProcess(
         name,
-        meshkit_argv("echo", "--listen", "127.0.0.1:0"),
+        meshkit_argv("echo", "--listen", "127.0.0.1:0", "--name", name),
         log_dir=workdir,
         ready=log_matches(r"^ready: http="),
     )

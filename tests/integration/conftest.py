@@ -80,7 +80,7 @@ def front(
 ) -> AbstractContextManager[Envoy]:
     """A front Envoy on a free port: client -> Envoy -> meshkit over `api` -> the echo upstream."""
     port = server.port_for(api) if server else 0
-    cfg = FrontConfig(upstream_port=upstream.port, extproc_port=port, api=api, listen_port=0, **kw)
+    cfg = FrontConfig(upstream_ports=(upstream.port,), extproc_port=port, api=api, listen_port=0, **kw)
     return envoy(cfg.render(), workdir)
 
 

@@ -32,7 +32,7 @@ def validate(config: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("max_body", "fail_open"), [(8 << 20, True), (1024, False), (64 << 20, True)])
 def test_front_configs_validate(api: Api, max_body: int, fail_open: bool, tmp_path: Path) -> None:
     config = FrontConfig(
-        upstream_port=8080,
+        upstream_ports=(8080, 8081),
         extproc_port=50051,
         api=api,
         max_body_bytes=max_body,
@@ -87,4 +87,4 @@ def test_upstream_direct_validates(tmp_path: Path) -> None:
 
 def test_missing_value_is_an_error() -> None:
     with pytest.raises(ValueError, match="extproc_port"):
-        FrontConfig(upstream_port=1, api="ext_proc").render()
+        FrontConfig(upstream_ports=(1,), api="ext_proc").render()
