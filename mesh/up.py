@@ -86,6 +86,9 @@ def check(port: int) -> list[str]:
         problems.append(f"response echoed x-body-hash {headers.get('x-body-hash')!r}, expected {want}")
     elif doc.get("body_sha256") != hashlib.sha256(DEMO_BODY.encode()).hexdigest():
         problems.append("upstream received a different body")
+    pods = {_post(port, DEMO_BODY)[2].get("upstream") for _ in range(3)}
+    if len(pods) != 1:
+        problems.append(f"the same body reached several pods: {sorted(map(str, pods))}")
     status, _, doc = _post(port, "x" * (8 << 20 | 1))
     if status != 413 or doc.get("error", {}).get("type") != "request_too_large":
         problems.append(f"oversized POST answered {status} {doc}, expected 413 request_too_large")
@@ -95,9 +98,11 @@ def check(port: int) -> list[str]:
 def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str) -> str:
     url = f"http://127.0.0.1:{port}"
     return f"""
-meshkit local stack is up:  client -> Envoy {url} -> meshkit body-hash ({api}) -> echo upstream
+meshkit local stack is up:
+  client -> Envoy {url} -> meshkit body-hash ({api}) -> echo pod-a | pod-b, ring-hashed on x-body-hash
 
   # the upstream answers with what it received: look for "x-body-hash" (also echoed as a response header)
+  # and "upstream": the same body always lands on the same pod; change the input to move it
   curl -si {url}/v1/embeddings -H 'content-type: application/json' -d '{DEMO_BODY}'
 
   # a spoofed hash never survives; no body, no hash
@@ -136,15 +141,22 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"starting the local stack in {workdir} ...", flush=True)
     with _signals_interrupt():
         try:
-            with echo(workdir) as upstream, extproc(workdir, ["--log-format", "json"]) as server:
-                print(f"  echo upstream on 127.0.0.1:{upstream.port}", flush=True)
+            with (
+                echo(workdir, name="pod-a") as pod_a,
+                echo(workdir, name="pod-b") as pod_b,
+                extproc(workdir, ["--log-format", "json"]) as server,
+            ):
+                print(
+                    f"  echo upstreams pod-a on 127.0.0.1:{pod_a.port}, pod-b on 127.0.0.1:{pod_b.port}",
+                    flush=True,
+                )
                 print(
                     f"  meshkit extproc: gRPC on 127.0.0.1:{server.grpc_port}, ext_authz HTTP on "
                     f"127.0.0.1:{server.http_port}, admin on 127.0.0.1:{server.admin_port}",
                     flush=True,
                 )
                 config = FrontConfig(
-                    upstream_ports=(upstream.port,),
+                    upstream_ports=(pod_a.port, pod_b.port),
                     extproc_port=server.port_for(args.api),
                     api=args.api,
                     listen_port=args.port,
@@ -160,7 +172,7 @@ def run_up(args: argparse.Namespace) -> int:
                     print(walkthrough(proxy, port, server.admin_port, args.api), flush=True)
                     while True:
                         time.sleep(0.5)
-                        for proc in (upstream.process, server.process, proxy.process):
+                        for proc in (pod_a.process, pod_b.process, server.process, proxy.process):
                             if proc.returncode is not None:
                                 raise HarnessError(
                                     f"{proc.name} exited with {proc.returncode}\n{proc.tail()}"

@@ -66,7 +66,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path, sig: signal.Signals) -> None
         assert resp.status == 200
         assert re.fullmatch(r"[0-9a-f]{32}", resp.upstream_headers["x-body-hash"])
         children = children_of(up.pid)
-        assert len(children) == 3  # echo upstream, meshkit extproc, Envoy
+        assert len(children) == 4  # echo pod-a and pod-b, meshkit extproc, Envoy
         up.signal(sig)  # like Ctrl-C in a terminal: to the leader only
         assert up.wait(30) == 0
         assert "every process of the stack has exited" in up.log_text()
