@@ -1,4 +1,4 @@
-"""`meshkit extproc`: the gRPC server for Envoy's ext_proc and ext_authz, on one port, one chain.
+"""`meshkit extproc`: one filter chain served to Envoy over ext_proc, ext_authz gRPC and ext_authz HTTP.
 
 Served on `--listen`: `envoy.service.ext_proc.v3.ExternalProcessor`, `envoy.service.auth.v3.Authorization`,
 `grpc.health.v1.Health` and server reflection. On `--http-listen` (optional): Envoy's ext_authz HTTP
