@@ -1,0 +1,42 @@
+"""`pip install .` gets the same package as the editable install: modules and templates included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from meshkit.render import TEMPLATES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_carries_every_module_and_template(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("meshkit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in (*TEMPLATES.values(), "upstream-direct.yaml"):
+        assert f"meshkit/envoy/{template}" in names
+    modules = {f"meshkit/{p.relative_to(ROOT / 'mesh')}" for p in (ROOT / "mesh").rglob("*.py")}
+    modules |= {
+        f"meshkit/extproc/{p.relative_to(ROOT / 'extproc')}" for p in (ROOT / "extproc").rglob("*.py")
+    }
+    assert modules <= names, sorted(modules - names)
+    assert "meshkit/py.typed" in names
