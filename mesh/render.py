@@ -57,26 +57,38 @@ def processing_mode(phases: Collection[str]) -> dict[str, str]:
     }
 
 
-def _status_mapper(status: int, error: bytes) -> dict[str, object]:
+_CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+
+
+def _mapper(cel: str, error: bytes) -> dict[str, object]:
+    """A local-reply mapper for the replies Envoy itself makes when `cel` (on `response.code_details`)
+    holds. Replies meshkit's filters make go through Envoy's local replies too, so matching on the
+    status alone would overwrite a filter's own 413 or 500 body: the details tell them apart."""
     return {
         "filter": {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {"default_value": status, "runtime_key": f"meshkit.local_reply.{status}"},
-                }
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {"@type": _CEL_FILTER, "expression": cel},
             }
         },
         "body_format_override": {"json_format": json.loads(error), "content_type": "application/json"},
     }
 
 
+# Envoy's own reply when a body is over its buffer (ext_proc) or max_request_bytes (ext_authz).
+ENVOY_TOO_LARGE = "response.code_details == 'request_payload_too_large'"
+# meshkit failed (down, error, ext_proc message timeout) and the filter fails closed: 500 via
+# status_on_error, or 504 on an ext_proc message timeout.
+MESHKIT_FAILED = (
+    "response.code_details == 'ext_authz_error' || response.code_details.startsWith('ext_proc_error')"
+)
+
+
 def local_reply_mappers(max_body_bytes: int) -> list[dict[str, object]]:
-    """Envoy's own 413 (body over its buffer) and 500 (meshkit failed or errored with the filter set to
-    fail closed: `status_on_error` 500) carry meshkit's JSON error body too."""
+    """Envoy's own 413 and its fail-closed answers carry meshkit's JSON error body too."""
     return [
-        _status_mapper(413, too_large(max_body_bytes).body),
-        _status_mapper(500, INTERNAL_ERROR.body),
+        _mapper(ENVOY_TOO_LARGE, too_large(max_body_bytes).body),
+        _mapper(MESHKIT_FAILED, INTERNAL_ERROR.body),
     ]
 
 
