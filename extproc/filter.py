@@ -190,7 +190,12 @@ Hook = Callable[[Exchange], "Reply | Awaitable[Reply | None] | None"]
 
 @runtime_checkable
 class Filter(Protocol):
-    """A filter: `name`, an `Options` dataclass, `__init__(options)`, and any of the phase hooks."""
+    """A filter: `name`, an `Options` dataclass, `__init__(options)`, and any of the phase hooks.
+
+    Optional class attributes `reads_headers` / `sets_headers` (frozensets of lowercase names) declare
+    the request headers it reads and sets: ext_authz over HTTP forwards only the ones filters read
+    (plus `:method`, `:path`, `:authority` and Envoy's defaults) and copies back only the ones they set.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[type[Any]]

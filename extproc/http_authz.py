@@ -38,7 +38,7 @@ class HttpAuthorization(OneShot):
 
     async def handle(self, request: web.BaseRequest) -> web.Response:
         started = time.perf_counter()
-        exchange = Exchange(request.headers)
+        exchange = Exchange(lambda: _headers_of(request))
         reply = await self._decide_request(request, exchange)
         if reply is None:
             sets, removes, _ = exchange.take_mutations()
@@ -65,6 +65,16 @@ class HttpAuthorization(OneShot):
             return await self.decide(exchange, body)
         finally:
             self._metrics.in_flight -= 1
+
+
+def _headers_of(request: web.BaseRequest) -> dict[str, str]:
+    """The check request's headers as the gRPC paths show them: lowercase names (the last value wins),
+    and `:method`, `:path`, `:authority` of the client's request (Envoy puts them in the request line)."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers[":method"] = request.method
+    headers[":path"] = request.raw_path
+    headers[":authority"] = headers.get("host", "")
+    return headers
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:

@@ -15,8 +15,7 @@ from importlib import resources
 from typing import Literal
 
 from meshkit.extproc.chain import INTERNAL_ERROR
-from meshkit.extproc.filters import phases_of
-from meshkit.extproc.headers import OWNED
+from meshkit.extproc.filters import headers_read_by, headers_set_by, phases_of
 from meshkit.extproc.limits import envoy_buffer_limit
 from meshkit.extproc.oneshot import too_large
 
@@ -142,8 +141,10 @@ class FrontConfig:
                 "message_timeout": duration(self.message_timeout),
                 "grpc_timeout": duration(self.grpc_timeout),
                 "processing_mode": json.dumps(processing_mode(phases_of(self.filters))),
-                "owned_headers": json.dumps([{"exact": h} for h in sorted(OWNED)]),
-                "forwarded_headers": json.dumps([{"exact": "x-request-id"}]),
+                "owned_headers": json.dumps([{"exact": h} for h in sorted(headers_set_by(self.filters))]),
+                "forwarded_headers": json.dumps(
+                    [{"exact": h} for h in sorted({"x-request-id"} | headers_read_by(self.filters))]
+                ),
             },
         )
 

@@ -28,3 +28,13 @@ def option_sections(names: Sequence[str] | None = None) -> list[type[Any]]:
 def phases_of(names: Sequence[str]) -> frozenset[str]:
     """The phases (`Phase` values) the named filters have hooks for: what Envoy must send us."""
     return frozenset(p.value for name in names for p in PHASES if hasattr(FILTERS[name], p.hook_name))
+
+
+def headers_read_by(names: Sequence[str]) -> frozenset[str]:
+    """Request headers the named filters read (`reads_headers`): what ext_authz over HTTP must forward."""
+    return frozenset(h for name in names for h in getattr(FILTERS[name], "reads_headers", ()))
+
+
+def headers_set_by(names: Sequence[str]) -> frozenset[str]:
+    """Request headers the named filters set (`sets_headers`): what Envoy may copy from an HTTP 200."""
+    return frozenset(h for name in names for h in getattr(FILTERS[name], "sets_headers", ()))

@@ -81,6 +81,8 @@ def canonical_json(body: bytes, ignore: frozenset[str]) -> bytes | None:
 class BodyHashFilter:
     name: ClassVar[str] = "body-hash"
     Options: ClassVar[type[BodyHashOptions]] = BodyHashOptions
+    reads_headers: ClassVar[frozenset[str]] = frozenset()
+    sets_headers: ClassVar[frozenset[str]] = frozenset({BODY_HASH})
 
     def __init__(self, options: BodyHashOptions) -> None:
         self.options = options

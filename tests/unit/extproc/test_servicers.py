@@ -215,3 +215,33 @@ async def test_http_check_body_cut_short_logs_no_traceback(
             assert resp.status == 200  # and the server carries on
     assert "ended before its body did" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_http_check_shows_headers_like_the_grpc_paths() -> None:
+    import aiohttp
+
+    from meshkit.extproc.filter import Exchange
+    from meshkit.extproc.http_authz import HttpAuthorization, HttpAuthzServer
+
+    seen: list[dict[str, str]] = []
+
+    class Peek:
+        name = "peek"
+
+        def on_request_headers(self, exchange: Exchange) -> None:
+            seen.append(dict(exchange.headers))
+
+    server = HttpAuthzServer(HttpAuthorization(Chain([Peek()]), max_body_bytes=LIMIT))
+    address = await server.start("127.0.0.1:0")
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://{address}/v1/x?y=1", data=b"b", headers={"X-Model": "m1"}) as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        await server.stop(1)
+    (headers,) = seen
+    assert headers["x-model"] == "m1"
+    assert (headers[":method"], headers[":path"], headers[":authority"]) == ("POST", "/v1/x?y=1", address)
+    assert all(name == name.lower() for name in headers)
