@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 SENSITIVE = frozenset(
     {
         "authorization",
@@ -70,11 +72,16 @@ class TextFormatter(logging.Formatter):
 
 
 class WithoutPeerData(logging.Filter):
-    """aiohttp's server logs a bad request with a traceback that quotes the request (Authorization
-    headers included): keep the event and the exception's type, drop the rest."""
+    """aiohttp's server logs a malformed request (HttpProcessingError) with a traceback that quotes the
+    request, Authorization headers included: keep the event and the exception's type, drop the rest.
+    Other exceptions (bugs) keep their traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is not None:
+        if (
+            record.exc_info
+            and record.exc_info[0] is not None
+            and issubclass(record.exc_info[0], HttpProcessingError)
+        ):
             record.msg = f"{record.getMessage()}: {record.exc_info[0].__name__}"
             record.args = None
             record.exc_info = record.exc_text = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -61,13 +62,31 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
+def _not_json(token: str) -> float:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows")
+    return value
+
+
 def canonical_json(body: bytes, ignore: frozenset[str]) -> bytes | None:
     """The canonical form of a JSON body, or None when the body is not (unambiguous) JSON."""
     start = body.lstrip(_WHITESPACE)[:1]
     if not start or start[0] not in _JSON_START:
         return None
     try:
-        doc = json.loads(body, object_pairs_hook=_unique_keys)
+        # Decoded as UTF-8 here: json.loads(bytes) would also accept UTF-16/32 and give them the UTF-8
+        # body's key. NaN/Infinity and numbers that overflow to infinity (1e400) are not JSON either.
+        doc = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_not_json,
+            parse_float=_finite_float,
+        )
     except (ValueError, RecursionError):  # not JSON, not UTF-8, duplicate keys, or nested absurdly deep
         return None
     if ignore and isinstance(doc, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_carries_every_module_and_template(tmp_path: Path) -> None:
+    # Build from a clean copy: the working tree's build/ and *.egg-info could hide a missing file.
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache")
+    shutil.copytree(ROOT, source, ignore=ignore)
+    wheels = tmp_path / "wheels"
     result = subprocess.run(
         [
             sys.executable,
@@ -22,15 +28,15 @@ def test_wheel_carries_every_module_and_template(tmp_path: Path) -> None:
             "--no-deps",
             "--quiet",
             "--wheel-dir",
-            str(tmp_path),
-            str(ROOT),
+            str(wheels),
+            str(source),
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    (wheel,) = tmp_path.glob("meshkit-*.whl")
+    (wheel,) = wheels.glob("meshkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for template in (*TEMPLATES.values(), "upstream-direct.yaml"):
         assert f"meshkit/envoy/{template}" in names

@@ -100,3 +100,19 @@ def test_big_json_is_hashed_raw() -> None:
     small, big = b'{ "a" : 1 }', b'{ "a" : "' + b"x" * 100 + b'" }'
     assert f.digest(small) == xxhash.xxh3_128_hexdigest(b'{"a":1}')
     assert f.digest(big) == xxhash.xxh3_128_hexdigest(big)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"input": "x"}'.encode("utf-16-le"),
+        '{"input": "x"}'.encode("utf-32"),
+        b'{"input": NaN}',
+        b'{"input": Infinity}',
+        b'{"input": 1e400}',
+    ],
+)
+def test_not_quite_json_is_hashed_raw(body: bytes) -> None:
+    assert canonical_json(body, frozenset()) is None
+    f = BodyHashFilter(BodyHashOptions(canonical_json=True))
+    assert f.digest(body) == xxhash.xxh3_128_hexdigest(body)
