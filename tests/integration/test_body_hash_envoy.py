@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import xxhash
+import yaml
 
-from meshkit.harness.envoy import Envoy
+from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.meshkit import Echo, Extproc, extproc
+from meshkit.render import Api, FrontConfig
 
 from .conftest import front, request
 
@@ -198,3 +200,29 @@ def test_no_log_line_per_request(ingress: Envoy, meshkit_server: Extproc) -> Non
         assert request(ingress.url(), body=f"quiet {i}".encode()).status == 200
     added = meshkit_server.process.log_text()[len(before) :]
     assert added == "", f"the request path logged: {added[:500]}"
+
+
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http"])
+@pytest.mark.parametrize("body", [None, b"", b"with a body"], ids=["GET", "empty", "body"])
+def test_meshkit_itself_removes_a_spoofed_hash(
+    workdir: Path, upstream: Echo, meshkit_server: Extproc, api: Api, body: bytes | None
+) -> None:
+    """Without Envoy's header_mutation in front, meshkit's own removal/overwrite must hold on its own."""
+    config = FrontConfig(
+        upstream_ports=(upstream.port,), extproc_port=meshkit_server.port_for(api), api=api, listen_port=0
+    )
+    doc = yaml.safe_load(config.render())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [
+        f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.header_mutation"
+    ]
+    with envoy(yaml.safe_dump(doc), workdir) as proxy:
+        resp = request(
+            proxy.url(),
+            method="GET" if body is None else "POST",
+            body=body,
+            headers={"x-body-hash": "chosen-by-client"},
+        )
+        assert resp.status == 200
+        assert resp.upstream_headers.get("x-body-hash") == (xxh(body) if body else None)
+        assert proxy.failed_open() == 0
