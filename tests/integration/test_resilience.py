@@ -194,3 +194,30 @@ def test_sigterm_lets_an_open_stream_finish(workdir: Path) -> None:
         assert list(responses) == []
         channel.close()
         assert server.process.wait(15) == 0
+
+
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz", "ext_authz_http"])
+def test_server_killed_with_requests_in_flight(workdir: Path, upstream: Echo, api: Api) -> None:
+    """SIGKILL while requests are on the wire: every one still gets 200, hashed correctly or not at all."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [f"in flight {i} ".encode() * 200 for i in range(240)]
+    done = threading.Semaphore(0)
+    with extproc(workdir, name=f"inflight-{api}") as server, front(workdir, upstream, server, api) as proxy:
+
+        def send(body: bytes) -> tuple[int, str | None]:
+            resp = request(proxy.url(), body=body)
+            done.release()
+            return resp.status, resp.upstream_headers.get("x-body-hash") if resp.status == 200 else None
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            futures = [pool.submit(send, body) for body in bodies]
+            for _ in range(40):  # let traffic flow, then kill mid-stream
+                assert done.acquire(timeout=30)
+            server.process.kill()
+            results = [f.result(timeout=60) for f in futures]
+    assert [status for status, _ in results] == [200] * len(bodies)
+    hashes = [h for _, h in results]
+    assert all(h is None or h == xxhash.xxh3_128_hexdigest(b) for h, b in zip(hashes, bodies, strict=True))
+    assert 40 <= sum(h is not None for h in hashes) < len(bodies)  # hashed before the kill, not after
