@@ -86,18 +86,11 @@ def headers_of(headers: ep.HttpHeaders) -> dict[str, str]:
     return {h.key: h.raw_value.decode("utf-8", "surrogateescape") or h.value for h in headers.headers.headers}
 
 
-def _common(sets: dict[str, str], removes: Iterable[str], clear: bool) -> ep.CommonResponse:
+def _common(removes: Iterable[str], clear: bool) -> ep.CommonResponse:
+    """A response without header values (those are hand-encoded by `_encode_phase`); built once, cached."""
     common = ep.CommonResponse(clear_route_cache=clear)
-    if sets or removes:
-        mutation = common.header_mutation
-        for key, value in sets.items():
-            mutation.set_headers.append(
-                HeaderValueOption(
-                    header=HeaderValue(key=key, raw_value=value.encode("utf-8", "surrogateescape")),
-                    append_action=_OVERWRITE,
-                )
-            )
-        mutation.remove_headers.extend(sorted(removes))
+    if removes:
+        common.header_mutation.remove_headers.extend(sorted(removes))
     return common
 
 
@@ -142,7 +135,7 @@ class ExtProcResponses:
         if data is None:
             if len(self._static) > 256:  # bounded: removes are header names chosen by filter code
                 self._static.clear()
-            data = self._static[key] = _wrap(phase, _common({}, removes, clear)).SerializeToString()
+            data = self._static[key] = _wrap(phase, _common(removes, clear)).SerializeToString()
         return data
 
     @staticmethod

@@ -40,11 +40,7 @@ class Authorization(OneShot):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
             raise AssertionError("unreachable: abort raises")
         exchange, body = begun
-        self._metrics.in_flight += 1
-        try:
-            reply = await self.decide(exchange, body)
-        finally:  # also when Envoy's timeout cancels the call during an async hook
-            self._metrics.in_flight -= 1
+        reply = await self.decide(exchange, body)
         if reply is None:
             sets, removes, _ = exchange.take_mutations()
             data = _proto.check_ok(sets, removes)
@@ -62,5 +58,4 @@ class Authorization(OneShot):
         http = request.attributes.request.http
         exchange = Exchange(http.headers)  # request_id: x-request-id, read lazily from these
         body: bytes = http.raw_body or http.body.encode()
-        exchange.end_of_stream = not body
         return exchange, body

@@ -69,14 +69,8 @@ class Chain:
             except Exception:
                 reply = self._failed(hook, exchange)
             if reply is not None:
-                return self._stop(hook, exchange, reply)
+                return self.reject(exchange, reply, hook.filter_name)
         return None
-
-    def _stop(self, hook: _Hook, exchange: Exchange, reply: Reply) -> Reply:
-        exchange.take_mutations()  # a reply drops whatever the chain had pending
-        exchange.reply = reply
-        self.metrics.replied(hook.filter_name, reply.status)
-        return reply
 
     def _failed(self, hook: _Hook, exchange: Exchange) -> Reply:
         log.exception(
@@ -98,9 +92,10 @@ class Chain:
         else:
             metrics.request(api, "reply")
 
-    def reject(self, exchange: Exchange, reply: Reply, reason: str) -> Reply:
-        """A reply decided by the server core itself (body over the limit, ...): same rules."""
+    def reject(self, exchange: Exchange, reply: Reply, source: str) -> Reply:
+        """Stop the exchange with `reply`, decided by a filter or by the server core itself (`source`:
+        the filter's name, or a reason such as max-body-bytes); pending header changes are dropped."""
         exchange.take_mutations()
         exchange.reply = reply
-        self.metrics.replied(reason, reply.status)
+        self.metrics.replied(source, reply.status)
         return reply

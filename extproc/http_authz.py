@@ -59,12 +59,7 @@ class HttpAuthorization(OneShot):
             return self.chain.reject(exchange, _INCOMPLETE, "incomplete-body")
         if body is None:  # over the limit: refused without reading the rest
             return self.chain.reject(exchange, self._too_large, "max-body-bytes")
-        exchange.end_of_stream = not body
-        self._metrics.in_flight += 1
-        try:
-            return await self.decide(exchange, body)
-        finally:
-            self._metrics.in_flight -= 1
+        return await self.decide(exchange, body)
 
 
 def _headers_of(request: web.BaseRequest) -> dict[str, str]:

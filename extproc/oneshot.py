@@ -35,6 +35,16 @@ class OneShot:
         self._has_body_phase = Phase.REQUEST_BODY in chain.phases
 
     async def decide(self, exchange: Exchange, body: bytes) -> Reply | None:
+        """Run the request phases on `exchange`, counted in flight until they end (also when Envoy's
+        timeout cancels the call during an async hook)."""
+        exchange.end_of_stream = not body
+        self._metrics.in_flight += 1
+        try:
+            return await self._decide(exchange, body)
+        finally:
+            self._metrics.in_flight -= 1
+
+    async def _decide(self, exchange: Exchange, body: bytes) -> Reply | None:
         chain = self.chain
         if self._has_headers_phase and (reply := await chain.run(Phase.REQUEST_HEADERS, exchange)):
             return reply
