@@ -46,7 +46,7 @@ def assert_group_gone(pid: int) -> None:
 async def _origin_and_leaf(origin: NatsServer, leaf: NatsServer) -> None:
     import nats
     from nats.errors import NoRespondersError
-    from nats.js.errors import ServiceUnavailableError
+    from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
     on_origin = await nats.connect(origin.url, connect_timeout=2, max_reconnect_attempts=0)
     on_leaf = await nats.connect(leaf.url, connect_timeout=2, max_reconnect_attempts=0)
@@ -69,7 +69,17 @@ async def _origin_and_leaf(origin: NatsServer, leaf: NatsServer) -> None:
         # JetStream lives on the origin; a leaf client reaches it only through the origin's domain.
         await on_origin.jetstream().add_stream(name="ORDERS", subjects=["orders.>"])
         js = on_leaf.jetstream(domain=origin.domain)
-        ack = await js.publish("orders.1", b"one", headers={"Nats-Msg-Id": "order-1"})
+        # The new stream's interest in orders.> reaches the leaf a moment later: until it does, a publish
+        # from the leaf finds no responder. Retry (bounded) until the stream itself acknowledges one;
+        # the Nats-Msg-Id makes a retry safe.
+        ack = None
+        deadline = time.monotonic() + 5
+        while ack is None:
+            try:
+                ack = await js.publish("orders.1", b"one", headers={"Nats-Msg-Id": "order-1"}, timeout=1)
+            except (NoRespondersError, NoStreamResponseError):
+                assert time.monotonic() < deadline, "the origin's stream never answered the leaf within 5 s"
+                await asyncio.sleep(0.05)
         assert (ack.stream, ack.seq, ack.domain, ack.duplicate) == ("ORDERS", 1, "origin", None)
         again = await js.publish("orders.1", b"one", headers={"Nats-Msg-Id": "order-1"})
         assert (again.seq, again.duplicate) == (1, True)
