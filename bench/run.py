@@ -48,8 +48,8 @@ from pathlib import Path
 import xxhash
 
 from meshkit.errors import HarnessError
+from meshkit.harness.daemons import extproc
 from meshkit.harness.envoy import Envoy, envoy
-from meshkit.harness.meshkit import extproc
 from meshkit.harness.process import ManagedProcess, log_match, log_matches
 from meshkit.render import Api, FrontConfig, upstream_direct
 

@@ -1,30 +1,42 @@
 """The filter chain: the hook table, resolved once at start-up, and the rules for running it.
 
-- For each phase, the hooks of the filters that have one, in chain order.
+- For each phase, the hooks of the filters that have one, in chain order (`hooks_of`: a misspelt
+  `on_...` method is a start-up error).
 - Hooks run in order on the same `Exchange`; later hooks see earlier pending header changes.
 - The first `Reply` stops the chain for good: pending changes are dropped and no later hook runs,
   response phases included. A `ClientError` raised inside a hook becomes that same `Reply`.
+- Every round of hooks (one ext_authz check; one ext_proc message) has a deadline, `--filter-timeout`:
+  an async hook still running then is cancelled and the client gets a JSON 504, or, for a fail-open
+  filter (`fail_open = True`), its changes are undone and the request goes on. Counted per filter.
+- `DependencyError` (a server the filter needs is down) becomes a JSON 503 with Retry-After (or, for a
+  fail-open filter, the request goes on), one throttled log line without traceback, counted per
+  dependency.
 - Any other exception is logged with its traceback, the filter and the request id, and the client gets
   a 500 JSON reply: a failing filter is never skipped (fail closed).
 - Sync and async hooks are told apart here, once; a chain of sync hooks never suspends, so awaiting it
-  costs a coroutine, not a trip through the event loop.
+  costs a coroutine, not a trip through the event loop. Sync hooks cannot be cancelled (they hold
+  the loop while they run): keep them to microseconds, and put I/O in async hooks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from meshkit.errors import ClientError
-from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
+from meshkit.errors import ClientError, DependencyError
+from meshkit.extproc import replies
+from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply, hooks_of
 from meshkit.extproc.metrics import Metrics
+from meshkit.logs import Throttle
 
 log = logging.getLogger("meshkit.extproc.chain")
 
-INTERNAL_ERROR = Reply.error(500, "internal_error", "the request could not be processed")
+DEFAULT_FILTER_TIMEOUT = 0.5
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,25 +44,43 @@ class _Hook:
     filter_name: str
     fn: Callable[[Exchange], Any]
     is_async: bool
+    fail_open: bool
 
 
 class Chain:
-    def __init__(self, filters: Sequence[Any], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        filters: Sequence[Any],
+        metrics: Metrics | None = None,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        filter_timeout: float = DEFAULT_FILTER_TIMEOUT,
+    ) -> None:
         names = [f.name for f in filters]
         if len(set(names)) != len(names):
             raise ValueError(f"a filter appears twice in the chain: {', '.join(names)}")
         self.filters = tuple(filters)
         self._names = tuple(names)
         self.metrics = metrics or Metrics(names)
-        self._hooks: dict[Phase, tuple[_Hook, ...]] = {}
-        for phase in PHASES:
-            hooks = []
-            for f in filters:
-                fn = getattr(f, phase.hook_name, None)
-                if fn is not None:
-                    hooks.append(_Hook(f.name, fn, inspect.iscoroutinefunction(fn)))
-            self._hooks[phase] = tuple(hooks)
+        self.max_body_bytes = max_body_bytes
+        self.filter_timeout = filter_timeout
+        self._too_large = replies.too_large(max_body_bytes)
+        self._throttled = Throttle(log)
+        self._hooks: dict[Phase, tuple[_Hook, ...]] = {phase: () for phase in PHASES}
+        for f in filters:
+            for phase in hooks_of(type(f)):
+                fn = getattr(f, phase.hook_name)
+                hook = _Hook(
+                    f.name, fn, inspect.iscoroutinefunction(fn), bool(getattr(f, "fail_open", False))
+                )
+                self._hooks[phase] = (*self._hooks[phase], hook)
         self.phases = frozenset(p for p, hooks in self._hooks.items() if hooks)
+
+    # -- running -----------------------------------------------------------------------------------
+    @staticmethod
+    def new_round(exchange: Exchange) -> None:
+        """Start a new deadline for `exchange`: the next async hook gets `filter_timeout` from then."""
+        exchange.deadline = None
 
     async def run(self, phase: Phase, exchange: Exchange) -> Reply | None:
         """Run one phase's hooks in order. A chain of sync hooks never suspends: awaiting this is a
@@ -60,17 +90,63 @@ class Chain:
         exchange.phase = phase
         for hook in self._hooks[phase]:
             try:
-                result = hook.fn(exchange)
                 if hook.is_async:
-                    result = await cast(Awaitable[Reply | None], result)
-                reply = cast(Reply | None, result)
+                    reply = await self._run_async(hook, exchange)
+                else:
+                    reply = cast(Reply | None, hook.fn(exchange))
             except ClientError as exc:
                 reply = Reply.from_client_error(exc)
+            except DependencyError as exc:
+                reply = self._dependency_down(hook, exchange, exc)
+            except _Overran:
+                reply = self._timed_out(hook, exchange)
             except Exception:
                 reply = self._failed(hook, exchange)
             if reply is not None:
                 return self.reject(exchange, reply, hook.filter_name)
         return None
+
+    async def _run_async(self, hook: _Hook, exchange: Exchange) -> Reply | None:
+        loop = asyncio.get_running_loop()
+        if exchange.deadline is None:
+            exchange.deadline = loop.time() + self.filter_timeout
+        saved = exchange.snapshot() if hook.fail_open else None
+        deadline = asyncio.timeout_at(exchange.deadline)
+        try:
+            async with deadline:
+                return await cast(Awaitable[Reply | None], hook.fn(exchange))
+        except TimeoutError:
+            if not deadline.expired():  # the hook's own TimeoutError (a client's): a failure, not ours
+                raise
+            if saved is not None:
+                exchange.restore(saved)
+            raise _Overran from None
+
+    def _timed_out(self, hook: _Hook, exchange: Exchange) -> Reply | None:
+        self.metrics.timeout(hook.filter_name)
+        self._throttled.warning(
+            f"timeout:{hook.filter_name}",
+            "filter %s overran --filter-timeout (%.3g s) in %s: %s",
+            hook.filter_name,
+            self.filter_timeout,
+            exchange.phase.value,
+            "request let through (fail-open)" if hook.fail_open else "answered 504",
+            request_id=exchange.request_id,
+        )
+        return None if hook.fail_open else replies.TIMEOUT
+
+    def _dependency_down(self, hook: _Hook, exchange: Exchange, exc: DependencyError) -> Reply | None:
+        self.metrics.dependency_error(exc.dependency)
+        self._throttled.warning(
+            f"dependency:{exc.dependency}",
+            "filter %s: %s is unavailable: %s (%s)",
+            hook.filter_name,
+            exc.dependency,
+            exc.message,
+            "request let through (fail-open)" if hook.fail_open else "answered 503",
+            request_id=exchange.request_id,
+        )
+        return None if hook.fail_open else replies.dependency_down(exc)
 
     def _failed(self, hook: _Hook, exchange: Exchange) -> Reply:
         log.exception(
@@ -80,7 +156,14 @@ class Chain:
             extra={"filter": hook.filter_name, "request_id": exchange.request_id},
         )
         self.metrics.error(f"filter:{hook.filter_name}")
-        return INTERNAL_ERROR
+        return replies.INTERNAL_ERROR
+
+    # -- the server core's own decisions ----------------------------------------------------------
+    def check_size(self, exchange: Exchange, size: int) -> Reply | None:
+        """413 when a body of `size` bytes is over `--max-body-bytes` (every path asks this, once)."""
+        if size > self.max_body_bytes:
+            return exchange.reply or self.reject(exchange, self._too_large, "max-body-bytes")
+        return None
 
     def finish(self, exchange: Exchange, api: str) -> None:
         """Count the request once it is over: its outcome, and a pass for every filter if none replied."""
@@ -95,7 +178,11 @@ class Chain:
     def reject(self, exchange: Exchange, reply: Reply, source: str) -> Reply:
         """Stop the exchange with `reply`, decided by a filter or by the server core itself (`source`:
         the filter's name, or a reason such as max-body-bytes); pending header changes are dropped."""
-        exchange.take_mutations()
+        exchange.drop_mutations()
         exchange.reply = reply
         self.metrics.replied(source, reply.status)
         return reply
+
+
+class _Overran(Exception):
+    """An async hook ran past the round's deadline (raised from its cancellation)."""

@@ -1,29 +1,36 @@
-"""What a filter author imports: the `Filter` protocol, the per-request `Exchange` and the `Reply`.
+"""What a filter author imports: the `Filter` base, the per-request `Exchange` and the `Reply`.
 
-A filter is a plain class with a kebab-case `name`, an `Options` dataclass taken by `__init__`, and any
-of the phase hooks below. A hook takes the `Exchange` and returns `None` (carry on) or a `Reply` (answer
-the client now; no later hook runs). Hooks may be plain functions or coroutines; the chain finds out
-which, once, at start-up.
+A filter is a class with a kebab-case `name`, an `Options` dataclass taken by `__init__`, and any of
+the phase hooks below (subclass `Filter` to get them typed and the optional parts defaulted; a plain
+class with the same members works too). A hook takes the `Exchange` and returns `None` (carry on) or a
+`Reply` (answer the client now; no later hook runs). Hooks may be plain functions or coroutines; the
+chain finds out which, once, at start-up. A method named `on_...` that is not one of these is a
+start-up error (a misspelt hook would otherwise never run).
 
     on_request_headers(exchange)   request headers arrived (always the first phase)
     on_request_body(exchange)      the whole request body arrived (only for requests with a body)
     on_response_headers(exchange)  the upstream's response headers arrived (ext_proc only): `response_headers`
     on_response_body(exchange)     the upstream's whole response body arrived (ext_proc only): `response_body`
 
-Filters never touch protobuf: they read `headers`/`body` and change the request through
-`set_header`, `remove_header` and `clear_route_cache`; the server turns that into Envoy's messages.
+Optional `async start()` / `close()` hold the filter's clients (Redis, NATS, a JWKS fetch): the daemon is
+ready only after every filter started, and closes them in reverse order.
+
+Filters never touch protobuf: they read `headers`/`body` and change the request through `set_header`,
+`remove_header` and `clear_route_cache` (request phases), the response through `set_response_header`
+and `remove_response_header` (response phases); the server turns that into Envoy's messages.
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 from meshkit.errors import ClientError, error_body
 
-__all__ = ["PHASES", "Exchange", "Filter", "Hook", "Phase", "Reply"]
+__all__ = ["HOOK_PHASES", "PHASES", "Exchange", "Filter", "Hook", "Phase", "Reply", "hooks_of"]
 
 
 class Phase(enum.Enum):
@@ -39,8 +46,14 @@ class Phase(enum.Enum):
     def hook_name(self) -> str:
         return f"on_{self.value}"
 
+    @property
+    def is_response(self) -> bool:
+        return self in _RESPONSE_PHASES
+
 
 PHASES: tuple[Phase, ...] = tuple(Phase)
+_RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
+HOOK_PHASES: dict[str, Phase] = {p.hook_name: p for p in PHASES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,22 +66,32 @@ class Reply:
     details: str = ""
 
     @classmethod
-    def error(cls, status: int, type: str, message: str, code: str | None = None) -> Reply:
+    def error(
+        cls,
+        status: int,
+        type: str,
+        message: str,
+        code: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> Reply:
         """The JSON error reply: `{"error": {"message", "type", "code"}}` with a content-type."""
         return cls(
             status=status,
             body=error_body(type, message, code),
-            headers=(("content-type", "application/json"),),
+            headers=(("content-type", "application/json"), *headers),
             details=f"meshkit_{type}",
         )
 
     @classmethod
     def from_client_error(cls, exc: ClientError) -> Reply:
-        return cls.error(exc.status, exc.type, exc.message, exc.code)
+        return cls.error(exc.status, exc.type, exc.message, exc.code, exc.headers)
 
 
 # Headers as a mapping, or a function that builds one on first read (most filters never read them).
 HeaderSource = Callable[[], Mapping[str, str]] | Mapping[str, str] | None
+
+# A pending set of header changes: (sets, removes, clear_route_cache).
+Mutation = tuple[dict[str, str], set[str], bool]
 
 
 def _resolve(source: HeaderSource) -> Mapping[str, str]:
@@ -82,7 +105,8 @@ class Exchange:
 
     `headers` is built lazily from the message on first read (most filters never read it), lowercase
     names, the last value wins for repeated names. Pending mutations collect per phase; the server
-    drains them into the response for that phase with `take_mutations()`.
+    drains them into the response for that phase with `take_mutations()`: request-header changes in
+    request phases, response-header changes in response phases.
     """
 
     __slots__ = (
@@ -92,9 +116,12 @@ class Exchange:
         "_request_id",
         "_response_header_source",
         "_response_headers",
+        "_response_remove",
+        "_response_set",
         "_set",
         "body",
         "clear_route",
+        "deadline",
         "end_of_stream",
         "phase",
         "reply",
@@ -107,6 +134,8 @@ class Exchange:
         self._headers: Mapping[str, str] | None = None
         self._set: dict[str, str] = {}
         self._remove: set[str] = set()
+        self._response_set: dict[str, str] = {}
+        self._response_remove: set[str] = set()
         self.body: bytes | None = None
         self._response_header_source: HeaderSource = None
         self._response_headers: Mapping[str, str] | None = None
@@ -117,6 +146,8 @@ class Exchange:
         self.reply: Reply | None = None
         self._request_id: str | None = None
         self.state: dict[str, Any] = {}
+        # The event-loop time by which this round of hooks must be done (set by the server per round).
+        self.deadline: float | None = None
 
     def set_header_source(self, source: HeaderSource) -> None:
         """Where `headers` comes from (read lazily, once); the server sets it when headers arrive."""
@@ -143,14 +174,15 @@ class Exchange:
 
     @property
     def request_id(self) -> str:
-        """Envoy's `x-request-id` (for logs), read only when something asks for it."""
+        """Envoy's `x-request-id` (for logs), read only when something asks for it; a client-chosen
+        value is cut to 64 characters of `[A-Za-z0-9._:-]` so it cannot forge or flood a log line."""
         if self._request_id is None:
-            self._request_id = self.headers.get("x-request-id", "")
+            self._request_id = safe_request_id(self.headers.get("x-request-id", ""))
         return self._request_id
 
     @request_id.setter
     def request_id(self, value: str) -> None:
-        self._request_id = value
+        self._request_id = safe_request_id(value)
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The request header `name` as a later hook will see it (pending sets and removes applied)."""
@@ -163,39 +195,178 @@ class Exchange:
 
     # -- changing ----------------------------------------------------------------------------------
     def set_header(self, name: str, value: str) -> None:
-        """Set (overwrite or add) a request header. The client's own value never survives."""
+        """Set (overwrite or add) a request header. The client's own value never survives.
+        Request phases only: in a response phase the request has already gone upstream."""
+        if self.phase.is_response:
+            raise RuntimeError(f"set_header({name!r}) in {self.phase.value}: use set_response_header")
         name = name.lower()
         self._remove.discard(name)
         self._set[name] = value
 
     def remove_header(self, name: str) -> None:
+        """Remove a request header (request phases only)."""
+        if self.phase.is_response:
+            raise RuntimeError(f"remove_header({name!r}) in {self.phase.value}: use remove_response_header")
         name = name.lower()
         self._set.pop(name, None)
         self._remove.add(name)
 
+    def set_response_header(self, name: str, value: str) -> None:
+        """Set (overwrite or add) a header of the upstream's response (response phases, ext_proc)."""
+        if not self.phase.is_response:
+            raise RuntimeError(f"set_response_header({name!r}) in {self.phase.value}: use set_header")
+        name = name.lower()
+        self._response_remove.discard(name)
+        self._response_set[name] = value
+
+    def remove_response_header(self, name: str) -> None:
+        """Remove a header of the upstream's response (response phases, ext_proc)."""
+        if not self.phase.is_response:
+            raise RuntimeError(f"remove_response_header({name!r}) in {self.phase.value}: use remove_header")
+        name = name.lower()
+        self._response_set.pop(name, None)
+        self._response_remove.add(name)
+
     def clear_route_cache(self) -> None:
-        """Ask Envoy to pick the route again after this phase (needed when routing headers change)."""
+        """Ask Envoy to pick the route again after this phase (needed when routing headers change).
+        Over ext_authz this works only when the rendered filter config says so: a filter that calls it
+        declares `reroutes = True`, and `meshkit render` sets `clear_route_cache: true`."""
         self.clear_route = True
 
-    def take_mutations(self) -> tuple[dict[str, str], set[str], bool]:
-        """Hand the pending (sets, removes, clear_route_cache) to the server and start afresh."""
+    def take_mutations(self) -> Mutation:
+        """Hand the pending (sets, removes, clear_route_cache) of the current phase's side (request or
+        response headers) to the server and start afresh."""
+        if self.phase.is_response:
+            sets, removes = self._response_set, self._response_remove
+            if sets or removes:
+                self._response_set, self._response_remove = {}, set()
+            return sets, removes, False
         sets, removes, clear = self._set, self._remove, self.clear_route
         if sets or removes or clear:
             self._set, self._remove, self.clear_route = {}, set(), False
         return sets, removes, clear
 
+    def drop_mutations(self) -> None:
+        """Forget every pending change (the chain replied, so none of them may apply)."""
+        self._set, self._remove, self.clear_route = {}, set(), False
+        self._response_set, self._response_remove = {}, set()
+
+    def snapshot(self) -> tuple[Mutation, Mutation]:
+        """The pending changes now, to `restore()` if a hook that made more of them is abandoned."""
+        return (
+            (dict(self._set), set(self._remove), self.clear_route),
+            (dict(self._response_set), set(self._response_remove), False),
+        )
+
+    def restore(self, snapshot: tuple[Mutation, Mutation]) -> None:
+        (self._set, self._remove, self.clear_route), (self._response_set, self._response_remove, _) = snapshot
+
+
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+MAX_REQUEST_ID = 64
+
+
+def safe_request_id(value: str) -> str:
+    """`value` if it is a plausible request id (at most 64 of `[A-Za-z0-9._:-]`), else a bounded,
+    printable stand-in: a client can send any x-request-id, and it goes into every log line."""
+    if len(value) <= MAX_REQUEST_ID and _REQUEST_ID_CHARS.issuperset(value):
+        return value
+    cleaned = "".join(c if c in _REQUEST_ID_CHARS else "_" for c in value[:MAX_REQUEST_ID])
+    return cleaned + ("~" if len(value) > MAX_REQUEST_ID else "")
+
 
 Hook = Callable[[Exchange], "Reply | Awaitable[Reply | None] | None"]
 
 
-@runtime_checkable
-class Filter(Protocol):
-    """A filter: `name`, an `Options` dataclass, `__init__(options)`, and any of the phase hooks.
+class Filter:
+    """Base class of a filter: subclass it, set `name` and `Options`, override the hooks you need.
 
-    Optional class attributes `reads_headers` / `sets_headers` (frozensets of lowercase names) declare
-    the request headers it reads and sets: ext_authz over HTTP forwards only the ones filters read
-    (plus `:method`, `:path`, `:authority` and Envoy's defaults) and copies back only the ones they set.
+    Class attributes tell the rendered Envoy config what the filter needs (`meshkit render`):
+
+    - `reads_headers` / `sets_headers`: request headers it reads and sets (lowercase). ext_authz over
+      HTTP forwards only the ones filters read and copies back only the ones they set; every config
+      removes the set ones from the client's request before meshkit's filter runs.
+    - `fail_open`: True when letting a request through unprocessed is acceptable (body-hash: an
+      optimisation). The rendered config fails closed (`failure_mode_allow: false`) as soon as one
+      filter of the chain does not, and a hook of a fail-open filter that overruns `--filter-timeout`
+      lets the request through instead of answering 504.
+    - `reroutes`: True when it calls `clear_route_cache()`; over ext_authz the rendered config then sets
+      `clear_route_cache: true` (ext_authz ignores the per-request call).
+    - `hash_header`: a request header the upstream cluster is consistent-hashed on (body-hash:
+      `x-body-hash`); the rendered route gets a `hash_policy` for it and echoes it on the response.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[Any]]
+    reads_headers: ClassVar[frozenset[str]] = frozenset()
+    sets_headers: ClassVar[frozenset[str]] = frozenset()
+    fail_open: ClassVar[bool] = False
+    reroutes: ClassVar[bool] = False
+    hash_header: ClassVar[str | None] = None
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    async def start(self) -> None:
+        """Connect, load keys, fetch a JWKS: the daemon is ready only once every filter has started.
+        Raise `DependencyError` when a server it needs cannot be reached."""
+
+    async def close(self) -> None:
+        """Release what `start()` opened (called in reverse chain order at shutdown)."""
+
+    def on_request_headers(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        return None
+
+    def on_request_body(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        return None
+
+    def on_response_headers(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        return None
+
+    def on_response_body(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        return None
+
+
+def _overrides(kind: type[Any], name: str) -> Any:
+    """`kind`'s own `name` attribute, or None when it is missing or is `Filter`'s default."""
+    fn = getattr(kind, name, None)
+    if fn is None or fn is getattr(Filter, name, None):
+        return None
+    return fn
+
+
+def hooks_of(kind: type[Any]) -> dict[Phase, Any]:
+    """The phase hooks a filter class defines (not `Filter`'s no-op defaults), after checking them:
+    a method named `on_...` that is not a phase, or a hook that does not take one exchange, raises
+    TypeError at start-up instead of silently never running."""
+    for attr in dir(kind):
+        if attr.startswith("on_") and attr not in HOOK_PHASES and callable(getattr(kind, attr)):
+            raise TypeError(
+                f"filter {getattr(kind, 'name', kind.__name__)!r}: {attr}() is not a phase hook "
+                f"(hooks: {', '.join(HOOK_PHASES)})"
+            )
+    hooks: dict[Phase, Any] = {}
+    for name, phase in HOOK_PHASES.items():
+        fn = _overrides(kind, name)
+        if fn is None:
+            continue
+        if not callable(fn):
+            raise TypeError(f"filter {getattr(kind, 'name', kind.__name__)!r}: {name} is not a method")
+        try:
+            inspect.signature(fn).bind(None, None)  # (self, exchange)
+        except TypeError:
+            raise TypeError(
+                f"filter {getattr(kind, 'name', kind.__name__)!r}: {name}(self, exchange) takes one exchange"
+            ) from None
+        hooks[phase] = fn
+    return hooks
+
+
+def lifecycle_of(
+    instance: Any,
+) -> tuple[Callable[[], Awaitable[None]] | None, Callable[[], Awaitable[None]] | None]:
+    """The filter's own `start` and `close` coroutines (None where it has none)."""
+    kind = type(instance)
+    start = instance.start if _overrides(kind, "start") else None
+    close = instance.close if _overrides(kind, "close") else None
+    return start, close

@@ -4,6 +4,8 @@
     meshkit_extproc_filter_decisions_total{filter, decision, status}   per filter: continue | reply
     meshkit_extproc_phase_seconds{api, phase}                     histogram: our time per request phase
     meshkit_extproc_errors_total{kind}                            protocol faults, filter exceptions
+    meshkit_extproc_filter_timeouts_total{filter}                 hooks cancelled at --filter-timeout
+    meshkit_extproc_dependency_errors_total{dependency}           DependencyError: 503 (or let through)
     meshkit_extproc_streams_in_flight                             open ext_proc streams / Check calls
 
 The request path only adds to plain ints (a few hundred nanoseconds per request, no locks: every
@@ -50,6 +52,8 @@ class Metrics:
         self.decisions: dict[tuple[str, str, str], int] = {(name, "continue", ""): 0 for name in filter_names}
         self.phases: dict[tuple[str, str], Histogram] = {}
         self.errors: dict[str, int] = {}
+        self.timeouts: dict[str, int] = dict.fromkeys(filter_names, 0)
+        self.dependency_errors: dict[str, int] = {}
         self.in_flight = 0
         self.registry = registry or CollectorRegistry()
         self.registry.register(self)
@@ -78,6 +82,12 @@ class Metrics:
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
+    def timeout(self, filter_name: str) -> None:
+        self.timeouts[filter_name] = self.timeouts.get(filter_name, 0) + 1
+
+    def dependency_error(self, dependency: str) -> None:
+        self.dependency_errors[dependency] = self.dependency_errors.get(dependency, 0) + 1
+
     # -- the scrape ----------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -102,7 +112,19 @@ class Metrics:
         )
         for kind, count in sorted(self.errors.items()):
             errors.add_metric([kind], count)
-        yield from (requests, decisions, phases, errors)
+        timeouts = CounterMetricFamily(
+            "meshkit_extproc_filter_timeouts", "Hooks cancelled at --filter-timeout", labels=["filter"]
+        )
+        for name, count in sorted(self.timeouts.items()):
+            timeouts.add_metric([name], count)
+        dependencies = CounterMetricFamily(
+            "meshkit_extproc_dependency_errors",
+            "Requests a filter could not decide because a server it needs was down",
+            labels=["dependency"],
+        )
+        for dependency, count in sorted(self.dependency_errors.items()):
+            dependencies.add_metric([dependency], count)
+        yield from (requests, decisions, phases, errors, timeouts, dependencies)
         yield GaugeMetricFamily(
             "meshkit_extproc_streams_in_flight", "Open ext_proc streams and Check calls", value=self.in_flight
         )

@@ -52,22 +52,3 @@ def admin_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicat
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
-
-
-async def start_admin(
-    host_port: str, readiness: Readiness, registry: CollectorRegistry
-) -> tuple[web.AppRunner, str]:
-    """Start the admin server; return its runner and the bound `host:port` (port 0 gets a free one)."""
-    host, _, port = host_port.rpartition(":")
-    runner = web.AppRunner(admin_app(readiness, registry), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=1.0)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname()[1] if sockets else int(port)
-    return runner, f"{host}:{bound}"

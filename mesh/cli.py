@@ -8,14 +8,18 @@ traceback for a mistake of theirs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from meshkit import __version__
 from meshkit.errors import ConfigError, MeshkitError
+
+if TYPE_CHECKING:
+    from meshkit.daemon import Daemon
 
 
 @dataclass(frozen=True)
@@ -25,65 +29,52 @@ class Command:
     run: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
-# -- meshkit extproc --------------------------------------------------------------------------------
-def _extproc_sections() -> list[type[Any]]:
-    from meshkit.daemon import DaemonOptions
-    from meshkit.extproc.app import ExtprocOptions
-    from meshkit.extproc.filters import option_sections
-
-    return [ExtprocOptions, DaemonOptions, *option_sections()]
+# -- daemons: one line each; the module's DAEMON (a meshkit.daemon.Daemon) does the rest -------------
+DAEMONS: dict[str, tuple[str, str]] = {
+    "extproc": ("meshkit.extproc.daemon", "the ext_proc / ext_authz server: one filter chain, three APIs"),
+    "echo": ("meshkit.echo", "a small HTTP upstream that answers with what it received (JSON)"),
+}
 
 
-def _setup_extproc(parser: argparse.ArgumentParser) -> None:
-    from meshkit.options import add_flags
-
-    add_flags(parser, _extproc_sections())
-
-
-def _run_extproc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import asyncio
-    import logging
-
-    from meshkit import daemon, logs
-    from meshkit.extproc.app import ExtprocOptions, serve
-    from meshkit.options import describe, load_yaml_section, resolve
-
-    sections = _extproc_sections()
-    resolved = resolve(
-        sections, command="extproc", flags=vars(args), config=load_yaml_section(args.config, "extproc")
-    )
-    options: ExtprocOptions = resolved[ExtprocOptions]
-    daemon_options: daemon.DaemonOptions = resolved[daemon.DaemonOptions]
-    logs.setup(daemon_options.log_format, daemon_options.log_level)
-    logging.getLogger("meshkit").info(
-        "starting meshkit extproc %s",
-        __version__,
-        extra={"options": {k: v for o in resolved.values() for k, v in describe(o).items()}},
-    )
-
-    async def main(stop: asyncio.Event) -> None:
-        await serve(options, daemon_options, resolved, stop=stop)
-
-    daemon.run(main, daemon_options)
-    return 0
+def load_daemon(command: str) -> Daemon:
+    module = importlib.import_module(DAEMONS[command][0])
+    daemon: Daemon = module.DAEMON
+    return daemon
 
 
-# -- meshkit echo -----------------------------------------------------------------------------------
-def _setup_echo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (port 0: any free port)")
-    parser.add_argument("--name", default="echo", help='reported as "upstream" in every answer')
+def _daemon_command(command: str) -> Command:
+    def setup(parser: argparse.ArgumentParser) -> None:
+        from meshkit.options import add_flags
 
+        add_flags(parser, load_daemon(command).all_sections())
 
-def _run_echo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from meshkit.echo import run_echo
-    from meshkit.options import parse_host_port
+    def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+        import logging
 
-    try:
-        listen = parse_host_port(args.listen)
-    except ValueError as exc:
-        raise ConfigError([f"--listen: {args.listen!r} is not valid: {exc}"]) from None
-    run_echo(listen, args.name)
-    return 0
+        from meshkit import daemon as lifecycle
+        from meshkit import logs
+        from meshkit.options import describe, load_yaml_section, resolve
+
+        spec = load_daemon(command)
+        resolved = resolve(
+            spec.all_sections(),
+            command=command,
+            flags=vars(args),
+            config=load_yaml_section(args.config, command),
+            groups=spec.groups(),
+        )
+        daemon_options: lifecycle.DaemonOptions = resolved[lifecycle.DaemonOptions]
+        logs.setup(daemon_options.log_format, daemon_options.log_level)
+        logging.getLogger("meshkit").info(
+            "starting meshkit %s %s",
+            command,
+            __version__,
+            extra={"options": {k: v for o in resolved.values() for k, v in describe(o).items()}},
+        )
+        lifecycle.run(spec, resolved)
+        return 0
+
+    return Command(DAEMONS[command][1], setup, run)
 
 
 # -- meshkit up -------------------------------------------------------------------------------------
@@ -100,14 +91,9 @@ def _run_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "extproc": Command(
-        "the ext_proc / ext_authz gRPC server (filters: body-hash)", _setup_extproc, _run_extproc
-    ),
+    **{name: _daemon_command(name) for name in DAEMONS},
     "up": Command(
         "the local stack: Envoy ingress on 127.0.0.1:10000 -> meshkit -> echo upstream", _setup_up, _run_up
-    ),
-    "echo": Command(
-        "a small HTTP upstream that answers with what it received (JSON)", _setup_echo, _run_echo
     ),
 }
 

@@ -1,30 +1,57 @@
-"""What every meshkit daemon shares: its common options and the run loop around `serve()`.
+"""One lifecycle for every meshkit daemon: options, admin port, readiness, the ready line, the stop order.
 
-Shutdown order (aiohttp's, with the readiness step first): SIGTERM/SIGINT -> `/readyz` and gRPC health
-say NOT_SERVING -> wait `--drain-delay` so load balancers notice -> stop accepting -> in-flight work gets
-up to `--drain-timeout` -> exit 0. A second signal during the drain exits at once.
+A daemon is a `Daemon`: its options dataclasses and an async `serve(options, life)` that opens its
+resources (`life.start`) and listeners (`life.serve_app`, `life.add_listener`) and returns. The runner
+around it owns the rest:
+
+- the admin port (`--admin-listen`): `/healthz`, `/readyz`, `/metrics` from the daemon's own registry
+  (`life.registry`, with process CPU and memory);
+- readiness: on only after `serve()` returned, i.e. after every resource it declared has started (a
+  start that takes long prints a progress line every few seconds and fails after `--start-timeout`);
+- ONE structured ready line, the same for every daemon: `ready daemon=NAME addresses={"http": ...}`
+  (text) or `{"msg": "ready", "daemon": NAME, "addresses": {...}}` (JSON); `parse_ready()` reads it
+  back, and the harness and `meshkit up` use nothing else;
+- the stop order on SIGTERM/SIGINT: readiness off (and `life.on_draining` callbacks: gRPC health
+  NOT_SERVING) -> `--drain-delay` so load balancers notice -> every listener stops accepting and its
+  in-flight work gets up to `--drain-timeout` -> resources closed in reverse order -> exit 0. A second
+  signal exits at once (listeners and resources are still closed, without grace);
+- errors: an address that cannot be bound -> `ListenError`, one line, exit 1; bad options -> every
+  problem at once, exit 2 (`meshkit.cli`).
+
+`bind()` is the one helper that binds `HOST:PORT` (port 0: any free port) and returns the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import signal
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from meshkit.admin import Readiness, admin_app
+from meshkit.errors import ListenError, StartError
 from meshkit.options import option, parse_host_port, parse_seconds
 
-log = logging.getLogger("meshkit")
+log = logging.getLogger("meshkit.daemon")
+
+PROGRESS_EVERY = 2.0  # seconds between "still starting" lines
 
 
 @dataclass(frozen=True)
 class DaemonOptions:
     admin_listen: str = option(
         "127.0.0.1:9090",
-        "HOST:PORT for /healthz, /readyz and /metrics",
+        "HOST:PORT for /healthz, /readyz and /metrics (port 0: any free port)",
         parse=parse_host_port,
         metavar="HOST:PORT",
     )
@@ -32,12 +59,18 @@ class DaemonOptions:
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     drain_delay: float = option(
         0.0,
-        "seconds between SIGTERM (readiness off) and closing the listener",
+        "seconds between SIGTERM (readiness off) and closing the listeners",
         parse=parse_seconds,
         metavar="SECONDS",
     )
     drain_timeout: float = option(
         10.0, "seconds in-flight requests get to finish after that", parse=parse_seconds, metavar="SECONDS"
+    )
+    start_timeout: float = option(
+        30.0,
+        "seconds each resource (a filter's connection, a key fetch) may take to start",
+        parse=parse_seconds,
+        metavar="SECONDS",
     )
     event_loop: str = option(
         "auto",
@@ -46,10 +79,246 @@ class DaemonOptions:
     )
 
 
-def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], options: DaemonOptions) -> None:
-    """Run `main(stop)` until it returns; SIGTERM/SIGINT set `stop`, a second one cancels the drain."""
+# -- what a daemon declares ---------------------------------------------------------------------------
+Resolved = Mapping[type[Any], Any]  # options section class -> its instance
 
-    async def runner() -> None:
+
+@dataclass(frozen=True)
+class Daemon:
+    """A daemon: `name` (the subcommand), `help`, its option sections and `serve(options, life)`.
+
+    `sections()` and `groups()` are functions so the CLI imports a daemon's modules only when it runs;
+    `groups()` maps sections to a YAML key they may be nested under (a filter's name).
+    `event_loop` is the loop `--event-loop auto` picks for this daemon (measured per daemon)."""
+
+    name: str
+    help: str
+    sections: Callable[[], Sequence[type[Any]]]
+    serve: Callable[[Resolved, Lifecycle], Awaitable[None]]
+    groups: Callable[[], Mapping[type[Any], str]] = dict
+    event_loop: str = "uvloop"
+
+    def all_sections(self) -> list[type[Any]]:
+        return [*self.sections(), DaemonOptions]
+
+
+class Listener(Protocol):
+    """A server the lifecycle stops: at once stop accepting, give in-flight work `grace` seconds, then
+    close what is left (grace 0: close now)."""
+
+    async def stop(self, grace: float) -> None: ...
+
+
+# -- binding --------------------------------------------------------------------------------------
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = parse_host_port(address).rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def bind(address: str, *, what: str = "--listen") -> socket.socket:
+    """A TCP socket bound to `HOST:PORT` (port 0: any free port), not yet listening; the one way meshkit
+    binds. Raises `ListenError` with one line naming the option when it cannot."""
+    try:
+        host, port = split_host_port(address)
+    except ValueError as exc:
+        raise ListenError(f"cannot listen on {address} ({what}): {exc}") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {address} ({what}): {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {address} ({what}): {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def bound_address(address: str, sock: socket.socket) -> str:
+    """`HOST:PORT` as the daemon reports it: the host as given, the port as bound."""
+    host = parse_host_port(address).rpartition(":")[0]
+    return f"{host}:{sock.getsockname()[1]}"
+
+
+class _AppListener:
+    """An aiohttp `web.Application` on a bound socket (echo, admin, later the sidecars' HTTP APIs)."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        self._runner = runner
+
+    async def stop(self, grace: float) -> None:
+        self._runner._shutdown_timeout = grace  # aiohttp reads it in cleanup(); set per stop
+        await self._runner.cleanup()
+
+
+async def start_app(address: str, app: web.Application, what: str) -> tuple[str, _AppListener]:
+    sock = bind(address, what=what)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    return bound_address(address, sock), _AppListener(runner)
+
+
+# -- the lifecycle handed to serve() ------------------------------------------------------------------
+@dataclass
+class Lifecycle:
+    name: str
+    options: DaemonOptions
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    readiness: Readiness = field(default_factory=Readiness)
+    addresses: dict[str, str] = field(default_factory=dict)
+    _listeners: list[tuple[str, Listener]] = field(default_factory=list)
+    _closers: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+    _draining: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    async def start(
+        self,
+        what: str,
+        start: Callable[[], Awaitable[None]] | None,
+        close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Start a resource (`what`: "filter auth", "redis", ...) within `--start-timeout`, printing a
+        progress line while it takes long; `close` runs at shutdown, in reverse order of starting."""
+        if start is not None:
+            await self._started(what, start)
+        if close is not None:
+            self._closers.append((what, close))
+
+    async def _started(self, what: str, start: Callable[[], Awaitable[None]]) -> None:
+        self.readiness.reason = f"starting {what}"
+        began = time.monotonic()
+        task: asyncio.Task[None] = asyncio.ensure_future(start())
+        try:
+            while True:
+                left = self.options.start_timeout - (time.monotonic() - began)
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, min(PROGRESS_EVERY, left)))
+                if done:
+                    task.result()  # raises what start() raised
+                    return
+                if left <= PROGRESS_EVERY:
+                    raise StartError(
+                        f"{what} did not start within {self.options.start_timeout:g} s (--start-timeout)"
+                    )
+                log.info("starting %s: still waiting after %.0f s", what, time.monotonic() - began)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    def add_listener(self, name: str, address: str, listener: Listener) -> None:
+        """Report `listener` (already accepting on `address`) on the ready line and stop it in order."""
+        self.addresses[name] = address
+        self._listeners.append((name, listener))
+
+    async def serve_app(self, name: str, address: str, app: web.Application, what: str = "--listen") -> str:
+        """Serve an aiohttp application on `address`; return the bound `HOST:PORT`."""
+        bound, listener = await start_app(address, app, what)
+        self.add_listener(name, bound, listener)
+        return bound
+
+    def on_draining(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` when readiness turns off (before `--drain-delay`): gRPC health NOT_SERVING."""
+        self._draining.append(callback)
+
+    # -- the runner's part ------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """SIGTERM: readiness off -> drain delay -> listeners stop with the drain timeout."""
+        self.readiness.set(False, "draining")
+        for callback in self._draining:
+            await callback()
+        if self.options.drain_delay:
+            log.info(
+                "readiness off; closing the listeners in %.1f s (--drain-delay)", self.options.drain_delay
+            )
+            await asyncio.sleep(self.options.drain_delay)
+        log.info("stopped accepting; in-flight requests get up to %.1f s", self.options.drain_timeout)
+        await self._stop_listeners(self.options.drain_timeout)
+
+    async def _stop_listeners(self, grace: float) -> None:
+        listeners, self._listeners = self._listeners, []
+        results = await asyncio.gather(*(lst.stop(grace) for _, lst in listeners), return_exceptions=True)
+        for (name, _), result in zip(listeners, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("listener %s did not stop cleanly: %r", name, result)
+
+    async def close(self) -> None:
+        """Whatever is still open, without grace: listeners, then resources in reverse order."""
+        await self._stop_listeners(0)
+        closers, self._closers = self._closers, []
+        for what, close in reversed(closers):
+            try:
+                async with asyncio.timeout(self.options.start_timeout):
+                    await close()
+            except Exception as exc:  # one bad close must not keep the others open
+                log.error("closing %s failed: %r", what, exc)
+
+
+# -- the ready line -------------------------------------------------------------------------------
+READY = "ready"
+_TEXT_READY = re.compile(r"\bready daemon=(\S+) addresses=(\{[^\n]*?\})(?: |$)", re.MULTILINE)
+
+
+def parse_ready(log_text: str) -> tuple[str, dict[str, str]] | None:
+    """(daemon name, addresses by name) from a daemon's ready line, text or JSON; None before it."""
+    for line in log_text.splitlines():
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and doc.get("msg") == READY and isinstance(doc.get("addresses"), dict):
+                return str(doc.get("daemon")), {str(k): str(v) for k, v in doc["addresses"].items()}
+        elif " ready daemon=" in line and (match := _TEXT_READY.search(line)):
+            return match.group(1), {str(k): str(v) for k, v in json.loads(match.group(2)).items()}
+    return None
+
+
+# -- running ----------------------------------------------------------------------------------------
+async def run_daemon(
+    daemon: Daemon, options: Resolved, stop: asyncio.Event, *, ready: asyncio.Event | None = None
+) -> None:
+    """Run `daemon` in this event loop until `stop` is set, then drain and close (tests call this)."""
+    daemon_options: DaemonOptions = options[DaemonOptions]
+    life = Lifecycle(daemon.name, daemon_options)
+    # The admin port is up first (/readyz says "starting ...") and last (503 "draining" meanwhile).
+    app = admin_app(life.readiness, life.registry)
+    admin_address, admin = await start_app(daemon_options.admin_listen, app, "--admin-listen")
+    try:
+        try:
+            await daemon.serve(options, life)
+            life.readiness.set(True, "serving")
+            log.info(
+                READY, extra={"daemon": daemon.name, "addresses": {**life.addresses, "admin": admin_address}}
+            )
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            await life.drain()
+        finally:
+            await life.close()
+    finally:
+        await admin.stop(0)
+    log.info("stopped")
+
+
+def run(daemon: Daemon, options: Resolved) -> None:
+    """Run `daemon` as the process: signals, event loop; returns once it has stopped."""
+
+    async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         task = asyncio.current_task()
@@ -66,15 +335,16 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], options: Dae
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
         with contextlib.suppress(asyncio.CancelledError):  # a second signal: no drain
-            await main(stop)
+            await run_daemon(daemon, options, stop)
 
-    factory = _loop_factory(options.event_loop)
-    with asyncio.Runner(loop_factory=factory) as r:
-        r.run(runner())
+    with asyncio.Runner(loop_factory=loop_factory(options[DaemonOptions].event_loop, daemon.event_loop)) as r:
+        r.run(main())
 
 
-def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if choice == "asyncio":
+def loop_factory(choice: str, auto: str = "uvloop") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop for `--event-loop`: `auto` means the daemon's measured choice, uvloop only if installed."""
+    wanted = auto if choice == "auto" else choice
+    if wanted == "asyncio":
         return None
     try:
         import uvloop

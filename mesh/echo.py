@@ -2,32 +2,45 @@
 
 `{"upstream" (its --name), "method", "path", "headers", "body_bytes", "body_sha256"}`. The local
 stack puts it behind Envoy so a curl shows what reached the upstream (`x-body-hash` included, and which
-pod), and the integration tests read it the same way. It prints `ready: http=HOST:PORT` once it
-listens (port 0 picks a free port).
+pod), and the integration tests read it the same way. A daemon like every other (`meshkit.daemon`):
+`--admin-listen` with `/healthz`, `/readyz`, `/metrics`, `--log-format json`, the ready line, SIGTERM
+drain.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import logging
-import signal
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
 
-from meshkit.errors import MeshkitError
-
-log = logging.getLogger("meshkit.echo")
-
-MAX_BODY = 256 << 20
-
+from meshkit.daemon import Daemon, Lifecycle, Resolved
+from meshkit.options import option, parse_host_port, parse_size
 
 NAME = web.AppKey("name", str)
+REQUESTS = web.AppKey("requests", Counter)
+
+
+@dataclass(frozen=True)
+class EchoOptions:
+    listen: str = option(
+        "127.0.0.1:8080",
+        "HOST:PORT to answer on (port 0: any free port)",
+        parse=parse_host_port,
+        metavar="HOST:PORT",
+    )
+    name: str = option("echo", 'reported as "upstream" in every answer')
+    max_body_bytes: int = option(
+        256 << 20, "largest request body read (bigger: 413)", parse=parse_size, metavar="BYTES"
+    )
 
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
+    request.app[REQUESTS].labels(request.method).inc()
     doc = {
         "upstream": request.app[NAME],
         "method": request.method,
@@ -39,39 +52,33 @@ async def _echo(request: web.Request) -> web.Response:
     return web.Response(body=json.dumps(doc, indent=1).encode() + b"\n", content_type="application/json")
 
 
-def echo_app(name: str = "echo") -> web.Application:
+def echo_app(
+    name: str = "echo", *, max_body_bytes: int = 256 << 20, registry: CollectorRegistry | None = None
+) -> web.Application:
     app = web.Application(
-        client_max_size=MAX_BODY, handler_args={"max_line_size": 64 << 10, "max_field_size": 64 << 10}
+        client_max_size=max_body_bytes, handler_args={"max_line_size": 64 << 10, "max_field_size": 64 << 10}
     )
     app[NAME] = name
+    app[REQUESTS] = Counter(
+        "meshkit_echo_requests", "Requests answered", ["method"], registry=registry or CollectorRegistry()
+    )
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 
 
-async def serve_echo(listen: str, stop: asyncio.Event, name: str = "echo") -> None:
-    host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(echo_app(name), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=1.0)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise MeshkitError(f"cannot listen on {listen}: {exc.strerror}") from None
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"ready: http={host}:{bound}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+async def serve(options: Resolved, life: Lifecycle) -> None:
+    echo: EchoOptions = options[EchoOptions]
+    app = echo_app(echo.name, max_body_bytes=echo.max_body_bytes, registry=life.registry)
+    await life.serve_app("http", echo.listen, app)
 
 
-def run_echo(listen: str, name: str = "echo") -> None:
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_echo(listen, stop, name)
+def _sections() -> list[type[Any]]:
+    return [EchoOptions]
 
-    asyncio.run(main())
+
+DAEMON = Daemon(
+    name="echo",
+    help="a small HTTP upstream that answers with what it received (JSON)",
+    sections=_sections,
+    serve=serve,
+)

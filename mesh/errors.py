@@ -2,8 +2,11 @@
 
 MeshkitError
 ├── ConfigError        bad options: collected, printed once, the CLI exits 2
-├── ClientError        a request a client must fix: becomes an HTTP status + JSON error body
-├── DependencyError    a server meshkit needs (Redis, NATS, S3, ...) is unreachable: 503
+├── ListenError        an address cannot be bound (taken, not ours): one line, the CLI exits 1
+├── StartError         a daemon's resource did not start in time: one line, the CLI exits 1
+├── ClientError        a request a client must fix: an HTTP status + JSON error body
+├── DependencyError    a server meshkit needs (Redis, NATS, S3, a JWKS URL) is down or too slow:
+│                      a JSON 503 with Retry-After, one log line, counted by `dependency`
 └── HarnessError       a real server of the test/stack harness failed to start or stop
 """
 
@@ -28,14 +31,30 @@ class ConfigError(MeshkitError):
         return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+class ListenError(MeshkitError):
+    """An address the daemon must listen on cannot be bound."""
+
+
+class StartError(MeshkitError):
+    """A resource the daemon declared (a filter's `start()`, a client) failed or overran its deadline."""
+
+
 class ClientError(MeshkitError):
     """A request error the client may see, as `{"error": {"message", "type", "code"}}` with `status`."""
 
-    def __init__(self, status: int, type: str, message: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        code: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.status = status
         self.type = type
         self.message = message
         self.code = code
+        self.headers = tuple(headers)
         super().__init__(f"{status} {type}: {message}")
 
     def body(self) -> bytes:
@@ -43,7 +62,14 @@ class ClientError(MeshkitError):
 
 
 class DependencyError(MeshkitError):
-    """A server needed to decide is down or too slow."""
+    """A server needed to decide is down or too slow. `dependency` names it (`redis`, `jwks`, ...) for
+    the log line and the counter; the client gets 503 with `Retry-After: retry_after`."""
+
+    def __init__(self, dependency: str, message: str, *, retry_after: int = 1) -> None:
+        self.dependency = dependency
+        self.message = message
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(f"{dependency}: {message}")
 
 
 class HarnessError(MeshkitError):

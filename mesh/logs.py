@@ -67,8 +67,15 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in extras.items())
         return line
+
+
+def _text_value(value: Any) -> str:
+    """A structured value (the ready line's addresses) as JSON, so it reads back; others as str()."""
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, default=str, separators=(",", ":"))
+    return str(value)
 
 
 class WithoutPeerData(logging.Filter):
@@ -85,6 +92,32 @@ class WithoutPeerData(logging.Filter):
             record.msg = f"{record.getMessage()}: {record.exc_info[0].__name__}"
             record.args = None
             record.exc_info = record.exc_text = None
+        return True
+
+
+class Throttle:
+    """At most one line per `interval` seconds for each key (a fault that repeats under load: malformed
+    requests, a dependency that is down); the next line says how many were left out in between. The
+    counters, not the log, are where such events are counted."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (time of the last line, suppressed since)
+
+    def warning(self, key: str, msg: str, *args: Any, **extra: Any) -> bool:
+        """Log `msg % args` at WARNING unless `key` was logged less than `interval` s ago; True if logged."""
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-self._interval, 0))
+        if now - last < self._interval:
+            self._last[key] = (last, suppressed + 1)
+            return False
+        if len(self._last) > 1024:  # bounded: keys are filter and dependency names, faults by kind
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if suppressed:
+            extra["suppressed"] = suppressed
+        self._logger.warning(msg, *args, extra=extra)
         return True
 
 

@@ -165,15 +165,23 @@ def fields_of(sections: Sequence[type[Any]]) -> list[tuple[type[Any], dataclasse
     return out
 
 
+def clashes(sections: Sequence[type[Any]]) -> list[str]:
+    """Option names declared by more than one section (flags are flat: `--jwt-secret-file`, not
+    `--auth-jwt-secret-file`): a unit test over every daemon's sections keeps this empty."""
+    seen: dict[str, type[Any]] = {}
+    out = []
+    for section, f, _ in fields_of(sections):
+        if f.name in seen:
+            out.append(f"option {f.name!r} declared by both {seen[f.name].__name__} and {section.__name__}")
+        seen.setdefault(f.name, section)
+    return out
+
+
 def add_flags(parser: argparse.ArgumentParser, sections: Sequence[type[Any]]) -> None:
     """One flag per field; flags default to "not given" so env and YAML can fill in."""
-    seen: dict[str, type[Any]] = {}
-    for section, f, hint in fields_of(sections):
-        if f.name in seen:
-            raise RuntimeError(
-                f"option {f.name!r} declared by both {seen[f.name].__name__} and {section.__name__}"
-            )
-        seen[f.name] = section
+    if problems := clashes(sections):
+        raise RuntimeError("; ".join(problems))  # a programming error, caught by tests/unit/test_cli.py
+    for _, f, hint in fields_of(sections):
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = ",".join(default) if isinstance(default, tuple) else default
         help_text = f"{f.metadata.get('help', '')} (default: {shown})"
@@ -215,6 +223,32 @@ def load_yaml_section(path: Path | None, command: str) -> dict[str, Any]:
     return section
 
 
+def _grouped(
+    config: dict[str, Any], groups: Mapping[type[Any], str], command: str, problems: list[str]
+) -> dict[type[Any], dict[str, Any]]:
+    """Take the `group: {option: value}` mappings out of `config`: options a section may nest under its
+    group's name (a filter's name) in YAML. Unknown keys inside a group are reported."""
+    out: dict[type[Any], dict[str, Any]] = {}
+    for section, group in groups.items():
+        for key in {group, group.replace("-", "_")}:
+            if key not in config:
+                continue
+            nested = config.pop(key)
+            if not isinstance(nested, dict):
+                problems.append(f"{command}.{key} in --config: must be a mapping of option: value")
+                continue
+            names = {f.name for f in dataclasses.fields(section)}
+            for name, value in nested.items():
+                if name not in names:
+                    problems.append(
+                        f"{command}.{key}.{name} in --config: unknown option of {group} "
+                        f"(known: {', '.join(sorted(names)) or 'none'})"
+                    )
+                    continue
+                out.setdefault(section, {})[name] = value
+    return out
+
+
 def resolve(
     sections: Sequence[type[Any]],
     *,
@@ -222,21 +256,29 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config: Mapping[str, Any] | None = None,
+    groups: Mapping[type[Any], str] | None = None,
 ) -> dict[type[Any], Any]:
-    """Build one instance per section from flags > env > YAML > defaults; raise every problem at once."""
+    """Build one instance per section from flags > env > YAML > defaults; raise every problem at once.
+
+    In YAML an option is a key of the command's section, or of a mapping named after its section's
+    group (`extproc: {body-hash: {canonical_json: true}}`)."""
     flags = flags or {}
     env = os.environ if env is None else env
     config = dict(config or {})
     problems: list[str] = []
+    grouped = _grouped(config, {s: g for s, g in (groups or {}).items() if s in sections}, command, problems)
     values: dict[type[Any], dict[str, Any]] = {s: {} for s in sections}
     known = set()
     for section, f, hint in fields_of(sections):
         known.add(f.name)
         raw, where = _UNSET, ""
+        nested = grouped.get(section, {})
         if flags.get(f.name, _UNSET) is not _UNSET:
             raw, where = flags[f.name], flag_name(f.name)
         elif env_name(command, f.name) in env:
             raw, where = env[env_name(command, f.name)], env_name(command, f.name)
+        elif f.name in nested:
+            raw, where = nested[f.name], f"{command}.{(groups or {})[section]}.{f.name} in --config"
         elif f.name in config:
             raw, where = config[f.name], f"{command}.{f.name} in --config"
         if raw is _UNSET:

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
-from meshkit.extproc.chain import INTERNAL_ERROR
 from meshkit.extproc.filters import headers_read_by, headers_set_by, phases_of
 from meshkit.extproc.limits import envoy_buffer_limit
-from meshkit.extproc.oneshot import too_large
+from meshkit.extproc.replies import INTERNAL_ERROR, too_large
 
 Api = Literal["ext_proc", "ext_authz", "ext_authz_http", "plain"]
 TEMPLATES: dict[str, str] = {

@@ -25,8 +25,8 @@ from typing import Any
 import xxhash
 
 from meshkit.errors import HarnessError, MeshkitError
+from meshkit.harness.daemons import echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
-from meshkit.harness.meshkit import echo, extproc
 from meshkit.render import FrontConfig
 
 DEMO_BODY = '{"model": "text-embedding-3-small", "input": "hello mesh"}'

@@ -1,11 +1,11 @@
-"""The filters meshkit ships, by name, and the default chain order."""
+"""The filters meshkit ships, by name: `--filters` picks from these, in the order given."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from meshkit.extproc.filter import PHASES
+from meshkit.extproc.filter import hooks_of
 from meshkit.extproc.filters.body_hash import BodyHashFilter
 
 FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (BodyHashFilter,)}
@@ -25,9 +25,14 @@ def option_sections(names: Sequence[str] | None = None) -> list[type[Any]]:
     return [FILTERS[n].Options for n in (names if names is not None else FILTERS)]
 
 
+def option_groups() -> dict[type[Any], str]:
+    """Each filter's options may also be grouped under its name in a YAML `--config` section."""
+    return {cls.Options: name for name, cls in FILTERS.items()}
+
+
 def phases_of(names: Sequence[str]) -> frozenset[str]:
     """The phases (`Phase` values) the named filters have hooks for: what Envoy must send us."""
-    return frozenset(p.value for name in names for p in PHASES if hasattr(FILTERS[name], p.hook_name))
+    return frozenset(p.value for name in names for p in hooks_of(FILTERS[name]))
 
 
 def headers_read_by(names: Sequence[str]) -> frozenset[str]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import xxhash
 
-from meshkit.extproc.filter import Exchange
+from meshkit.extproc.filter import Exchange, Filter
 from meshkit.extproc.headers import BODY_HASH
 from meshkit.options import option, parse_size
 
@@ -97,14 +97,16 @@ def canonical_json(body: bytes, ignore: frozenset[str]) -> bytes | None:
         return None
 
 
-class BodyHashFilter:
+class BodyHashFilter(Filter):
     name: ClassVar[str] = "body-hash"
     Options: ClassVar[type[BodyHashOptions]] = BodyHashOptions
-    reads_headers: ClassVar[frozenset[str]] = frozenset()
     sets_headers: ClassVar[frozenset[str]] = frozenset({BODY_HASH})
+    hash_header: ClassVar[str | None] = BODY_HASH  # the mesh consistent-hashes the upstream on it
+    fail_open: ClassVar[bool] = True  # an optimisation: an unhashed request still gets its answer
 
     def __init__(self, options: BodyHashOptions) -> None:
-        self.options = options
+        super().__init__(options)
+        self.options: BodyHashOptions = options
         self._digest = HASHES[options.hash]
         self._canonical = options.canonical_json
         self._canonical_max = options.canonical_json_max_bytes

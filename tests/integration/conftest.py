@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from meshkit.harness.daemons import Echo, Extproc, echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
-from meshkit.harness.meshkit import Echo, Extproc, echo, extproc
 from meshkit.render import Api, FrontConfig
 
 pytestmark = pytest.mark.integration

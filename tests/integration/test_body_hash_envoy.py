@@ -14,8 +14,8 @@ import pytest
 import xxhash
 import yaml
 
+from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy, envoy
-from meshkit.harness.meshkit import Echo, Extproc, extproc
 from meshkit.render import Api, FrontConfig
 
 from .conftest import front, request

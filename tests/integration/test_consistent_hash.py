@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from meshkit.harness.daemons import Extproc, echo
 from meshkit.harness.envoy import envoy
-from meshkit.harness.meshkit import Extproc, echo
 from meshkit.render import Api, FrontConfig
 
 from .conftest import request

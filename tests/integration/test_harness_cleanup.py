@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 STARTS_SERVERS = """
     from pathlib import Path
-    from meshkit.harness.meshkit import echo, extproc
+    from meshkit.harness.daemons import echo, extproc
 
     def start(workdir, pids_file):
         ctx_echo, ctx_extproc = echo(workdir), extproc(workdir)
@@ -39,7 +39,7 @@ def test_failing_test_leaves_nothing(tmp_path: Path) -> None:
         textwrap.dedent(STARTS_SERVERS)
         + textwrap.dedent(f"""
         import pytest
-        from meshkit.harness.meshkit import echo, extproc
+        from meshkit.harness.daemons import echo, extproc
 
         def test_fails(tmp_path):
             with echo(tmp_path) as upstream, extproc(tmp_path) as server:

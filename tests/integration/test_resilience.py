@@ -13,8 +13,8 @@ import xxhash
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy
-from meshkit.harness.meshkit import Echo, Extproc, extproc
 from meshkit.render import Api
 
 from .conftest import front, request

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from meshkit.extproc.chain import Chain
+from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS
 from meshkit.extproc.filters import phases_of
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
-from meshkit.extproc.http_authz import KEEPALIVE_SECONDS
 from meshkit.harness.envoy import envoy_binary
 from meshkit.render import Api, FrontConfig, processing_mode, upstream_direct
 

@@ -13,22 +13,23 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.rpc import code_pb2
 
-from meshkit.extproc.authz import Authorization
+from meshkit.daemon import bind, bound_address
 from meshkit.extproc.chain import Chain
+from meshkit.extproc.ext_authz_grpc import Authorization
+from meshkit.extproc.ext_proc import ExternalProcessor
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
-from meshkit.extproc.server import ExternalProcessor
 
 LIMIT = 1000
 
 
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    chain = Chain([BodyHashFilter(BodyHashOptions())])
+    chain = Chain([BodyHashFilter(BodyHashOptions())], max_body_bytes=LIMIT)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
         (
-            ExternalProcessor(chain, max_body_bytes=LIMIT).handler(),
-            Authorization(chain, max_body_bytes=LIMIT).handler(),
+            ExternalProcessor(chain).handler(),
+            Authorization(chain).handler(),
         )
     )
     port = server.add_insecure_port("127.0.0.1:0")
@@ -150,11 +151,13 @@ async def test_check_over_limit_is_denied_413(channel: grpc.aio.Channel) -> None
 # -- ext_authz over HTTP ------------------------------------------------------------------------------
 @pytest.fixture
 async def http_authz() -> AsyncIterator[str]:
-    from meshkit.extproc.http_authz import HttpAuthorization, HttpAuthzServer
+    from meshkit.extproc.ext_authz_http import HttpAuthorization, HttpAuthzServer
 
-    chain = Chain([BodyHashFilter(BodyHashOptions())])
-    server = HttpAuthzServer(HttpAuthorization(chain, max_body_bytes=LIMIT))
-    address = await server.start("127.0.0.1:0")
+    chain = Chain([BodyHashFilter(BodyHashOptions())], max_body_bytes=LIMIT)
+    server = HttpAuthzServer(HttpAuthorization(chain))
+    sock = bind("127.0.0.1:0")
+    await server.start(sock)
+    address = bound_address("127.0.0.1:0", sock)
     yield f"http://{address}"
     await server.stop(1)
 
@@ -220,8 +223,8 @@ async def test_http_check_body_cut_short_logs_no_traceback(
 async def test_http_check_shows_headers_like_the_grpc_paths() -> None:
     import aiohttp
 
+    from meshkit.extproc.ext_authz_http import HttpAuthorization, HttpAuthzServer
     from meshkit.extproc.filter import Exchange
-    from meshkit.extproc.http_authz import HttpAuthorization, HttpAuthzServer
 
     seen: list[dict[str, str]] = []
 
@@ -231,8 +234,10 @@ async def test_http_check_shows_headers_like_the_grpc_paths() -> None:
         def on_request_headers(self, exchange: Exchange) -> None:
             seen.append(dict(exchange.headers))
 
-    server = HttpAuthzServer(HttpAuthorization(Chain([Peek()]), max_body_bytes=LIMIT))
-    address = await server.start("127.0.0.1:0")
+    server = HttpAuthzServer(HttpAuthorization(Chain([Peek()], max_body_bytes=LIMIT)))
+    sock = bind("127.0.0.1:0")
+    await server.start(sock)
+    address = bound_address("127.0.0.1:0", sock)
     try:
         async with (
             aiohttp.ClientSession() as session,

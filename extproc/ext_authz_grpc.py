@@ -12,8 +12,8 @@ import time
 import grpc
 
 from meshkit.extproc import _proto
+from meshkit.extproc.ext_authz import OneShot
 from meshkit.extproc.filter import Exchange
-from meshkit.extproc.oneshot import OneShot
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 

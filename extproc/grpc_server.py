@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from meshkit.errors import ListenError
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -27,7 +29,7 @@ def _server_options(message_limit: int) -> list[tuple[str, Any]]:
     ]
 
 
-class AioCore:
+class GrpcServer:
     def __init__(
         self, handlers: Sequence[grpc.GenericRpcHandler], services: Sequence[str], message_limit: int
     ) -> None:
@@ -39,8 +41,16 @@ class AioCore:
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
 
-    def add_port(self, address: str) -> int:
-        return int(self.server.add_insecure_port(address))
+    def listen(self, address: str) -> str:
+        """Bind `HOST:PORT` (port 0: any free port) and return the bound `HOST:PORT`. grpcio binds its
+        own sockets, so this is the one listener that does not go through `meshkit.daemon.bind`; its
+        failure reads the same (`ListenError`, one line)."""
+        host = address.rpartition(":")[0]
+        try:
+            port = int(self.server.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise ListenError(f"cannot listen on {address} (--listen): {exc}") from None
+        return f"{host}:{port}"
 
     async def start(self, serving: Sequence[str]) -> None:
         await self.server.start()
@@ -50,5 +60,5 @@ class AioCore:
     async def not_serving(self) -> None:
         await self.health.enter_graceful_shutdown()
 
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace or None)

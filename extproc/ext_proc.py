@@ -22,23 +22,21 @@ from typing import Any
 import grpc
 
 from meshkit.extproc import _proto
+from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
-from meshkit.extproc.oneshot import too_large
 
-log = logging.getLogger("meshkit.extproc.server")
+log = logging.getLogger("meshkit.extproc.ext_proc")
 
-API = "ext_proc"
+API = Api.EXT_PROC
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _TRAILERS = frozenset({"request_trailers", "response_trailers"})
 
 
 class ExternalProcessor:
-    def __init__(self, chain: Chain, *, max_body_bytes: int) -> None:
+    def __init__(self, chain: Chain) -> None:
         self.chain = chain
-        self.max_body_bytes = max_body_bytes
         self.responses = _proto.ExtProcResponses()
-        self._too_large = too_large(max_body_bytes)
         self._metrics = chain.metrics
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
 
@@ -65,6 +63,7 @@ class ExternalProcessor:
                 if isinstance(step, Phase):
                     started = time.perf_counter()
                     ex = stream.exchange
+                    self.chain.new_round(ex)  # Envoy's message_timeout is per message
                     yield self._answer(step, ex, await self.chain.run(step, ex), started)
                 elif isinstance(step, bytes):
                     yield step
@@ -111,8 +110,8 @@ class ExternalProcessor:
         if not msg.end_of_stream:
             # STREAMED/partial delivery: keep the pieces, answer "continue", run the hooks at the end.
             parts.append(body)
-            if ex.reply is None and sum(map(len, parts)) > self.max_body_bytes:
-                self.chain.reject(ex, self._too_large, "max-body-bytes")
+            if ex.reply is None:
+                self.chain.check_size(ex, sum(map(len, parts)))
             if ex.reply is not None:
                 return self.responses.immediate(ex.reply)
             return self.responses.phase(Phase.REQUEST_BODY, _NO_MUTATION)
@@ -120,8 +119,7 @@ class ExternalProcessor:
             parts.append(body)
             body = b"".join(parts)
             parts.clear()
-        if len(body) > self.max_body_bytes and ex.reply is None:
-            self.chain.reject(ex, self._too_large, "max-body-bytes")
+        self.chain.check_size(ex, len(body))
         ex.body = body
         ex.end_of_stream = True
         return Phase.REQUEST_BODY

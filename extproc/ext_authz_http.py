@@ -16,25 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 from aiohttp import web
 
+from meshkit.extproc import replies
+from meshkit.extproc.apis import Api
+from meshkit.extproc.ext_authz import OneShot
 from meshkit.extproc.filter import Exchange, Reply
-from meshkit.extproc.oneshot import OneShot
 
-log = logging.getLogger("meshkit.extproc.http_authz")
+log = logging.getLogger("meshkit.extproc.ext_authz_http")
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 MAX_HEADER_BYTES = 64 << 10
 # Longer than the idle_timeout (30 s) the rendered Envoy cluster uses: Envoy, not meshkit, closes an
 # idle connection, so no check is ever sent into a connection that is being closed.
 KEEPALIVE_SECONDS = 75.0
-_INCOMPLETE = Reply.error(400, "incomplete_body", "the request body ended before its Content-Length")
 
 
 class HttpAuthorization(OneShot):
-    api = "ext_authz_http"
+    api = Api.EXT_AUTHZ_HTTP
 
     async def handle(self, request: web.BaseRequest) -> web.Response:
         started = time.perf_counter()
@@ -53,12 +55,12 @@ class HttpAuthorization(OneShot):
 
     async def _decide_request(self, request: web.BaseRequest, exchange: Exchange) -> Reply | None:
         try:
-            body = await _read_body(request, self.max_body_bytes)
+            body = await _read_body(request, self.chain.max_body_bytes)
         except (asyncio.IncompleteReadError, ConnectionResetError):  # Envoy went away mid-body
             log.info("check request ended before its body did", extra={"request_id": exchange.request_id})
-            return self.chain.reject(exchange, _INCOMPLETE, "incomplete-body")
+            return self.chain.reject(exchange, replies.INCOMPLETE_BODY, "incomplete-body")
         if body is None:  # over the limit: refused without reading the rest
-            return self.chain.reject(exchange, self._too_large, "max-body-bytes")
+            return self.chain.check_size(exchange, self.chain.max_body_bytes + 1)
         return await self.decide(exchange, body)
 
 
@@ -102,18 +104,15 @@ class HttpAuthzServer:
         )
         self._server: asyncio.Server | None = None
 
-    async def start(self, address: str) -> str:
-        """Listen on `HOST:PORT` (port 0: any free one); return the bound `host:port`."""
-        host, _, port = address.rpartition(":")
-        if host.strip("[]") not in {"127.0.0.1", "::1", "localhost"}:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock` (bound by `meshkit.daemon.bind`)."""
+        host = sock.getsockname()[0]
+        if host not in {"127.0.0.1", "::1"}:
             log.warning(
-                "--http-listen %s is not loopback: every path on it is a check; keep it off ingress", address
+                "--http-listen on %s is not loopback: every path on it is a check; keep it off ingress", host
             )
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._handler, host.strip("[]"), int(port), reuse_address=True
-        )
-        return f"{host}:{self._server.sockets[0].getsockname()[1]}"
+        self._server = await loop.create_server(self._handler, sock=sock)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, give in-flight checks up to `grace` seconds, close the rest."""

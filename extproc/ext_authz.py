@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import time
 
+from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import Exchange, Phase, Reply
 
-__all__ = ["OneShot", "too_large"]
-
-
-def too_large(limit: int) -> Reply:
-    return Reply.error(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+__all__ = ["OneShot"]
 
 
 class OneShot:
     """Base of the ext_authz adapters: `decide()`, then `finish()`."""
 
-    api = "ext_authz"
+    api: Api = Api.EXT_AUTHZ
 
-    def __init__(self, chain: Chain, *, max_body_bytes: int) -> None:
+    def __init__(self, chain: Chain) -> None:
         self.chain = chain
-        self.max_body_bytes = max_body_bytes
-        self._too_large = too_large(max_body_bytes)
         self._metrics = chain.metrics
         self._histogram = chain.metrics.phase(self.api, "check")
         self._has_headers_phase = Phase.REQUEST_HEADERS in chain.phases
@@ -38,6 +33,7 @@ class OneShot:
         """Run the request phases on `exchange`, counted in flight until they end (also when Envoy's
         timeout cancels the call during an async hook)."""
         exchange.end_of_stream = not body
+        self.chain.new_round(exchange)  # one deadline for both phases: Envoy waits for one answer
         self._metrics.in_flight += 1
         try:
             return await self._decide(exchange, body)
@@ -50,8 +46,8 @@ class OneShot:
             return reply
         if not body:
             return None
-        if len(body) > self.max_body_bytes:
-            return chain.reject(exchange, self._too_large, "max-body-bytes")
+        if reply := chain.check_size(exchange, len(body)):
+            return reply
         exchange.body = body
         return await chain.run(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
 

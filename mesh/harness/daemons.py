@@ -1,0 +1,113 @@
+"""meshkit's own daemons as real child processes (`python -m meshkit COMMAND ...`).
+
+One launcher, `daemon()`, for any of them: it passes port 0 for every listener it is told about, waits
+for the one ready line every daemon prints (`meshkit.daemon.parse_ready`) and yields the bound
+addresses by name. Tests use them the way a user runs them: a real process that can be SIGTERMed or
+SIGKILLed mid-run. `extproc()` and `echo()` are that launcher with each daemon's listeners.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshkit.daemon import parse_ready
+from meshkit.errors import HarnessError
+from meshkit.harness.process import ManagedProcess
+
+
+@dataclass(frozen=True)
+class RunningDaemon:
+    """A running meshkit daemon: its process and the addresses of its ready line, by name."""
+
+    process: ManagedProcess
+    command: str
+    addresses: dict[str, str]
+
+    def port_of(self, name: str) -> int:
+        return int(self.addresses[name].rpartition(":")[2])
+
+    @property
+    def admin_port(self) -> int:
+        return self.port_of("admin")
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.addresses['admin']}"
+
+
+@dataclass(frozen=True)
+class Extproc(RunningDaemon):
+    """A running `meshkit extproc`: gRPC, ext_authz HTTP and admin ports."""
+
+    @property
+    def grpc_port(self) -> int:
+        return self.port_of("grpc")
+
+    @property
+    def http_port(self) -> int:
+        return self.port_of("http")
+
+    def port_for(self, api: str) -> int:
+        """The port Envoy's filter calls for `api` (ext_authz_http: the HTTP port; else gRPC)."""
+        return self.http_port if api == "ext_authz_http" else self.grpc_port
+
+
+@dataclass(frozen=True)
+class Echo(RunningDaemon):
+    @property
+    def port(self) -> int:
+        """The HTTP port it answers on."""
+        return self.port_of("http")
+
+
+def meshkit_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshkit", *args]
+
+
+def _ready(proc: ManagedProcess) -> bool:
+    return parse_ready(proc.log_text()) is not None
+
+
+@contextmanager
+def daemon(
+    command: str,
+    workdir: Path,
+    args: Sequence[str] = (),
+    *,
+    listeners: Sequence[str] = ("--listen",),
+    name: str | None = None,
+    start_timeout: float = 30.0,
+) -> Iterator[RunningDaemon]:
+    """`meshkit COMMAND` with every flag in `listeners` (and `--admin-listen`) on 127.0.0.1:0, plus
+    `args`; stopped (TERM, then KILL) on exit, whatever happened."""
+    ports = [arg for flag in (*listeners, "--admin-listen") for arg in (flag, "127.0.0.1:0")]
+    proc = ManagedProcess(
+        name or f"meshkit-{command}",
+        meshkit_argv(command, *ports, *args),
+        log_dir=workdir,
+        ready=_ready,
+        start_timeout=start_timeout,
+    )
+    with proc:
+        found = parse_ready(proc.log_text())
+        if found is None:  # ready() said yes, so the line is there
+            raise HarnessError(f"{proc.name}: no ready line\n{proc.tail()}")
+        yield RunningDaemon(proc, command, found[1])
+
+
+@contextmanager
+def extproc(workdir: Path, args: Sequence[str] = (), *, name: str = "meshkit-extproc") -> Iterator[Extproc]:
+    """`meshkit extproc` on free loopback ports (gRPC, ext_authz HTTP, admin) with extra `args`."""
+    with daemon("extproc", workdir, args, listeners=("--listen", "--http-listen"), name=name) as running:
+        yield Extproc(running.process, running.command, running.addresses)
+
+
+@contextmanager
+def echo(workdir: Path, args: Sequence[str] = (), *, name: str = "echo") -> Iterator[Echo]:
+    """`meshkit echo`: an upstream that answers with what it received (`--name` is `name`)."""
+    with daemon("echo", workdir, ["--name", name, *args], name=name) as running:
+        yield Echo(running.process, running.command, running.addresses)
