@@ -176,6 +176,7 @@ class Lifecycle:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     readiness: Readiness = field(default_factory=Readiness)
     addresses: dict[str, str] = field(default_factory=dict)
+    admin_address: str = ""  # bound before serve() runs: /readyz answers "starting ..." meanwhile
     _listeners: list[tuple[str, Listener]] = field(default_factory=list)
     _closers: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     _draining: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -296,13 +297,14 @@ async def run_daemon(
     life = Lifecycle(daemon.name, daemon_options)
     # The admin port is up first (/readyz says "starting ...") and last (503 "draining" meanwhile).
     app = admin_app(life.readiness, life.registry)
-    admin_address, admin = await start_app(daemon_options.admin_listen, app, "--admin-listen")
+    life.admin_address, admin = await start_app(daemon_options.admin_listen, app, "--admin-listen")
     try:
         try:
             await daemon.serve(options, life)
             life.readiness.set(True, "serving")
             log.info(
-                READY, extra={"daemon": daemon.name, "addresses": {**life.addresses, "admin": admin_address}}
+                READY,
+                extra={"daemon": daemon.name, "addresses": {**life.addresses, "admin": life.admin_address}},
             )
             if ready is not None:
                 ready.set()

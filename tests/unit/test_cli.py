@@ -85,3 +85,50 @@ def test_echo_port_in_use_exits_1() -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "cannot listen on" in result.stderr
+
+
+def test_option_names_are_unique_across_every_daemon_and_its_filters() -> None:
+    """Flags are flat (`--canonical-json`, later `--jwt-secret-file`): two sections may never declare
+    the same name. This is where a clash is caught, not in a traceback at start-up."""
+    from meshkit.cli import DAEMONS, load_daemon
+    from meshkit.options import clashes
+
+    for command in DAEMONS:
+        spec = load_daemon(command)
+        assert spec.name == command
+        assert clashes(spec.all_sections()) == [], command
+
+
+def test_a_clash_is_found() -> None:
+    from dataclasses import dataclass
+
+    from meshkit.daemon import DaemonOptions
+    from meshkit.options import clashes, option
+
+    @dataclass(frozen=True)
+    class Clashing:
+        log_level: str = option("x", "a second log_level")
+
+    assert clashes([DaemonOptions, Clashing]) == [
+        "option 'log_level' declared by both DaemonOptions and Clashing"
+    ]
+
+
+def test_yaml_may_group_a_filters_options_under_its_name(tmp_path: Path) -> None:
+    cfg = tmp_path / "meshkit.yaml"
+    cfg.write_text("extproc:\n  body-hash:\n    canonical_json: yes\n    hash: md5\n    nope: 1\n")
+    result = meshkit("extproc", "--config", str(cfg))
+    assert result.returncode == 2
+    assert "extproc.body-hash.hash in --config: 'md5' is not valid" in result.stderr
+    assert "extproc.body-hash.nope in --config: unknown option of body-hash" in result.stderr
+
+
+def test_a_new_daemon_is_one_module_and_one_registry_line() -> None:
+    """Every DAEMONS entry names a module whose DAEMON is a meshkit.daemon.Daemon; the CLI builds the
+    rest (flags, env, YAML, the run loop) from it."""
+    from meshkit.cli import COMMANDS, DAEMONS, load_daemon
+    from meshkit.daemon import Daemon
+
+    for command in DAEMONS:
+        assert isinstance(load_daemon(command), Daemon)
+        assert command in COMMANDS

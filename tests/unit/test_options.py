@@ -73,3 +73,24 @@ def test_yaml_section(tmp_path: Path) -> None:
         load_yaml_section(path, "x")
     with pytest.raises(ConfigError, match="cannot read"):
         load_yaml_section(tmp_path / "missing.yaml", "x")
+
+
+@dataclass(frozen=True)
+class Other:
+    depth: int = option(1, "a depth")
+
+
+def test_grouped_yaml_options_reach_only_their_section() -> None:
+    config = {"size": "2", "other": {"depth": 7}}
+    got = resolve([Opts, Other], command="x", env={}, config=config, groups={Other: "other"})
+    assert got[Opts].size == 2
+    assert got[Other].depth == 7
+
+
+def test_grouped_yaml_errors_name_the_group() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve([Opts, Other], command="x", env={}, config={"other": {"size": 1}}, groups={Other: "other"})
+    assert "x.other.size in --config: unknown option of other (known: depth)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        resolve([Opts, Other], command="x", env={}, config={"other": 3}, groups={Other: "other"})
+    assert "x.other in --config: must be a mapping" in str(err.value)

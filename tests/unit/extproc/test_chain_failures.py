@@ -1,0 +1,213 @@
+"""How the chain fails: deadlines, dependencies that are down, misspelt hooks, response-side changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+from meshkit.errors import DependencyError
+from meshkit.extproc import Exchange, Filter, Phase, Reply
+from meshkit.extproc.chain import Chain
+from meshkit.extproc.filter import hooks_of, lifecycle_of, safe_request_id
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Sleeper(Filter):
+    """Sets a header, then sleeps `seconds` (an async hook that may overrun the deadline)."""
+
+    name: ClassVar[str] = "sleeper"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, seconds: float, *, fail_open: bool = False) -> None:
+        super().__init__(NoOptions())
+        self.seconds = seconds
+        self.fail_open = fail_open  # type: ignore[misc]
+        self.cancelled = False
+
+    async def on_request_headers(self, exchange: Exchange) -> Reply | None:
+        exchange.set_header("x-sleeper", "partial")
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return None
+
+
+class Marker(Filter):
+    name: ClassVar[str] = "marker"
+    Options: ClassVar[type] = NoOptions
+
+    def on_request_headers(self, exchange: Exchange) -> None:
+        exchange.set_header("x-marker", "1")
+
+
+async def test_an_async_hook_past_the_deadline_is_cancelled_and_answered_504() -> None:
+    sleeper = Sleeper(5)
+    chain = Chain([sleeper, Marker(NoOptions())], filter_timeout=0.05)
+    ex = Exchange({})
+    reply = await asyncio.wait_for(chain.run(Phase.REQUEST_HEADERS, ex), 2)
+    assert reply is not None and reply.status == 504
+    assert json.loads(reply.body)["error"]["type"] == "timeout"
+    assert sleeper.cancelled
+    assert ex.take_mutations() == ({}, set(), False)  # nothing of the abandoned round applies
+    assert chain.metrics.timeouts["sleeper"] == 1
+
+
+async def test_a_fail_open_filter_that_overruns_lets_the_request_through_without_its_changes() -> None:
+    chain = Chain([Sleeper(5, fail_open=True), Marker(NoOptions())], filter_timeout=0.05)
+    ex = Exchange({})
+    assert await asyncio.wait_for(chain.run(Phase.REQUEST_HEADERS, ex), 2) is None
+    assert ex.take_mutations() == ({"x-marker": "1"}, set(), False)  # x-sleeper's partial value is undone
+    assert chain.metrics.timeouts["sleeper"] == 1
+
+
+async def test_one_deadline_covers_both_phases_of_a_round() -> None:
+    class TwoPhases(Filter):
+        name: ClassVar[str] = "two"
+        Options: ClassVar[type] = NoOptions
+
+        async def on_request_headers(self, exchange: Exchange) -> None:
+            await asyncio.sleep(0.06)
+
+        async def on_request_body(self, exchange: Exchange) -> None:
+            await asyncio.sleep(0.06)
+
+    chain = Chain([TwoPhases(NoOptions())], filter_timeout=0.1)
+    ex = Exchange({})
+    chain.new_round(ex)
+    assert await chain.run(Phase.REQUEST_HEADERS, ex) is None  # 0.06 s of 0.1
+    reply = await chain.run(Phase.REQUEST_BODY, ex)  # 0.12 s in all: over
+    assert reply is not None and reply.status == 504
+    ex2 = Exchange({})
+    chain.new_round(ex2)
+    assert await chain.run(Phase.REQUEST_HEADERS, ex2) is None
+    chain.new_round(ex2)  # ext_proc: every message is a round of its own
+    assert await chain.run(Phase.REQUEST_BODY, ex2) is None
+
+
+async def test_a_timeout_raised_by_the_hook_itself_is_a_failure_not_our_deadline() -> None:
+    class OwnTimeout(Filter):
+        name: ClassVar[str] = "own-timeout"
+        Options: ClassVar[type] = NoOptions
+
+        async def on_request_headers(self, exchange: Exchange) -> None:
+            raise TimeoutError("the client library's own timeout")
+
+    chain = Chain([OwnTimeout(NoOptions())], filter_timeout=5)
+    reply = await chain.run(Phase.REQUEST_HEADERS, Exchange({}))
+    assert reply is not None and reply.status == 500
+    assert chain.metrics.timeouts["own-timeout"] == 0
+
+
+class RedisDown(Filter):
+    name: ClassVar[str] = "needs-redis"
+    Options: ClassVar[type] = NoOptions
+
+    async def on_request_headers(self, exchange: Exchange) -> None:
+        raise DependencyError("redis", "connection refused", retry_after=3)
+
+
+async def test_dependency_error_is_503_with_retry_after_one_line_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chain = Chain([RedisDown(NoOptions())])
+    with caplog.at_level(logging.WARNING):
+        replies = [
+            await chain.run(Phase.REQUEST_HEADERS, Exchange({"x-request-id": f"r{i}"})) for i in range(5)
+        ]
+    for reply in replies:
+        assert reply is not None and reply.status == 503
+        assert ("retry-after", "3") in reply.headers
+        assert ("content-type", "application/json") in reply.headers
+        assert json.loads(reply.body)["error"]["type"] == "service_unavailable"
+    assert chain.metrics.dependency_errors == {"redis": 5}
+    lines = [r for r in caplog.records if "redis is unavailable" in r.getMessage()]
+    assert len(lines) == 1  # throttled: one line for the outage, the counter has every request
+    assert lines[0].exc_info is None
+    assert chain.metrics.errors == {}  # not counted as a filter bug
+
+
+def test_a_misspelt_hook_is_a_start_up_error() -> None:
+    class Typo(Filter):
+        name: ClassVar[str] = "typo"
+        Options: ClassVar[type] = NoOptions
+
+        def on_request_header(self, exchange: Exchange) -> None:  # missing "s": would never run
+            pass
+
+    with pytest.raises(TypeError, match=r"on_request_header\(\) is not a phase hook"):
+        Chain([Typo(NoOptions())])
+
+
+def test_a_hook_with_the_wrong_signature_is_a_start_up_error() -> None:
+    class Wrong:
+        name = "wrong"
+
+        def on_request_body(self) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="takes one exchange"):
+        hooks_of(Wrong)
+
+
+def test_filter_base_defaults_are_not_hooks_and_start_close_are_found() -> None:
+    class Quiet(Filter):
+        name: ClassVar[str] = "quiet"
+        Options: ClassVar[type] = NoOptions
+
+        async def start(self) -> None:
+            pass
+
+    assert hooks_of(Quiet) == {}
+    start, close = lifecycle_of(Quiet(NoOptions()))
+    assert start is not None and close is None
+    assert lifecycle_of(Marker(NoOptions())) == (None, None)
+
+
+async def test_response_phases_change_response_headers_and_never_request_headers() -> None:
+    class Stamp(Filter):
+        name: ClassVar[str] = "stamp"
+        Options: ClassVar[type] = NoOptions
+
+        def on_response_headers(self, exchange: Exchange) -> None:
+            exchange.set_response_header("X-Served-By", "meshkit")
+            exchange.remove_response_header("server")
+
+    class Confused(Filter):
+        name: ClassVar[str] = "confused"
+        Options: ClassVar[type] = NoOptions
+
+        def on_response_headers(self, exchange: Exchange) -> None:
+            exchange.set_header("x-too-late", "1")  # the request has gone upstream already
+
+    ex = Exchange({})
+    assert await Chain([Stamp(NoOptions())]).run(Phase.RESPONSE_HEADERS, ex) is None
+    assert ex.take_mutations() == ({"x-served-by": "meshkit"}, {"server"}, False)
+    reply = await Chain([Confused(NoOptions())]).run(Phase.RESPONSE_HEADERS, Exchange({}))
+    assert reply is not None and reply.status == 500
+    with pytest.raises(RuntimeError, match="use set_header"):
+        Exchange({}).set_response_header("x", "1")  # request phase
+
+
+@pytest.mark.parametrize(
+    ("raw", "logged"),
+    [
+        ("abc-123_x.y:z", "abc-123_x.y:z"),
+        ("evil\nINFO forged line", "evil_INFO_forged_line"),
+        ("x" * 5000, "x" * 64 + "~"),
+        ("", ""),
+    ],
+)
+def test_a_client_chosen_request_id_is_bounded_before_it_reaches_a_log(raw: str, logged: str) -> None:
+    assert Exchange({"x-request-id": raw}).request_id == logged
+    assert safe_request_id(raw) == logged

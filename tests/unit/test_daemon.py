@@ -1,0 +1,197 @@
+"""The shared daemon lifecycle, in-process: readiness, the ready line, the stop order, binding."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from meshkit import daemon as lifecycle
+from meshkit import logs
+from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, bind, parse_ready, run_daemon
+from meshkit.errors import ListenError, StartError
+from meshkit.options import resolve
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Recording:
+    """A listener and resources that write what happens to them into one shared log."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    async def stop(self, grace: float) -> None:
+        self.events.append(f"listener stop grace={grace:g}")
+
+    def resource(
+        self, name: str, gate: asyncio.Event | None = None, entered: asyncio.Event | None = None
+    ) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+        async def start() -> None:
+            self.events.append(f"start {name}")
+            if entered is not None:
+                entered.set()
+            if gate is not None:
+                await gate.wait()
+
+        async def close() -> None:
+            self.events.append(f"close {name}")
+
+        return start, close
+
+
+def options(**daemon: Any) -> Resolved:
+    flags = {"admin_listen": "127.0.0.1:0", **{k: str(v) for k, v in daemon.items()}}
+    return resolve([NoOptions, DaemonOptions], command="test", flags=flags, env={})
+
+
+async def get(url: str) -> tuple[int, dict[str, Any] | str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, text
+
+
+@pytest.fixture
+def captured() -> AsyncIterator[io.StringIO]:
+    stream = io.StringIO()
+    logs.setup("text", "info", stream)
+    yield stream  # type: ignore[misc]
+    logging.getLogger().handlers.clear()
+
+
+async def test_ready_only_after_every_resource_started_then_stop_order(captured: io.StringIO) -> None:
+    events: list[str] = []
+    rec = Recording(events)
+    gate, entered = asyncio.Event(), asyncio.Event()
+    admin: dict[str, str] = {}
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        admin["url"] = f"http://{life.admin_address}"
+        await life.start("first", *rec.resource("first"))
+        await life.start("slow", *rec.resource("slow", gate, entered))
+        life.add_listener("main", "127.0.0.1:1", rec)
+
+        async def draining() -> None:
+            events.append(f"draining ready={life.readiness.ready}")
+
+        life.on_draining(draining)
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    spec = Daemon("toy", "a toy", lambda: [NoOptions], serve)
+    task = asyncio.create_task(run_daemon(spec, options(drain_delay=0.2, drain_timeout=3), stop, ready=ready))
+    await asyncio.wait_for(entered.wait(), 5)
+    status, doc = await get(f"{admin['url']}/readyz")
+    assert status == 503
+    assert isinstance(doc, dict) and doc["reason"] == "starting slow"
+    assert not ready.is_set()
+    gate.set()
+    await asyncio.wait_for(ready.wait(), 5)
+    assert (await get(f"{admin['url']}/readyz"))[0] == 200
+    found = parse_ready(captured.getvalue())
+    assert found is not None and found[0] == "toy"
+    assert set(found[1]) == {"main", "admin"}
+
+    stop.set()
+    await asyncio.sleep(0.1)  # inside --drain-delay: readiness is off, the admin port still answers
+    assert (await get(f"{admin['url']}/readyz"))[0] == 503
+    assert events[-1] == "draining ready=False"
+    await asyncio.wait_for(task, 5)
+    assert events == [
+        "start first",
+        "start slow",
+        "draining ready=False",
+        "listener stop grace=3",  # after the drain delay, with the drain timeout
+        "close slow",  # resources in reverse order
+        "close first",
+    ]
+
+
+async def test_a_start_that_overruns_fails_with_start_error_and_progress_lines(
+    monkeypatch: pytest.MonkeyPatch, captured: io.StringIO
+) -> None:
+    monkeypatch.setattr(lifecycle, "PROGRESS_EVERY", 0.05)
+    closed: list[str] = []
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    async def close() -> None:
+        closed.append("earlier")
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("earlier", None, close)
+        await life.start("never", never)
+
+    spec = Daemon("toy", "a toy", lambda: [NoOptions], serve)
+    with pytest.raises(StartError, match=r"never did not start within 0.3 s \(--start-timeout\)"):
+        await run_daemon(spec, options(start_timeout=0.3), asyncio.Event())
+    assert "starting never: still waiting" in captured.getvalue()
+    assert closed == ["earlier"]  # what had started is closed again
+
+
+async def test_one_failing_close_does_not_keep_the_others_open(captured: io.StringIO) -> None:
+    closed: list[str] = []
+
+    async def bad() -> None:
+        raise RuntimeError("close failed")
+
+    async def good() -> None:
+        closed.append("good")
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("good", None, good)
+        await life.start("bad", None, bad)
+
+    stop = asyncio.Event()
+    stop.set()
+    await run_daemon(Daemon("toy", "a toy", lambda: [NoOptions], serve), options(), stop)
+    assert closed == ["good"]
+    assert "closing bad failed" in captured.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_ready_line_reads_back_in_both_log_formats(fmt: str) -> None:
+    stream = io.StringIO()
+    logs.setup(fmt, "info", stream)
+    try:
+        logging.getLogger("meshkit.daemon").info(
+            "ready", extra={"daemon": "echo", "addresses": {"http": "[::1]:80"}}
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    assert parse_ready("other line\n" + stream.getvalue()) == ("echo", {"http": "[::1]:80"})
+    assert parse_ready("nothing ready here\n") is None
+
+
+def test_bind_port_zero_ipv6_and_a_taken_port() -> None:
+    with bind("127.0.0.1:0") as sock:
+        port = sock.getsockname()[1]
+        assert port > 0
+        sock.listen()
+        with pytest.raises(
+            ListenError, match=rf"cannot listen on 127.0.0.1:{port} \(--x\): Address already in use"
+        ):
+            bind(f"127.0.0.1:{port}", what="--x")
+    if socket.has_ipv6:
+        try:
+            v6 = bind("[::1]:0")
+        except ListenError:
+            pytest.skip("no IPv6 loopback here")
+        with v6:
+            assert v6.family == socket.AF_INET6
+    with pytest.raises(ListenError, match=r"no-such-host\.invalid"):
+        bind("no-such-host.invalid:0")
