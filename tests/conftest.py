@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
-from collections.abc import Iterator
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,3 +32,23 @@ def stop_leftovers() -> Iterator[None]:
     left = process.running()
     process.stop_all()
     assert not left, f"processes still running at the end of the session: {left}"
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def readme_example(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], dict[str, Any]]:
+    """Runs the first ```python block after a README heading as a module; returns its namespace, so a
+    test can check that the example works as printed."""
+
+    def run(heading: str) -> dict[str, Any]:
+        text = README.read_text()
+        code = re.search(r"```python\n(.*?)```", text[text.index(heading) :], re.S)
+        assert code is not None, f"no python block after {heading!r}"
+        module = types.ModuleType("readme_" + re.sub(r"\W+", "_", heading).strip("_").lower())
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+        exec(compile(code.group(1), "README.md", "exec"), module.__dict__)
+        return module.__dict__
+
+    return run

@@ -5,35 +5,18 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import re
-import sys
-import types
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import pytest
 
 from meshkit import logs
 from meshkit.daemon import DaemonOptions, parse_ready, run_daemon
 from meshkit.options import resolve
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 
-
-def example(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    text = README.read_text()
-    section = text[text.index("### Writing a daemon") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None
-    module = types.ModuleType("meshkit_readme_hello")
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
-    exec(compile(code.group(1), "README.md", "exec"), module.__dict__)
-    return module.__dict__
-
-
-async def test_readme_daemon_example(monkeypatch: pytest.MonkeyPatch) -> None:
-    ns = example(monkeypatch)
+async def test_readme_daemon_example(readme_example: Callable[[str], dict[str, Any]]) -> None:
+    ns = readme_example("### Writing a daemon")
     spec = ns["DAEMON"]
     options = resolve(
         spec.all_sections(),
