@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -25,6 +26,7 @@ from meshkit.extproc.filter import Phase, Reply
 __all__ = ["CheckRequest", "DecodeError", "ExtProcResponses", "ProcessingRequest", "check_denied", "check_ok"]
 
 ProcessingRequest = ep.ProcessingRequest
+STREAMED = ProcessingMode.STREAMED  # `protocol_config.request_body_mode`: body in chunks
 CheckRequest = authz_pb.CheckRequest
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -141,9 +143,7 @@ class ExtProcResponses:
     @staticmethod
     def trailers(phase_name: str) -> bytes:
         """The empty answer to a trailers message (only sent if Envoy is configured to)."""
-        response = ep.ProcessingResponse()
-        getattr(response, phase_name).SetInParent()
-        return _serialized(response)
+        return _TRAILERS[phase_name]
 
     @staticmethod
     def immediate(reply: Reply) -> bytes:
@@ -163,6 +163,15 @@ class ExtProcResponses:
                 )
             )
         return _serialized(response)
+
+
+def _empty(phase_name: str) -> bytes:
+    response = ep.ProcessingResponse()
+    getattr(response, phase_name).SetInParent()
+    return _serialized(response)
+
+
+_TRAILERS = {name: _empty(name) for name in ("request_trailers", "response_trailers")}
 
 
 # -- ext_authz -----------------------------------------------------------------------------------

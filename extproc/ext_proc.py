@@ -3,20 +3,29 @@
 Each message gets exactly one response of the matching type. The loop only dispatches: the chain
 decides, `_proto` builds. Rules:
 
+- Headers twice, an empty or unparsable message is a protocol fault: INVALID_ARGUMENT, counted in
+  `meshkit_extproc_errors_total{kind="protocol"}` and logged.
 - A request without a body costs one message (headers with end_of_stream) and one response.
+- The body: Envoy 1.40 says on the first message how it sends it (`protocol_config.request_body_mode`).
+  BUFFERED (what meshkit renders, and what we assume when an older Envoy does not say) means ONE
+  `request_body` message holds the whole body, even with end_of_stream=false: that is how an HTTP/2
+  request with trailers arrives (nothing follows it with `request_trailer_mode: SKIP`). STREAMED means
+  chunks, joined until end_of_stream or a `request_trailers` message; each chunk is answered "continue"
+  and only the whole body runs the hooks. A body message after the whole body is a protocol fault.
 - A body over `max_body_bytes` gets a 413 JSON `ImmediateResponse` (Envoy's buffer limit and gRPC's
   message limit are set above it in the rendered configs, so we are the ones who answer).
 - After an `ImmediateResponse` Envoy ends the stream; should a message still arrive, it gets the same
   `ImmediateResponse` again (the chain never runs after a reply).
-- Protocol faults (an empty message, headers twice) end the stream with INVALID_ARGUMENT. EOF and
-  cancellation end it quietly. No exception escapes to grpcio from here except through `abort`.
+- EOF and cancellation end the stream quietly. No exception escapes to grpcio from here except through
+  `abort`.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -30,7 +39,16 @@ log = logging.getLogger("meshkit.extproc.ext_proc")
 
 API = Api.EXT_PROC
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-_TRAILERS = frozenset({"request_trailers", "response_trailers"})
+
+
+class _Deferred(enum.Enum):
+    """A step whose answer is not the phase's own message: the body hooks run on a `request_trailers`
+    message (STREAMED chunks that trailers complete), which must be answered with a TrailersResponse."""
+
+    BODY_AT_TRAILERS = "request_trailers"
+
+
+_Step = Phase | _Deferred | bytes | str  # run a phase | run the body at trailers | ready answer | fault
 
 
 class ExternalProcessor:
@@ -39,6 +57,9 @@ class ExternalProcessor:
         self.responses = _proto.ExtProcResponses()
         self._metrics = chain.metrics
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
+        self._continue_body = self.responses.phase(Phase.REQUEST_BODY, _NO_MUTATION)
+        # Makes each stream's state; a seam for tests that look at what a stream keeps.
+        self.stream_factory: Callable[[], _Stream] = _Stream
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -55,82 +76,117 @@ class ExternalProcessor:
     async def process(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        stream = _Stream()
+        stream = self.stream_factory()
         self._metrics.in_flight += 1
         try:
             async for data in requests:
                 step = self._step(stream, data)
                 if isinstance(step, Phase):
-                    started = time.perf_counter()
-                    ex = stream.exchange
-                    self.chain.new_round(ex)  # Envoy's message_timeout is per message
-                    yield self._answer(step, ex, await self.chain.run(step, ex), started)
+                    yield await self._round(stream, step)
                 elif isinstance(step, bytes):
                     yield step
+                elif step is _Deferred.BODY_AT_TRAILERS:
+                    yield await self._round(stream, Phase.REQUEST_BODY, step.value)
                 else:
                     self._fault_logged(step)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, step)
         finally:
             self._done(stream)
 
+    async def _round(self, stream: _Stream, phase: Phase, answer_as: str | None = None) -> bytes:
+        """Run one phase's hooks (a new deadline: Envoy's message_timeout is per message) and answer;
+        `answer_as`: the message kind to answer instead of the phase's own (trailers)."""
+        started = time.perf_counter()
+        ex = stream.exchange
+        self.chain.new_round(ex)
+        reply = await self.chain.run(phase, ex)
+        if reply is not None:
+            data = self._replied(stream, reply)
+        elif answer_as is not None:
+            ex.take_mutations()  # a TrailersResponse cannot carry header changes: the headers have gone
+            data = self.responses.trailers(answer_as)
+        else:
+            data = self.responses.phase(phase, ex.take_mutations())
+        self._histograms[phase].observe(time.perf_counter() - started)
+        return data
+
     # -- one message -----------------------------------------------------------------------------------
-    def _step(self, stream: _Stream, data: bytes) -> Phase | bytes | str:
+    def _step(self, stream: _Stream, data: bytes) -> _Step:
         """Take one message: the phase the chain must run, a ready answer, or a protocol fault (str)."""
         try:
             message = _proto.ProcessingRequest.FromString(data)
         except _proto.DecodeError:
             return "malformed ProcessingRequest"
         kind = message.WhichOneof("request")
-        ex = stream.exchange
         if kind == "request_headers":
-            if stream.started:
-                return "request_headers arrived twice on one stream"
-            msg = message.request_headers
-            ex.set_header_source(lambda: _proto.headers_of(msg))
-            ex.end_of_stream = msg.end_of_stream
-            stream.started = True
-            return Phase.REQUEST_HEADERS
+            return self._request_headers(stream, message)
+        if kind is None:
+            return "a ProcessingRequest without a request phase"
         stream.started = True
         if kind == "request_body":
             return self._body(stream, message.request_body)
         if kind == "response_headers":
             msg = message.response_headers
-            ex.set_response_header_source(lambda: _proto.headers_of(msg))
-            ex.end_of_stream = msg.end_of_stream
+            stream.exchange.set_response_header_source(lambda: _proto.headers_of(msg))
+            stream.exchange.end_of_stream = msg.end_of_stream
             return Phase.RESPONSE_HEADERS
         if kind == "response_body":
-            ex.response_body = message.response_body.body
+            stream.exchange.response_body = message.response_body.body
             return Phase.RESPONSE_BODY
-        if kind in _TRAILERS:
-            return self.responses.trailers(kind)
-        return "a ProcessingRequest without a request phase"
+        if kind == "request_trailers" and stream.body_parts:
+            return self._body_at_trailers(stream)
+        return self.responses.trailers(kind)
 
-    def _body(self, stream: _Stream, msg: Any) -> Phase | bytes:
-        ex, parts, body = stream.exchange, stream.body_parts, msg.body
-        if not msg.end_of_stream:
-            # STREAMED/partial delivery: keep the pieces, answer "continue", run the hooks at the end.
-            parts.append(body)
-            if ex.reply is None:
-                self.chain.check_size(ex, sum(map(len, parts)))
-            if ex.reply is not None:
-                return self.responses.immediate(ex.reply)
-            return self.responses.phase(Phase.REQUEST_BODY, _NO_MUTATION)
-        if parts:
-            parts.append(body)
-            body = b"".join(parts)
-            parts.clear()
-        self.chain.check_size(ex, len(body))
-        ex.body = body
+    @staticmethod
+    def _request_headers(stream: _Stream, message: Any) -> Phase | str:
+        if stream.started:
+            return "request_headers arrived twice on one stream"
+        msg = message.request_headers
+        ex = stream.exchange
+        ex.set_header_source(lambda: _proto.headers_of(msg))
+        ex.end_of_stream = msg.end_of_stream
+        # Absent (an Envoy before 1.33): NONE, read as BUFFERED, which is what meshkit renders.
+        stream.streamed = message.protocol_config.request_body_mode == _proto.STREAMED
+        stream.started = True
+        return Phase.REQUEST_HEADERS
+
+    def _body(self, stream: _Stream, msg: Any) -> Phase | bytes | str:
+        if stream.body_done:
+            return "request_body after the whole body"
+        if stream.streamed and not msg.end_of_stream:
+            return self._chunk(stream, msg.body)
+        return self._whole_body(stream, msg.body)
+
+    def _chunk(self, stream: _Stream, chunk: bytes) -> bytes:
+        """STREAMED: keep the chunk (or answer 413) and let Envoy send the next."""
+        stream.body_parts.append(chunk)
+        reply = self.chain.check_size(stream.exchange, sum(map(len, stream.body_parts)))
+        if reply is not None:
+            return self._replied(stream, reply)
+        return self._continue_body
+
+    def _whole_body(self, stream: _Stream, last: bytes) -> Phase | bytes:
+        """The body is complete with `last` (BUFFERED's one message, or STREAMED's final chunk)."""
+        stream.body_done = True
+        ex = stream.exchange
+        reply = self.chain.check_size(ex, sum(map(len, stream.body_parts)) + len(last))
+        if reply is not None:
+            return self._replied(stream, reply)
+        if stream.body_parts:
+            stream.body_parts.append(last)
+            last = b"".join(stream.body_parts)
+            stream.drop_body()
+        ex.body = last
         ex.end_of_stream = True
         return Phase.REQUEST_BODY
 
-    def _answer(self, phase: Phase, ex: Exchange, reply: Reply | None, started: float) -> bytes:
-        if reply is not None:
-            data = self.responses.immediate(reply)
-        else:
-            data = self.responses.phase(phase, ex.take_mutations())
-        self._histograms[phase].observe(time.perf_counter() - started)
-        return data
+    def _body_at_trailers(self, stream: _Stream) -> _Deferred | bytes:
+        """STREAMED chunks with `request_trailer_mode: SEND`: the trailers end the body."""
+        step = self._whole_body(stream, b"")
+        return step if isinstance(step, bytes) else _Deferred.BODY_AT_TRAILERS
+
+    def _replied(self, stream: _Stream, reply: Reply) -> bytes:
+        return self.responses.immediate(reply)
 
     def _done(self, stream: _Stream) -> None:
         self._metrics.in_flight -= 1
@@ -146,11 +202,21 @@ _NO_MUTATION: _proto.Mutation = ({}, set(), False)
 
 
 class _Stream:
-    """Per-stream state: the exchange, and body pieces when Envoy streams the body in chunks."""
+    """Per-stream state: the exchange, how Envoy sends the body, and STREAMED body chunks so far."""
 
-    __slots__ = ("body_parts", "exchange", "started")
+    __slots__ = ("body_done", "body_parts", "exchange", "started", "streamed")
 
     def __init__(self) -> None:
         self.exchange = Exchange()
+        self.started = False  # request_headers arrived
+        self.streamed = False  # protocol_config says STREAMED: chunks until end_of_stream or trailers
         self.body_parts: list[bytes] = []
-        self.started = False
+        self.body_done = False  # the whole body arrived (or was refused)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Body bytes this stream holds, waiting for the rest of the body."""
+        return sum(map(len, self.body_parts))
+
+    def drop_body(self) -> None:
+        self.body_parts = []

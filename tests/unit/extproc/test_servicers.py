@@ -9,6 +9,7 @@ import grpc
 import pytest
 import xxhash
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.rpc import code_pb2
@@ -75,8 +76,10 @@ async def test_request_without_body_costs_one_message(channel: grpc.aio.Channel)
     assert list(only.request_headers.response.header_mutation.remove_headers) == ["x-body-hash"]
 
 
-async def test_chunks_are_joined_before_hashing(channel: grpc.aio.Channel) -> None:
-    responses = await process(channel, headers(False), body(b"ab", False), body(b"cd", False), body(b"ef"))
+async def test_streamed_chunks_are_joined_before_hashing(channel: grpc.aio.Channel) -> None:
+    first = headers(False)
+    first.protocol_config.request_body_mode = ProcessingMode.STREAMED  # else one message is the body
+    responses = await process(channel, first, body(b"ab", False), body(b"cd", False), body(b"ef"))
     assert [r.WhichOneof("response") for r in responses] == ["request_headers"] + ["request_body"] * 3
     (option,) = responses[-1].request_body.response.header_mutation.set_headers
     assert option.header.raw_value == xxhash.xxh3_128_hexdigest(b"abcdef").encode()

@@ -1,0 +1,182 @@
+"""The ext_proc stream loop on its own: what one stream keeps, costs, answers and logs.
+
+Most tests drive `ExternalProcessor.process` directly (no socket, no gRPC threads), so memory and CPU
+can be measured for the loop alone; the ones about wire answers go through a real in-process gRPC
+channel like test_servicers.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, ClassVar
+
+import grpc
+import pytest
+import xxhash
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from meshkit.extproc import ext_proc
+from meshkit.extproc.chain import Chain
+from meshkit.extproc.ext_proc import ExternalProcessor
+from meshkit.extproc.filter import Exchange, Filter
+from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
+
+MiB = 1 << 20
+STREAMED = ProcessingMode.STREAMED
+BUFFERED = ProcessingMode.BUFFERED
+
+
+# -- messages -------------------------------------------------------------------------------------
+def headers(end_of_stream: bool = False, mode: int | None = None, **values: str) -> ep.ProcessingRequest:
+    """A request_headers message; `mode`: the request_body_mode Envoy 1.40 announces in protocol_config."""
+    hm = HeaderMap(
+        headers=[HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in values.items()]
+    )
+    msg = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=hm, end_of_stream=end_of_stream))
+    if mode is not None:
+        msg.protocol_config.request_body_mode = mode
+    return msg
+
+
+def body(data: bytes, end_of_stream: bool = True) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=data, end_of_stream=end_of_stream))
+
+
+def trailers() -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(request_trailers=ep.HttpTrailers())
+
+
+def wire(*messages: ep.ProcessingRequest) -> list[bytes]:
+    return [m.SerializeToString() for m in messages]
+
+
+def body_hash_of(response: ep.ProcessingResponse) -> bytes | None:
+    sets = response.request_body.response.header_mutation.set_headers
+    return next((o.header.raw_value for o in sets if o.header.key == "x-body-hash"), None)
+
+
+# -- driving the loop directly -----------------------------------------------------------------------
+class Aborted(Exception):
+    """What grpc.aio's `context.abort` does: raise out of the handler."""
+
+
+class FakeContext:
+    code: grpc.StatusCode | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise Aborted(details)
+
+
+class Recorder:
+    """The stream factory seam: keeps every stream the servicer made."""
+
+    def __init__(self) -> None:
+        self.streams: list[Any] = []
+
+    def __call__(self) -> Any:
+        stream = ext_proc._Stream()
+        self.streams.append(stream)
+        return stream
+
+
+def servicer(max_body_bytes: int = 1000, filters: Iterable[Any] | None = None) -> ExternalProcessor:
+    chain = Chain(list(filters or [BodyHashFilter(BodyHashOptions())]), max_body_bytes=max_body_bytes)
+    return ExternalProcessor(chain)
+
+
+async def drive(proc: ExternalProcessor, messages: Iterable[bytes]) -> list[ep.ProcessingResponse]:
+    async def requests() -> AsyncIterator[bytes]:
+        for data in messages:
+            yield data
+
+    return [ep.ProcessingResponse.FromString(r) async for r in proc.process(requests(), FakeContext())]
+
+
+async def drive_counting(proc: ExternalProcessor, messages: Iterable[bytes]) -> dict[str, int]:
+    """Like `drive`, but only counts the answers by kind (keeps no response alive)."""
+    counts: dict[str, int] = {}
+
+    async def requests() -> AsyncIterator[bytes]:
+        for data in messages:
+            yield data
+
+    async for r in proc.process(requests(), FakeContext()):
+        kind = ep.ProcessingResponse.FromString(r).WhichOneof("response") or ""
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+# -- defect 1 (the stream side; tests/integration/test_ext_proc_envoy.py drives real Envoy) -----
+@pytest.mark.parametrize("mode", [BUFFERED, None], ids=["buffered", "no-protocol-config"])
+async def test_buffered_body_without_end_of_stream_is_the_whole_body(mode: int | None) -> None:
+    """HTTP/2 with trailers, BUFFERED, trailers SKIP: Envoy's one body message has end_of_stream=false."""
+    responses = await drive(servicer(), wire(headers(mode=mode), body(b"whole", end_of_stream=False)))
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    assert body_hash_of(responses[1]) == xxhash.xxh3_128_hexdigest(b"whole").encode()
+
+
+async def test_buffered_body_then_trailers_gets_the_hash_and_an_empty_trailers_answer() -> None:
+    """Trailers SEND: the body message (end_of_stream=false) is whole; the trailers get their answer."""
+    responses = await drive(
+        servicer(), wire(headers(mode=BUFFERED), body(b"whole", end_of_stream=False), trailers())
+    )
+    assert [r.WhichOneof("response") for r in responses] == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+    ]
+    assert body_hash_of(responses[1]) == xxhash.xxh3_128_hexdigest(b"whole").encode()
+
+
+async def test_streamed_chunks_are_joined_until_end_of_stream() -> None:
+    messages = wire(headers(mode=STREAMED), body(b"ab", False), body(b"cd", False), body(b"ef"))
+    responses = await drive(servicer(), messages)
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers"] + ["request_body"] * 3
+    assert [body_hash_of(r) for r in responses[1:3]] == [None, None]
+    assert body_hash_of(responses[3]) == xxhash.xxh3_128_hexdigest(b"abcdef").encode()
+
+
+async def test_streamed_chunks_completed_by_trailers_run_the_body_hooks() -> None:
+    bodies: list[bytes | None] = []
+
+    class Peek(Filter):
+        name: ClassVar[str] = "peek"
+        Options: ClassVar[type[Any]] = dict
+
+        def on_request_body(self, exchange: Exchange) -> None:
+            bodies.append(exchange.body)
+
+    messages = wire(headers(mode=STREAMED), body(b"ab", False), body(b"cd", False), trailers())
+    responses = await drive(servicer(filters=[Peek({})]), messages)
+    assert [r.WhichOneof("response") for r in responses] == [
+        "request_headers",
+        "request_body",
+        "request_body",
+        "request_trailers",
+    ]
+    assert bodies == [b"abcd"]
+
+
+async def test_streamed_chunks_over_the_limit_completed_by_trailers_get_413() -> None:
+    messages = wire(headers(mode=STREAMED), body(b"a" * 600, False), trailers())
+    responses = await drive(servicer(max_body_bytes=1000), messages)
+    assert responses[-1].WhichOneof("response") == "request_trailers"
+    messages = wire(headers(mode=STREAMED), body(b"a" * 600, False), body(b"a" * 600, False), trailers())
+    responses = await drive(servicer(max_body_bytes=1000), messages)
+    assert [r.WhichOneof("response") for r in responses] == [
+        "request_headers",
+        "request_body",
+        "immediate_response",
+        "immediate_response",
+    ]
+    assert responses[2].immediate_response.status.code == 413
+
+
+async def test_a_second_body_after_a_buffered_one_is_invalid_argument() -> None:
+    proc = servicer()
+    with pytest.raises(Aborted, match="after the whole body"):
+        await drive(proc, wire(headers(mode=BUFFERED), body(b"one", False), body(b"two", False)))
+    assert proc.chain.metrics.errors == {"protocol": 1}
