@@ -14,8 +14,8 @@ decides, `_proto` builds. Rules:
   and only the whole body runs the hooks. A body message after the whole body is a protocol fault.
 - A body over `max_body_bytes` gets a 413 JSON `ImmediateResponse` (Envoy's buffer limit and gRPC's
   message limit are set above it in the rendered configs, so we are the ones who answer).
-- After an `ImmediateResponse` Envoy ends the stream; should a message still arrive, it gets the same
-  `ImmediateResponse` again (the chain never runs after a reply).
+- After an `ImmediateResponse` the stream keeps nothing (no chunk, no body) and runs no hook: should a
+  message still arrive, it gets the same `ImmediateResponse` again.
 - EOF and cancellation end the stream quietly. No exception escapes to grpcio from here except through
   `abort`.
 """
@@ -123,6 +123,8 @@ class ExternalProcessor:
         if kind is None:
             return "a ProcessingRequest without a request phase"
         stream.started = True
+        if stream.replied is not None:
+            return stream.replied
         if kind == "request_body":
             return self._body(stream, message.request_body)
         if kind == "response_headers":
@@ -158,11 +160,12 @@ class ExternalProcessor:
         return self._whole_body(stream, msg.body)
 
     def _chunk(self, stream: _Stream, chunk: bytes) -> bytes:
-        """STREAMED: keep the chunk (or answer 413) and let Envoy send the next."""
-        stream.body_parts.append(chunk)
-        reply = self.chain.check_size(stream.exchange, sum(map(len, stream.body_parts)))
+        """STREAMED: keep the chunk (or answer 413 and keep nothing) and let Envoy send the next."""
+        size = sum(map(len, stream.body_parts)) + len(chunk)
+        reply = self.chain.check_size(stream.exchange, size)
         if reply is not None:
             return self._replied(stream, reply)
+        stream.body_parts.append(chunk)
         return self._continue_body
 
     def _whole_body(self, stream: _Stream, last: bytes) -> Phase | bytes:
@@ -186,7 +189,10 @@ class ExternalProcessor:
         return step if isinstance(step, bytes) else _Deferred.BODY_AT_TRAILERS
 
     def _replied(self, stream: _Stream, reply: Reply) -> bytes:
-        return self.responses.immediate(reply)
+        """The stream's answer from now on: the reply; whatever body it held is dropped."""
+        stream.drop_body()
+        stream.replied = self.responses.immediate(reply)
+        return stream.replied
 
     def _done(self, stream: _Stream) -> None:
         self._metrics.in_flight -= 1
@@ -204,7 +210,7 @@ _NO_MUTATION: _proto.Mutation = ({}, set(), False)
 class _Stream:
     """Per-stream state: the exchange, how Envoy sends the body, and STREAMED body chunks so far."""
 
-    __slots__ = ("body_done", "body_parts", "exchange", "started", "streamed")
+    __slots__ = ("body_done", "body_parts", "exchange", "replied", "started", "streamed")
 
     def __init__(self) -> None:
         self.exchange = Exchange()
@@ -212,6 +218,7 @@ class _Stream:
         self.streamed = False  # protocol_config says STREAMED: chunks until end_of_stream or trailers
         self.body_parts: list[bytes] = []
         self.body_done = False  # the whole body arrived (or was refused)
+        self.replied: bytes | None = None  # the ImmediateResponse, once the stream has one
 
     @property
     def buffered_bytes(self) -> int:

@@ -7,7 +7,8 @@ channel like test_servicers.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import tracemalloc
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, ClassVar
 
 import grpc
@@ -107,6 +108,32 @@ async def drive_counting(proc: ExternalProcessor, messages: Iterable[bytes]) -> 
         kind = ep.ProcessingResponse.FromString(r).WhichOneof("response") or ""
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+# -- defect 2: after its own 413, a stream keeps nothing --------------------------------------------
+async def test_after_its_413_the_stream_keeps_no_body_chunks() -> None:
+    limit, chunks = 4 * MiB, 200
+    proc = servicer(max_body_bytes=limit)
+    recorder = Recorder()
+    proc.stream_factory = recorder
+    chunk = body(b"x" * MiB, end_of_stream=False).SerializeToString()
+
+    def messages() -> Iterator[bytes]:
+        yield headers(mode=STREAMED).SerializeToString()
+        for _ in range(chunks):
+            yield chunk
+
+    tracemalloc.start()
+    try:
+        counts = await drive_counting(proc, messages())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert counts == {"request_headers": 1, "request_body": 4, "immediate_response": chunks - 4}
+    (stream,) = recorder.streams
+    assert stream.buffered_bytes == 0
+    # At most the limit's worth of chunks plus the one being parsed, never the 200 MiB sent.
+    assert peak < limit + 4 * MiB, f"the stream held {peak / MiB:.0f} MiB"
 
 
 # -- defect 1 (the stream side; tests/integration/test_ext_proc_envoy.py drives real Envoy) -----
