@@ -13,7 +13,8 @@ decides, `_proto` builds. Rules:
   chunks, joined until end_of_stream or a `request_trailers` message; each chunk is answered "continue"
   and only the whole body runs the hooks. A body message after the whole body is a protocol fault.
 - A body over `max_body_bytes` gets a 413 JSON `ImmediateResponse` (Envoy's buffer limit and gRPC's
-  message limit are set above it in the rendered configs, so we are the ones who answer).
+  message limit are set above it in the rendered configs, so we are the ones who answer). The size is a
+  running total, so a body in many small chunks costs O(1) per chunk.
 - After an `ImmediateResponse` the stream keeps nothing (no chunk, no body) and runs no hook: should a
   message still arrive, it gets the same `ImmediateResponse` again.
 - EOF and cancellation end the stream quietly. No exception escapes to grpcio from here except through
@@ -161,18 +162,19 @@ class ExternalProcessor:
 
     def _chunk(self, stream: _Stream, chunk: bytes) -> bytes:
         """STREAMED: keep the chunk (or answer 413 and keep nothing) and let Envoy send the next."""
-        size = sum(map(len, stream.body_parts)) + len(chunk)
+        size = stream.body_size + len(chunk)
         reply = self.chain.check_size(stream.exchange, size)
         if reply is not None:
             return self._replied(stream, reply)
         stream.body_parts.append(chunk)
+        stream.body_size = size
         return self._continue_body
 
     def _whole_body(self, stream: _Stream, last: bytes) -> Phase | bytes:
         """The body is complete with `last` (BUFFERED's one message, or STREAMED's final chunk)."""
         stream.body_done = True
         ex = stream.exchange
-        reply = self.chain.check_size(ex, sum(map(len, stream.body_parts)) + len(last))
+        reply = self.chain.check_size(ex, stream.body_size + len(last))
         if reply is not None:
             return self._replied(stream, reply)
         if stream.body_parts:
@@ -210,20 +212,22 @@ _NO_MUTATION: _proto.Mutation = ({}, set(), False)
 class _Stream:
     """Per-stream state: the exchange, how Envoy sends the body, and STREAMED body chunks so far."""
 
-    __slots__ = ("body_done", "body_parts", "exchange", "replied", "started", "streamed")
+    __slots__ = ("body_done", "body_parts", "body_size", "exchange", "replied", "started", "streamed")
 
     def __init__(self) -> None:
         self.exchange = Exchange()
         self.started = False  # request_headers arrived
         self.streamed = False  # protocol_config says STREAMED: chunks until end_of_stream or trailers
         self.body_parts: list[bytes] = []
+        self.body_size = 0  # running total of body_parts (the size check is O(1) per chunk)
         self.body_done = False  # the whole body arrived (or was refused)
         self.replied: bytes | None = None  # the ImmediateResponse, once the stream has one
 
     @property
     def buffered_bytes(self) -> int:
         """Body bytes this stream holds, waiting for the rest of the body."""
-        return sum(map(len, self.body_parts))
+        return self.body_size
 
     def drop_body(self) -> None:
         self.body_parts = []
+        self.body_size = 0

@@ -7,6 +7,7 @@ channel like test_servicers.py.
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, ClassVar
@@ -134,6 +135,39 @@ async def test_after_its_413_the_stream_keeps_no_body_chunks() -> None:
     assert stream.buffered_bytes == 0
     # At most the limit's worth of chunks plus the one being parsed, never the 200 MiB sent.
     assert peak < limit + 4 * MiB, f"the stream held {peak / MiB:.0f} MiB"
+
+
+# -- defect 3: many small chunks cost linear CPU --------------------------------------------------
+class CountingList(list[bytes]):
+    """A list that counts the elements handed out by iterating it (what re-summing costs)."""
+
+    iterated = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for item in super().__iter__():
+            CountingList.iterated += 1
+            yield item
+
+
+async def test_many_small_chunks_are_counted_in_constant_time_each() -> None:
+    chunks = 20_000
+    proc = servicer(max_body_bytes=1 << 30)
+
+    def counting_stream() -> Any:
+        stream = ext_proc._Stream()
+        stream.body_parts = CountingList()
+        return stream
+
+    proc.stream_factory = counting_stream
+    CountingList.iterated = 0
+    messages = wire(headers(mode=STREAMED), *[body(b"a", end_of_stream=False)] * chunks, body(b"b"))
+    started = time.process_time()
+    responses = await drive(proc, messages)
+    cpu = time.process_time() - started
+    assert body_hash_of(responses[-1]) == xxhash.xxh3_128_hexdigest(b"a" * chunks + b"b").encode()
+    # Re-summing every earlier chunk on each new one walks ~chunks²/2 = 200 million elements.
+    assert CountingList.iterated <= chunks + 1
+    assert cpu < 5.0, f"{chunks} chunks took {cpu:.2f} s of CPU"  # generous: about 0.3 s here
 
 
 # -- defect 1 (the stream side; tests/integration/test_ext_proc_envoy.py drives real Envoy) -----
