@@ -3,7 +3,8 @@
 Each message gets exactly one response of the matching type. The loop only dispatches: the chain
 decides, `_proto` builds. Rules:
 
-- Headers twice, an empty or unparsable message is a protocol fault: INVALID_ARGUMENT, counted in
+- The first message is `request_headers` (the rendered config always sends them). Anything else first,
+  headers twice, an empty or unparsable message is a protocol fault: INVALID_ARGUMENT, counted in
   `meshkit_extproc_errors_total{kind="protocol"}` and logged.
 - A request without a body costs one message (headers with end_of_stream) and one response.
 - The body: Envoy 1.40 says on the first message how it sends it (`protocol_config.request_body_mode`).
@@ -123,7 +124,8 @@ class ExternalProcessor:
             return self._request_headers(stream, message)
         if kind is None:
             return "a ProcessingRequest without a request phase"
-        stream.started = True
+        if not stream.started:
+            return f"{kind} before request_headers"
         if stream.replied is not None:
             return stream.replied
         if kind == "request_body":

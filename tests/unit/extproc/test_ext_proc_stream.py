@@ -170,6 +170,47 @@ async def test_many_small_chunks_are_counted_in_constant_time_each() -> None:
     assert cpu < 5.0, f"{chunks} chunks took {cpu:.2f} s of CPU"  # generous: about 0.3 s here
 
 
+# -- defect 4: nothing may come before request_headers ---------------------------------------------
+@pytest.mark.parametrize(
+    "first",
+    [
+        body(b"early"),
+        body(b"early", end_of_stream=False),
+        ep.ProcessingRequest(response_headers=ep.HttpHeaders()),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"x", end_of_stream=True)),
+        trailers(),
+    ],
+    ids=["request_body", "request_body-chunk", "response_headers", "response_body", "request_trailers"],
+)
+async def test_a_message_before_request_headers_is_invalid_argument(first: ep.ProcessingRequest) -> None:
+    seen: list[dict[str, str]] = []
+
+    class Peek(Filter):
+        name: ClassVar[str] = "peek"
+        Options: ClassVar[type[Any]] = dict
+
+        def on_request_body(self, exchange: Exchange) -> None:
+            seen.append(dict(exchange.headers))
+
+        def on_response_headers(self, exchange: Exchange) -> None:
+            seen.append(dict(exchange.headers))
+
+    proc = servicer(filters=[Peek({})])
+    context = FakeContext()
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield first.SerializeToString()
+        yield headers(x_a="1").SerializeToString()
+
+    with pytest.raises(Aborted, match="before request_headers"):
+        async for _ in proc.process(requests(), context):
+            pass
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert seen == []  # no hook ran on a request without headers
+    assert proc.chain.metrics.errors == {"protocol": 1}
+    assert proc.chain.metrics.requests == {}  # not counted as a request either
+
+
 # -- defect 1 (the stream side; tests/integration/test_ext_proc_envoy.py drives real Envoy) -----
 @pytest.mark.parametrize("mode", [BUFFERED, None], ids=["buffered", "no-protocol-config"])
 async def test_buffered_body_without_end_of_stream_is_the_whole_body(mode: int | None) -> None:
