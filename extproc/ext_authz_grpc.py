@@ -7,19 +7,28 @@ body in one `CheckRequest`. Header changes become the OK response's `headers` / 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
 
 from meshkit.extproc import _proto
+from meshkit.extproc.chain import Chain
 from meshkit.extproc.ext_authz import OneShot
 from meshkit.extproc.filter import Exchange
+from meshkit.logs import Throttle
+
+log = logging.getLogger("meshkit.extproc.ext_authz_grpc")
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 
 
 class Authorization(OneShot):
     """The gRPC ext_authz service (what Envoy's `grpc_service` and Istio's envoyExtAuthzGrpc call)."""
+
+    def __init__(self, chain: Chain) -> None:
+        super().__init__(chain)
+        self._faults = Throttle(log)  # every fault counted; one line per 10 s (fuzzers flood otherwise)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -54,6 +63,9 @@ class Authorization(OneShot):
             request = _proto.CheckRequest.FromString(data)
         except _proto.DecodeError:
             self._metrics.error("protocol")
+            self._faults.warning(
+                "ext_authz:malformed", "ext_authz protocol fault: %s", "malformed CheckRequest"
+            )
             return None
         http = request.attributes.request.http
         exchange = Exchange(http.headers)  # request_id: x-request-id, read lazily from these

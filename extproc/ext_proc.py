@@ -5,7 +5,7 @@ decides, `_proto` builds. Rules:
 
 - The first message is `request_headers` (the rendered config always sends them). Anything else first,
   headers twice, an empty or unparsable message is a protocol fault: INVALID_ARGUMENT, counted in
-  `meshkit_extproc_errors_total{kind="protocol"}` and logged.
+  `meshkit_extproc_errors_total{kind="protocol"}`, logged at most once per 10 s per kind.
 - A request without a body costs one message (headers with end_of_stream) and one response.
 - The body: Envoy 1.40 says on the first message how it sends it (`protocol_config.request_body_mode`).
   BUFFERED (what meshkit renders, and what we assume when an older Envoy does not say) means ONE
@@ -36,6 +36,7 @@ from meshkit.extproc import _proto
 from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
+from meshkit.logs import Throttle
 
 log = logging.getLogger("meshkit.extproc.ext_proc")
 
@@ -60,6 +61,7 @@ class ExternalProcessor:
         self._metrics = chain.metrics
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
         self._continue_body = self.responses.phase(Phase.REQUEST_BODY, _NO_MUTATION)
+        self._faults = Throttle(log)
         # Makes each stream's state; a seam for tests that look at what a stream keeps.
         self.stream_factory: Callable[[], _Stream] = _Stream
 
@@ -204,8 +206,10 @@ class ExternalProcessor:
             self.chain.finish(stream.exchange, API)
 
     def _fault_logged(self, message: str) -> None:
+        """Count every fault; log one line per kind per 10 s (a fuzzer or a broken client must not flood
+        the log: 10,527 lines were seen in one fuzzing run)."""
         self._metrics.error("protocol")
-        log.warning("ext_proc protocol fault: %s", message)
+        self._faults.warning(f"ext_proc:{message}", "ext_proc protocol fault: %s", message)
 
 
 _NO_MUTATION: _proto.Mutation = ({}, set(), False)

@@ -7,6 +7,7 @@ channel like test_servicers.py.
 
 from __future__ import annotations
 
+import logging
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -21,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from meshkit.extproc import ext_proc
 from meshkit.extproc.chain import Chain
+from meshkit.extproc.ext_authz_grpc import Authorization
 from meshkit.extproc.ext_proc import ExternalProcessor
 from meshkit.extproc.filter import Exchange, Filter
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
@@ -282,3 +284,54 @@ async def test_a_second_body_after_a_buffered_one_is_invalid_argument() -> None:
     with pytest.raises(Aborted, match="after the whole body"):
         await drive(proc, wire(headers(mode=BUFFERED), body(b"one", False), body(b"two", False)))
     assert proc.chain.metrics.errors == {"protocol": 1}
+
+
+# -- defect 5: protocol faults are counted, and logged at most once per 10 s per kind --------------
+@pytest.fixture
+async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Chain]]:
+    chain = Chain([BodyHashFilter(BodyHashOptions())], max_body_bytes=1000)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((ExternalProcessor(chain).handler(), Authorization(chain).handler()))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield ch, chain
+    await server.stop(None)
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+
+
+async def test_a_hundred_garbage_streams_log_one_line_and_count_a_hundred(
+    channel: tuple[grpc.aio.Channel, Chain], caplog: pytest.LogCaptureFixture
+) -> None:
+    ch, chain = channel
+    raw = ch.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process")
+    caplog.set_level(logging.WARNING)
+    for _ in range(100):
+        call = raw(iter([b"\xff\xff\xff\xff garbage"]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert chain.metrics.errors == {"protocol": 100}
+    assert warnings_of(caplog, "meshkit.extproc.ext_proc") == [
+        "ext_proc protocol fault: malformed ProcessingRequest"
+    ]
+
+
+async def test_a_hundred_garbage_checks_log_one_line_and_count_a_hundred(
+    channel: tuple[grpc.aio.Channel, Chain], caplog: pytest.LogCaptureFixture
+) -> None:
+    ch, chain = channel
+    check = ch.unary_unary("/envoy.service.auth.v3.Authorization/Check")
+    caplog.set_level(logging.WARNING)
+    for _ in range(100):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await check(b"\xff\xff not a CheckRequest")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert chain.metrics.errors == {"protocol": 100}
+    assert warnings_of(caplog, "meshkit.extproc.ext_authz_grpc") == [
+        "ext_authz protocol fault: malformed CheckRequest"
+    ]
