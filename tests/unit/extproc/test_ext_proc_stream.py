@@ -335,3 +335,72 @@ async def test_a_hundred_garbage_checks_log_one_line_and_count_a_hundred(
     assert warnings_of(caplog, "meshkit.extproc.ext_authz_grpc") == [
         "ext_authz protocol fault: malformed CheckRequest"
     ]
+
+
+# -- 6: response phases change the response's headers -------------------------------------------
+class ResponseHeaderFilter(Filter):
+    name: ClassVar[str] = "response-header"
+    Options: ClassVar[type[Any]] = dict
+
+    def on_response_headers(self, exchange: Exchange) -> None:
+        exchange.set_response_header("x-served-by", "meshkit é")
+        exchange.remove_response_header("server")
+
+
+class WrongSideFilter(Filter):
+    name: ClassVar[str] = "wrong-side"
+    Options: ClassVar[type[Any]] = dict
+
+    def on_response_headers(self, exchange: Exchange) -> None:
+        exchange.set_header("x-too-late", "1")  # a request header, once the request has gone upstream
+
+
+def response_headers(**values: str) -> ep.ProcessingRequest:
+    hm = HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()])
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=hm, end_of_stream=True))
+
+
+async def grpc_process(ch: grpc.aio.Channel, *messages: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
+    call = ch.stream_stream(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+        request_serializer=ep.ProcessingRequest.SerializeToString,
+        response_deserializer=ep.ProcessingResponse.FromString,
+    )
+    return [r async for r in call(iter(messages))]
+
+
+@pytest.fixture
+async def servicer_channel(request: pytest.FixtureRequest) -> AsyncIterator[grpc.aio.Channel]:
+    chain = Chain([request.param({})])
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((ExternalProcessor(chain).handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield ch
+    await server.stop(None)
+
+
+@pytest.mark.parametrize("servicer_channel", [ResponseHeaderFilter], indirect=True)
+async def test_response_header_changes_become_the_response_headers_mutation(
+    servicer_channel: grpc.aio.Channel,
+) -> None:
+    responses = await grpc_process(servicer_channel, headers(True), response_headers(server="upstream"))
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "response_headers"]
+    assert not responses[0].request_headers.response.HasField("header_mutation")
+    mutation = responses[1].response_headers.response.header_mutation
+    assert [(o.header.key, o.header.raw_value, o.header.value) for o in mutation.set_headers] == [
+        ("x-served-by", "meshkit é".encode(), "")  # raw_value: what Envoy 1.40 reads
+    ]
+    assert list(mutation.remove_headers) == ["server"]
+
+
+@pytest.mark.parametrize("servicer_channel", [WrongSideFilter], indirect=True)
+async def test_set_header_in_a_response_phase_is_a_500(
+    servicer_channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    responses = await grpc_process(servicer_channel, headers(True), response_headers())
+    reply = responses[1].immediate_response
+    assert reply.status.code == 500
+    assert b"internal" in reply.body.lower()
+    assert "use set_response_header" in caplog.text  # the RuntimeError, logged with its traceback
