@@ -3,7 +3,7 @@
 For each body size (default 1 KiB and 64 KiB POSTs) and each configuration, the same front Envoy
 (`--concurrency 1`) forwards to one shared upstream Envoy that answers 200 itself (`upstream_direct()`):
 
-    envoy-alone       FrontConfig(api="plain"), no filter: the ceiling
+    envoy-alone       FrontConfig(api=None), no filter: the ceiling
     meshkit-extproc   `meshkit extproc` + FrontConfig(api="ext_proc")  (headers SEND + BUFFERED body)
     meshkit-extauthz  `meshkit extproc` + FrontConfig(api="ext_authz") (one unary Check with the body)
     meshkit-authzhttp `meshkit extproc` + FrontConfig(api="ext_authz_http") (one keep-alive HTTP/1.1 check)
@@ -75,19 +75,19 @@ MOONSHOT_CPU_US = 150.0
 @dataclass(frozen=True)
 class Config:
     label: str
-    api: Api
+    api: Api | None  # None: Envoy alone
     server: str  # "none" | "meshkit" | "naive" | "peer"
 
 
 CONFIGS: dict[str, Config] = {
     c.label: c
     for c in (
-        Config("envoy-alone", "plain", "none"),
-        Config("meshkit-extproc", "ext_proc", "meshkit"),
-        Config("meshkit-extauthz", "ext_authz", "meshkit"),
-        Config("meshkit-authzhttp", "ext_authz_http", "meshkit"),
-        Config("naive-aio", "ext_proc", "naive"),
-        Config("peer-sdk", "ext_proc", "peer"),
+        Config("envoy-alone", None, "none"),
+        Config("meshkit-extproc", Api.EXT_PROC, "meshkit"),
+        Config("meshkit-extauthz", Api.EXT_AUTHZ, "meshkit"),
+        Config("meshkit-authzhttp", Api.EXT_AUTHZ_HTTP, "meshkit"),
+        Config("naive-aio", Api.EXT_PROC, "naive"),
+        Config("peer-sdk", Api.EXT_PROC, "peer"),
     )
 }
 
@@ -280,6 +280,7 @@ def start_server(
     if config.server == "none":
         return None, 0
     if config.server == "meshkit":
+        assert config.api is not None, "a meshkit row names its API"
         return stack.enter_context(meshkit_server(workdir, shlex.split(args.meshkit_args), name, config.api))
     if config.server == "naive":
         return stack.enter_context(reference_server(name, sys.executable, PEERS / "naive_aio.py", workdir))
@@ -342,7 +343,7 @@ def measure(
 ) -> Row:
     """Check the hash once, warm up, then one measured wrk run with CPU accounting."""
     size, url = len(target.body), front.url("ingress", "/bench")
-    reason = check_hash(url, target.body, expect_hash=config.api != "plain")
+    reason = check_hash(url, target.body, expect_hash=config.api is not None)
     if reason is not None:
         return Row(config.label, size, "FAILED", reason)
     run_wrk(wrk, url, target.body_file, args.warmup, args)

@@ -25,6 +25,7 @@ from typing import Any
 import xxhash
 
 from meshkit.errors import HarnessError, MeshkitError
+from meshkit.extproc.apis import Api
 from meshkit.harness.daemons import echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.render import FrontConfig
@@ -71,7 +72,7 @@ def _post(port: int, body: str, headers: dict[str, str] | None = None) -> Answer
     return status, resp_headers, doc if isinstance(doc, dict) else {"body": doc}
 
 
-def check(port: int) -> list[str]:
+def check(port: int, max_body_bytes: int) -> list[str]:
     """The walkthrough's requests; returns the problems found (empty: all good)."""
     problems = []
     want = xxhash.xxh3_128_hexdigest(DEMO_BODY.encode())
@@ -89,13 +90,13 @@ def check(port: int) -> list[str]:
     pods = {_post(port, DEMO_BODY)[2].get("upstream") for _ in range(3)}
     if len(pods) != 1:
         problems.append(f"the same body reached several pods: {sorted(map(str, pods))}")
-    status, _, doc = _post(port, "x" * (8 << 20 | 1))
+    status, _, doc = _post(port, "x" * (max_body_bytes + 1))
     if status != 413 or doc.get("error", {}).get("type") != "request_too_large":
         problems.append(f"oversized POST answered {status} {doc}, expected 413 request_too_large")
     return problems
 
 
-def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str) -> str:
+def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str, max_body_bytes: int) -> str:
     url = f"http://127.0.0.1:{port}"
     return f"""
 meshkit local stack is up:
@@ -108,8 +109,8 @@ meshkit local stack is up:
   # a spoofed hash never survives; no body, no hash
   curl -s {url}/v1/models -H 'x-body-hash: mine'
 
-  # over --max-body-bytes (8 MiB): 413 with a JSON error
-  head -c 9000000 /dev/zero | curl -s {url}/v1/embeddings --data-binary @-
+  # over --max-body-bytes ({max_body_bytes} bytes): 413 with a JSON error
+  head -c {max_body_bytes + 1} /dev/zero | curl -s {url}/v1/embeddings --data-binary @-
 
   # meshkit's metrics and readiness; Envoy's admin
   curl -s http://127.0.0.1:{admin_port}/metrics | grep meshkit_extproc_requests_total
@@ -155,21 +156,25 @@ def run_up(args: argparse.Namespace) -> int:
                     f"127.0.0.1:{server.http_port}, admin on 127.0.0.1:{server.admin_port}",
                     flush=True,
                 )
+                # The chain and the body limit are meshkit's defaults, which are FrontConfig's too.
                 config = FrontConfig(
                     upstream_ports=(pod_a.port, pod_b.port),
                     extproc_port=server.port_for(args.api),
-                    api=args.api,
+                    api=Api(args.api),
                     listen_port=args.port,
                 )
                 with envoy(config.render(), workdir, name="envoy-ingress") as proxy:
                     port = proxy.listeners["ingress"][1]  # --port 0 picks a free one
                     if args.check:
-                        problems = check(port)
+                        problems = check(port, config.max_body_bytes)
                         for p in problems:
                             print(f"FAIL: {p}", file=sys.stderr)
                         print("check: OK" if not problems else "check: FAILED", flush=True)
                         return 1 if problems else 0
-                    print(walkthrough(proxy, port, server.admin_port, args.api), flush=True)
+                    print(
+                        walkthrough(proxy, port, server.admin_port, args.api, config.max_body_bytes),
+                        flush=True,
+                    )
                     while True:
                         time.sleep(0.5)
                         for proc in (pod_a.process, pod_b.process, server.process, proxy.process):

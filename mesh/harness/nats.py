@@ -1,8 +1,8 @@
 """A real nats-server (Debian `nats-server` 2.9) for tests and the local stack.
 
-`nats_server()` writes a config file into `workdir`, starts the server on 127.0.0.1 with random ports
-(`-1`: client, HTTP monitoring and leafnode listeners), reads the bound ports back from its log and
-yields a `NatsServer`. Two shapes matter:
+`nats_server()` writes a config file into `workdir` (built by `meshkit.render.nats_config`), starts the
+server on 127.0.0.1 with random ports (`-1`: client, HTTP monitoring and leafnode listeners), reads the
+bound ports back from its log and yields a `NatsServer`. Two shapes matter:
 
 - an origin: JetStream with a `domain` (without one, JetStream cannot be reached from a leaf at all)
   and a leafnode listener (every server gets one);
@@ -31,6 +31,7 @@ from typing import Any
 
 from meshkit.errors import HarnessError
 from meshkit.harness.process import ManagedProcess, log_match
+from meshkit.render.nats_config import nats_server_config
 
 HOST = "127.0.0.1"
 _CLIENT_RE = r"Listening for client connections on [^\s]+:(\d+)"
@@ -125,13 +126,14 @@ def nats_server(
     store_dir = workdir / f"{name}-jetstream" if jetstream else None
     config_path = workdir / f"{name}.conf"
     config_path.write_text(
-        render_config(
+        nats_server_config(
             name=name,
             store_dir=store_dir,
             domain=domain if jetstream else None,
             leaf_remote=leaf_remote,
             ping_interval=ping_interval,
             ping_max=ping_max,
+            host=HOST,
         )
     )
 
@@ -177,38 +179,6 @@ def nats_server(
         yield server
     finally:
         proc.stop()
-
-
-def render_config(
-    *,
-    name: str,
-    store_dir: Path | None,
-    domain: str | None,
-    leaf_remote: str | None,
-    ping_interval: str,
-    ping_max: int,
-) -> str:
-    """The nats-server config text (strings JSON-quoted, which the NATS config format accepts)."""
-    q = json.dumps
-    lines = [
-        f"server_name: {q(name)}",
-        f"listen: {q(f'{HOST}:-1')}",
-        f"http: {q(f'{HOST}:-1')}",
-        f"ping_interval: {q(ping_interval)}",
-        f"ping_max: {int(ping_max)}",
-    ]
-    if store_dir is not None:
-        lines.append("jetstream {")
-        lines.append(f"  store_dir: {q(str(store_dir))}")
-        if domain is not None:
-            lines.append(f"  domain: {q(domain)}")
-        lines.append("}")
-    lines.append("leafnodes {")
-    lines.append(f"  listen: {q(f'{HOST}:-1')}")
-    if leaf_remote is not None:
-        lines.append(f"  remotes: [ {{ url: {q(leaf_remote)} }} ]")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def _get_json(url: str) -> dict[str, Any]:

@@ -4,9 +4,9 @@
 -s malloc,64m` as root; varnishd drops privileges by itself and reads the `-f` file AFTER that, so the
 VCL is written to a world-readable temporary directory (a pytest `tmp_path` sits under a 0700 directory),
 removed on exit.
-`backends={"name": (host, port)}` are declared right after the VCL's `vcl 4.x;` line, so a VCL can name
-backends whose ports are only known at run time. Backend hosts are resolved when the VCL compiles: use
-addresses, not names this machine cannot resolve.
+`backends={"name": (host, port)}` are declared right after the VCL's `vcl 4.x;` line (by
+`meshkit.render.varnish_vcl`), so a VCL can name backends whose ports are only known at run time. Backend
+hosts are resolved when the VCL compiles: use addresses, not names this machine cannot resolve.
 
 The `-a` socket is opened by the manager before the cache child runs, so readiness is both: the port
 accepts AND varnishd logged that its child started. Ports come from `free_port()`; when one is taken
@@ -33,11 +33,11 @@ from meshkit.harness.process import (
     start_on_free_ports,
     tcp_accepts,
 )
+from meshkit.render.varnish_vcl import vcl_with_backends
 
 HOST = "127.0.0.1"
 BIND_ATTEMPTS = 3
 _BIND_FAILED = re.compile(r"Could not get socket .*Address already in use|-T .* could not be listened on")
-_VCL_VERSION = re.compile(r"^\s*vcl\s+\d+\.\d+\s*;[^\n]*\n?", re.MULTILINE)
 _CHILD_STARTED = r"Child \(\d+\) said Child starts"
 
 
@@ -83,21 +83,6 @@ def varnishd_binary() -> str:
     return path
 
 
-def render_vcl(vcl_text: str, backends: Mapping[str, tuple[str, int]] | None = None) -> str:
-    """`vcl_text` with one `backend NAME { .host; .port; }` per entry inserted after its `vcl 4.x;` line."""
-    match = _VCL_VERSION.search(vcl_text)
-    if match is None:
-        raise HarnessError("the VCL must declare its version first, e.g. `vcl 4.1;`")
-    if not backends:
-        return vcl_text
-    declarations = "".join(
-        f'backend {name} {{ .host = "{host}"; .port = "{int(port)}"; }}\n'
-        for name, (host, port) in backends.items()
-    )
-    head = match.group(0) if match.group(0).endswith("\n") else match.group(0) + "\n"
-    return vcl_text[: match.start()] + head + declarations + vcl_text[match.end() :]
-
-
 @contextmanager
 def varnish_server(
     workdir: Path,
@@ -114,7 +99,10 @@ def varnish_server(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     instance_dir = workdir / name
-    vcl = render_vcl(vcl_text, backends)
+    try:
+        vcl = vcl_with_backends(vcl_text, backends)
+    except ValueError as exc:
+        raise HarnessError(f"VCL for {name}: {exc}") from None
     # Readable by the unprivileged varnish users, wherever `workdir` lives.
     vcl_dir = Path(tempfile.mkdtemp(prefix="meshkit-vcl-"))
     try:

@@ -1,0 +1,234 @@
+"""The ingress Envoy's bootstrap, built from one structure for every API (and for Envoy alone).
+
+    admin
+    listener "ingress"      buffer limit from --max-body-bytes; HTTP connection manager with
+                            local-reply mappers (meshkit's JSON for Envoy's own 413/500/504), the route
+                            (hash_policy and the response echo for each hash_header), the filters:
+                            header_mutation (removes what filters set), meshkit's filter, router
+    cluster meshkit_extproc HTTP/2 for the gRPC APIs; HTTP/1.1 with an idle timeout below meshkit's
+                            keep-alive for ext_authz over HTTP
+    cluster upstream        RING_HASH when a filter declares a hash_header, else ROUND_ROBIN
+
+Only the meshkit filter block differs per API (`envoy_meshkit_filter`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from meshkit.extproc.apis import Api
+from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS
+from meshkit.extproc.limits import envoy_buffer_limit
+from meshkit.render.commented_yaml import Why, plain, to_yaml
+from meshkit.render.envoy_local_replies import local_reply_mappers
+from meshkit.render.envoy_meshkit_filter import MESHKIT_CLUSTER, header_removal, meshkit_filter
+from meshkit.render.envoy_timeouts import duration
+from meshkit.render.front_config import FrontConfig
+
+__all__ = ["ROUTE_TIMEOUT", "front_document", "front_tree", "front_yaml", "socket_address"]
+
+ROUTE_TIMEOUT = 30.0  # seconds, the upstream's whole answer
+CONNECT_TIMEOUT = 1.0
+# Envoy closes an idle connection to meshkit's HTTP check server before meshkit would.
+HTTP_IDLE_TIMEOUT = min(30.0, KEEPALIVE_SECONDS / 2)
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+_TITLES = {
+    None: "Envoy alone, no call to meshkit (the benchmark's ceiling)",
+    Api.EXT_PROC: "meshkit's filter chain over ext_proc (one gRPC stream a request)",
+    Api.EXT_AUTHZ: "meshkit's filter chain over ext_authz gRPC (one unary Check call a request)",
+    Api.EXT_AUTHZ_HTTP: "meshkit's filter chain over ext_authz HTTP (one keep-alive HTTP/1.1 check)",
+}
+
+
+def socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _cluster_type(host: str) -> str:
+    """STATIC for an IP address; STRICT_DNS for a name (a Kubernetes Service): Envoy resolves it."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "STRICT_DNS"
+    return "STATIC"
+
+
+def _endpoints(name: str, host: str, ports: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, p)}} for p in ports]}],
+    }
+
+
+def _route(config: FrontConfig) -> dict[str, Any]:
+    hashes = config.needs.hash_headers
+    route: dict[str, Any] = {"cluster": "upstream", "timeout": duration(ROUTE_TIMEOUT)}
+    entry: dict[str, Any] = {"match": {"prefix": "/"}, "route": route}
+    if not hashes:
+        return entry
+    hashers = {n for names in hashes.values() for n in names}
+    by = [n for n in config.needs.names if n in hashers]
+    route["hash_policy"] = Why(
+        [{"header": {"header_name": h}} for h in hashes],
+        f"The same {', '.join(hashes)} always lands on the same pod ({', '.join(by)}: hash_header). "
+        "The router hashes after meshkit's filter has run, so it sees the header meshkit set; a "
+        "request without it goes to any pod.",
+    )
+    entry["response_headers_to_add"] = Why(
+        [
+            {"header": {"key": h, "value": f"%REQ({h})%"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for h in hashes
+        ],
+        "The hash goes back to the client for debugging, from Envoy, with no extra round trip.",
+    )
+    return entry
+
+
+def _http_filters(config: FrontConfig) -> list[Any]:
+    filters: list[Any] = []
+    removal = header_removal(config)
+    if removal is not None:
+        filters.append(removal)
+    if config.api is not None:
+        filters.append(meshkit_filter(config, config.api))
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
+    return filters
+
+
+def _listener(config: FrontConfig) -> dict[str, Any]:
+    buffer = envoy_buffer_limit(config.max_body_bytes)
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "ingress",
+        "codec_type": "AUTO",
+        "local_reply_config": Why(
+            {"mappers": local_reply_mappers(config.max_body_bytes)},
+            "Envoy's own 413 (body over its buffer) and 500/504 (meshkit failed, the chain fails closed) "
+            "get meshkit's JSON error body; matched on response.code_details, so a filter's own "
+            "413 or 500 keeps its body.",
+        ),
+        "route_config": {
+            "name": "ingress",
+            "virtual_hosts": [{"name": "upstream", "domains": ["*"], "routes": [_route(config)]}],
+        },
+        "http_filters": _http_filters(config),
+    }
+    return {
+        "name": "ingress",
+        "address": socket_address(config.listen_address, config.listen_port),
+        "per_connection_buffer_limit_bytes": Why(
+            buffer,
+            "Holds a whole buffered body plus headroom (--max-body-bytes + 1 MiB), or Envoy answers "
+            "413 before meshkit sees it.",
+        ),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+
+
+def _meshkit_cluster(config: FrontConfig, api: Api) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": MESHKIT_CLUSTER,
+        "type": _cluster_type(config.extproc_host),
+        "connect_timeout": duration(CONNECT_TIMEOUT),
+    }
+    options: dict[str, Any] = {"@type": f"type.googleapis.com/{_HTTP_OPTIONS}"}
+    if api is Api.EXT_AUTHZ_HTTP:
+        cluster["per_connection_buffer_limit_bytes"] = Why(
+            envoy_buffer_limit(config.max_body_bytes), "The buffered body plus headroom must fit."
+        )
+        options["common_http_protocol_options"] = Why(
+            {"idle_timeout": duration(HTTP_IDLE_TIMEOUT)},
+            f"Envoy closes idle connections before meshkit would (its keep-alive is "
+            f"{duration(KEEPALIVE_SECONDS)}), so a check never goes out on a connection the server is "
+            "closing at that moment.",
+        )
+        options["explicit_http_config"] = Why(
+            {"http_protocol_options": {}}, "Plain HTTP/1.1 with keep-alive."
+        )
+    else:
+        options["explicit_http_config"] = Why(
+            {"http2_protocol_options": {}},
+            "gRPC needs HTTP/2: without it the config validates but every request fails with 500.",
+        )
+    cluster["typed_extension_protocol_options"] = {_HTTP_OPTIONS: options}
+    cluster["load_assignment"] = _endpoints(MESHKIT_CLUSTER, config.extproc_host, (config.meshkit_port,))
+    return cluster
+
+
+def _upstream_cluster(config: FrontConfig) -> dict[str, Any]:
+    hashes = config.needs.hash_headers
+    if hashes:
+        lb = Why("RING_HASH", f"Consistent hashing on {', '.join(hashes)} (the route's hash_policy).")
+    else:
+        lb = Why("ROUND_ROBIN", "No filter declares a hash_header: nothing to hash on.")
+    return {
+        "name": "upstream",
+        "type": _cluster_type(config.upstream_host),
+        "connect_timeout": duration(CONNECT_TIMEOUT),
+        "per_connection_buffer_limit_bytes": envoy_buffer_limit(config.max_body_bytes),
+        "lb_policy": lb,
+        "load_assignment": _endpoints("upstream", config.upstream_host, config.upstream_ports),
+    }
+
+
+def front_tree(config: FrontConfig) -> dict[str, Any]:
+    """The bootstrap, with the reasons (`Why`) still attached."""
+    clusters = [_upstream_cluster(config)]
+    if config.api is not None:
+        clusters.insert(0, _meshkit_cluster(config, config.api))
+    return {
+        "admin": {"address": socket_address(config.admin_address, config.admin_port)},
+        "static_resources": {"listeners": [_listener(config)], "clusters": clusters},
+    }
+
+
+def front_document(config: FrontConfig) -> dict[str, Any]:
+    result: dict[str, Any] = plain(front_tree(config))
+    return result
+
+
+def _meshkit_command(config: FrontConfig) -> str:
+    """The `meshkit extproc` command line this config agrees with."""
+    if config.api is None:
+        return ""
+    parts = [
+        "meshkit extproc",
+        f"--filters {','.join(config.needs.names)}",
+        f"--max-body-bytes {config.max_body_bytes}",
+        f"--filter-timeout {config.filter_timeout:g}",
+    ]
+    address = f"{config.extproc_host}:{config.meshkit_port}"
+    if config.api is Api.EXT_AUTHZ_HTTP:
+        parts.append(f"--http-listen {address}")
+    else:
+        parts.append(f"--listen {address}")
+    return " ".join(parts)
+
+
+def header(config: FrontConfig) -> str:
+    """The comment block on top: what this is and the meshkit it must be run with."""
+    lines = [
+        f"Envoy ingress: {_TITLES[config.api]}.",
+        "Built by meshkit.render from the filter chain's own declarations (meshkit.extproc.filter.Filter):",
+        "every derived part says why in a comment above it.",
+    ]
+    command = _meshkit_command(config)
+    if command:
+        lines += [
+            f"Filter chain: {', '.join(config.needs.names)}. Run meshkit with the same chain and limits:",
+            f"  {command}",
+        ]
+        if config.api is Api.EXT_AUTHZ_HTTP:
+            lines.append("(--http-listen is off unless given: this config needs it.)")
+    return "\n".join(lines)
+
+
+def front_yaml(config: FrontConfig) -> str:
+    return to_yaml(front_tree(config), header(config))
