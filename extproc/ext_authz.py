@@ -32,8 +32,6 @@ class OneShot:
     async def decide(self, exchange: Exchange, body: bytes) -> Reply | None:
         """Run the request phases on `exchange`, counted in flight until they end (also when Envoy's
         timeout cancels the call during an async hook)."""
-        exchange.end_of_stream = not body
-        self.chain.new_round(exchange)  # one deadline for both phases: Envoy waits for one answer
         self._metrics.in_flight += 1
         try:
             return await self._decide(exchange, body)
@@ -41,7 +39,11 @@ class OneShot:
             self._metrics.in_flight -= 1
 
     async def _decide(self, exchange: Exchange, body: bytes) -> Reply | None:
+        """`decide` without the in-flight count, for an adapter that counts the check from earlier on
+        (the HTTP one: from its request headers, while the body may still be on its way)."""
+        exchange.end_of_stream = not body
         chain = self.chain
+        chain.new_round(exchange)  # one deadline for both phases: Envoy waits for one answer
         if self._has_headers_phase and (reply := await chain.run(Phase.REQUEST_HEADERS, exchange)):
             return reply
         if not body:

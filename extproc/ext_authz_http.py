@@ -10,21 +10,48 @@ client's method, path, the headers it is allowed to forward and the buffered bod
 
 No gRPC, no HTTP/2 framing, no grpcio thread hops: measured through Envoy, this is meshkit's cheapest
 path per request (see the README's benchmark).
+
+The port is a security boundary (auth decisions travel over it), and whatever reaches it may not be
+Envoy. What one such client can cost is bounded, each bound counted in
+`meshkit_extproc_errors_total{kind="http_..."}`:
+
+- the body is hashed exactly as sent: `Content-Encoding` is never inflated (a gzip bomb stays small);
+- a request's headers must be whole `HEADER_TIMEOUT_SECONDS` after its first byte (after the accept,
+  for a new connection), else the connection is closed; its body `BODY_TIMEOUT_SECONDS` after the
+  headers, else 408 and the connection closed. Envoy writes a check's headers and its buffered body
+  at once, so for Envoy both take microseconds;
+- at most `max_connections` open connections (`meshkit_extproc_http_connections`): one more makes
+  room by closing the connection whose request began longest ago and has not arrived whole, else the
+  least recently used idle one; a check being decided is never closed (if all are, the new one is);
+- a check whose client goes away is cancelled (async hooks get CancelledError) and its partial body
+  freed at once, not at the cycle collector's next pass;
+- a malformed request gets a JSON 400 and a closed connection: a counter, and one log line per kind
+  per 10 s (no request bytes in it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import socket
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from meshkit.extproc import replies
 from meshkit.extproc.apis import Api
+from meshkit.extproc.chain import Chain
 from meshkit.extproc.ext_authz import OneShot
 from meshkit.extproc.filter import Exchange, Reply
+from meshkit.extproc.metrics import Metrics
+from meshkit.logs import Throttle
 
 log = logging.getLogger("meshkit.extproc.ext_authz_http")
 
@@ -33,35 +60,181 @@ MAX_HEADER_BYTES = 64 << 10
 # Longer than the idle_timeout (30 s) the rendered Envoy cluster uses: Envoy, not meshkit, closes an
 # idle connection, so no check is ever sent into a connection that is being closed.
 KEEPALIVE_SECONDS = 75.0
+# Envoy writes a check's request line and headers in one go, as soon as the connection is up or taken
+# from its pool, and its body (buffered whole by `with_request_body`) right behind them. Either limit
+# is well above Envoy's own timeout for the whole check (`http_service.server_uri.timeout`: 1 s in the
+# rendered configs, --filter-timeout + 0.5 s), after which Envoy has given up on the check anyway: nothing
+# Envoy sends is ever cut, with room for a stalled process (GC pause, CPU steal), and a client that is not
+# Envoy holds a descriptor at most this long (a third of the 30 s Envoy keeps an idle connection).
+HEADER_TIMEOUT_SECONDS = 10.0
+BODY_TIMEOUT_SECONDS = 10.0
+# Open connections, whatever the file-descriptor limit allows (`default_max_connections`). One Envoy
+# holds at most 1024 connections to a cluster (its default circuit breaker) and far fewer in practice
+# (a check takes well under a millisecond): room for several Envoys at full concurrency, at a few KiB
+# of memory each.
+MAX_CONNECTIONS = 8192
+MIN_CONNECTIONS = 16
+
+
+def default_max_connections() -> int:
+    """Half the process's file descriptors (its soft RLIMIT_NOFILE), within [MIN_CONNECTIONS,
+    MAX_CONNECTIONS]: the other half stays for gRPC, the admin port and the filters' own clients, so a
+    flood on this port never makes `accept()` or anything else in the process fail for want of one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft // 2))
+
+
+# -- the check ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Unread:
+    """The body was not read whole: answer `reply`; `close`: then close the connection at once (the
+    framing is lost, or the client stalled) instead of letting aiohttp read and drop the rest."""
+
+    reply: Reply
+    close: bool
 
 
 class HttpAuthorization(OneShot):
     api = Api.EXT_AUTHZ_HTTP
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
-        started = time.perf_counter()
-        exchange = Exchange(lambda: _headers_of(request))
-        reply = await self._decide_request(request, exchange)
-        if reply is None:
-            sets, removes, _ = exchange.take_mutations()
-            headers = dict(sets)
-            if removes:
-                headers[HEADERS_TO_REMOVE] = ",".join(sorted(removes))
-            response = web.Response(status=200, headers=headers)
-        else:
-            response = web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
-        self.finish(exchange, started)
-        return response
+    def __init__(self, chain: Chain, *, body_timeout: float = BODY_TIMEOUT_SECONDS) -> None:
+        super().__init__(chain)
+        self.body_timeout = body_timeout
+        self._throttled = Throttle(log)
 
-    async def _decide_request(self, request: web.BaseRequest, exchange: Exchange) -> Reply | None:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        protocol = request.protocol
+        conn = protocol if isinstance(protocol, _Connection) else None
+        exchange = Exchange(lambda: _headers_of(request))
+        self._metrics.in_flight += 1  # from the headers on: a check whose body is on its way is in flight
+        reply: Reply | None
         try:
-            body = await _read_body(request, self.chain.max_body_bytes)
-        except (asyncio.IncompleteReadError, ConnectionResetError):  # Envoy went away mid-body
-            log.info("check request ended before its body did", extra={"request_id": exchange.request_id})
-            return self.chain.reject(exchange, replies.INCOMPLETE_BODY, "incomplete-body")
-        if body is None:  # over the limit: refused without reading the rest
-            return self.chain.check_size(exchange, self.chain.max_body_bytes + 1)
-        return await self.decide(exchange, body)
+            if conn is not None:
+                conn.headers_parsed()
+            body = await self._body(request, exchange)
+            if isinstance(body, _Unread):
+                reply, close = body.reply, body.close
+            else:
+                if conn is not None:
+                    conn.body_read()
+                reply, close = await self._decide(exchange, body), False
+        except asyncio.CancelledError:
+            self._client_gone(request, exchange)
+            raise
+        finally:
+            self._metrics.in_flight -= 1
+            if conn is not None:
+                conn.answered()
+        response = _response(exchange, reply)
+        self.finish(exchange, started)
+        return await _send_and_close(request, response) if close else response
+
+    async def _body(self, request: web.BaseRequest, exchange: Exchange) -> bytes | _Unread:
+        """The whole body as sent (never inflated: the server runs with `auto_decompress=False`)."""
+        chain = self.chain
+        length = request.content_length
+        if length is not None and (too_large := chain.check_size(exchange, length)):
+            return _Unread(too_large, close=False)  # refused unread; aiohttp drains what follows
+        content = request.content
+        try:
+            if content.is_eof():  # the usual case: Envoy wrote the headers and the body at once
+                return content.read_nowait(-1)
+            async with asyncio.timeout(self.body_timeout):
+                body = await _read_rest(content, chain.max_body_bytes)
+        except TimeoutError:
+            return self._refuse(
+                exchange,
+                replies.REQUEST_TIMEOUT,
+                "http_body_timeout",
+                "body stalled: not whole after %g s",
+                self.body_timeout,
+            )
+        except RequestPayloadError as exc:  # the body's framing is broken
+            exc.__traceback__ = None  # the stream keeps `exc`: no cycle through this frame
+            return self._refuse(exchange, replies.BAD_REQUEST, "http_malformed_body", "malformed body")
+        except ConnectionResetError as exc:  # the client went away mid-body (no cancellation yet)
+            exc.__traceback__ = None
+            return self._refuse(exchange, replies.INCOMPLETE_BODY, "http_incomplete_body", _ENDED_EARLY)
+        if body is None:  # chunked, and over the limit as it arrived: refused without the rest
+            too_large = chain.check_size(exchange, chain.max_body_bytes + 1)
+            assert too_large is not None  # over the limit by construction
+            return _Unread(too_large, close=False)
+        return body
+
+    def _refuse(self, exchange: Exchange, reply: Reply, kind: str, what: str, *args: Any) -> _Unread:
+        """Answer a check the server itself cannot take (`kind`: the error counter), closing its
+        connection; one log line per kind per 10 s."""
+        self._metrics.error(kind)
+        self._throttled.warning(
+            kind,
+            f"check request {what}: answered %d, connection closed",
+            *args,
+            reply.status,
+            request_id=exchange.request_id,
+        )
+        source = kind.removeprefix("http_").replace("_", "-")  # e.g. body-timeout, as max-body-bytes
+        return _Unread(self.chain.reject(exchange, reply, source), close=True)
+
+    def _client_gone(self, request: web.BaseRequest, exchange: Exchange) -> None:
+        """Cancelled because the connection was lost (aiohttp's `handler_cancellation`): counted, one
+        line per 10 s. A cancellation with the connection still up is the server stopping: not counted."""
+        if request.transport is not None:
+            return
+        if request.content.is_eof():
+            kind, what = "http_abandoned", "check abandoned: its connection closed before the answer"
+        else:
+            kind, what = "http_incomplete_body", _ENDED_EARLY
+        self._metrics.error(kind)
+        self._throttled.warning(kind, what, request_id=exchange.request_id)
+
+
+_ENDED_EARLY = "check request ended before its body did (the client went away)"
+
+
+def _response(exchange: Exchange, reply: Reply | None) -> web.Response:
+    if reply is not None:
+        return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
+    sets, removes, _ = exchange.take_mutations()
+    headers = dict(sets)
+    if removes:
+        headers[HEADERS_TO_REMOVE] = ",".join(sorted(removes))
+    return web.Response(status=200, headers=headers)
+
+
+async def _send_and_close(request: web.BaseRequest, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection at once: what is left of the body is not coming, or
+    cannot be framed (aiohttp would spend up to 10 s reading and dropping it)."""
+    response.force_close()
+    with contextlib.suppress(ConnectionError):  # the client has gone too: nothing to tell it
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
+    return response  # already sent: aiohttp's own prepare() and write_eof() do nothing more
+
+
+async def _read_rest(content: StreamReader, limit: int) -> bytes | None:
+    """The rest of a body still arriving, or None as soon as it exceeds `limit` bytes.
+
+    Whatever happens, the chunks read so far are dropped here and now: when a read fails, the
+    exception's traceback holds this frame, and the stream that keeps the exception is reachable from
+    it, a cycle only the cycle collector frees, with up to `limit` bytes in it (50 aborted 8 MiB
+    bodies held 420 MB until it ran)."""
+    parts: list[bytes] = []
+    chunk = b""
+    size = 0
+    try:
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        parts.clear()
+        del chunk
 
 
 def _headers_of(request: web.BaseRequest) -> dict[str, str]:
@@ -74,35 +247,243 @@ def _headers_of(request: web.BaseRequest) -> dict[str, str]:
     return headers
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it is known to exceed `limit` bytes."""
-    length = request.content_length
-    if length is not None:
-        if length == 0:  # Envoy sends `content-length: 0` for a request without a body
-            return b""
-        return None if length > limit else await request.content.readexactly(length)
-    parts, size = [], 0
-    async for chunk in request.content.iter_any():  # chunked: count as it arrives
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
+# -- the connections ----------------------------------------------------------------------------------
+# What a connection is doing. HEADERS: a request has begun (or the connection is new) and its headers
+# are on their way; BODY: its body is; DECIDING: the chain runs; IDLE: between requests; GONE: closed.
+_HEADERS, _BODY, _DECIDING, _IDLE, _GONE = range(5)
+
+
+class _Connections:
+    """Every open connection, by what it is doing: the header timeout and the connection limit act on
+    one connection at a time, with no timer per connection and no scan of the busy ones.
+
+    - `_reading` (HEADERS or BODY): oldest request first. The sweep walks it from the front while
+      requests are older than the header timeout; the limit closes its front first.
+    - `_idle`: least recently used first, the limit's second choice. Envoy reuses its most recently
+      used connection first, so the one closed is the one it is least likely to be about to use.
+    - DECIDING connections are in neither: a check being decided is never closed here."""
+
+    def __init__(self, metrics: Metrics, *, limit: int, header_timeout: float) -> None:
+        if limit < 1 or header_timeout <= 0:
+            raise ValueError("the connection limit must be at least 1 and the header timeout over 0 s")
+        self.limit = limit
+        self.header_timeout = header_timeout
+        self._metrics = metrics
+        self._reading: dict[_Connection, None] = {}
+        self._idle: dict[_Connection, None] = {}
+        self._open = 0
+        self._throttled = Throttle(log)
+        self._sweep_every = min(1.0, header_timeout / 4)  # closed at most 1 s past the timeout
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- the header timeout ---------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep, loop)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        cutoff = time.monotonic() - self.header_timeout
+        late = []
+        for conn in self._reading:  # in order of `since`: stop at the first request young enough
+            if conn.since > cutoff:
+                break
+            if conn.state == _HEADERS:  # BODY has its own timeout, answered 408 by the check
+                late.append(conn)
+        for conn in late:
+            self._close(
+                conn, "http_header_timeout", "request headers not whole after %g s", self.header_timeout
+            )
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep, loop)
+
+    # -- what the connections report ------------------------------------------------------------------
+    def opened(self, conn: _Connection) -> None:
+        if self._open >= self.limit and not self._make_room():
+            self._refused(conn)
+            return
+        self._open += 1
+        self._metrics.http_connections = self._open
+        self._begin(conn)
+
+    def closed(self, conn: _Connection) -> None:
+        if conn.state != _GONE:
+            self._forget(conn)
+
+    def began(self, conn: _Connection) -> None:
+        """IDLE -> HEADERS: the first bytes of its next request."""
+        del self._idle[conn]
+        self._begin(conn)
+
+    def headers_parsed(self, conn: _Connection) -> None:
+        """-> BODY. From IDLE too: a pipelined request whose bytes came with the previous one."""
+        if conn.state == _IDLE:
+            self.began(conn)
+        if conn.state == _HEADERS:
+            conn.state = _BODY
+
+    def body_read(self, conn: _Connection) -> None:
+        """BODY -> DECIDING: the chain runs; nothing closes the connection now."""
+        if conn.state == _BODY:
+            del self._reading[conn]
+            conn.state = _DECIDING
+
+    def answered(self, conn: _Connection) -> None:
+        """-> IDLE, or HEADERS if bytes of the next request came while this one was decided."""
+        if conn.state in (_BODY, _DECIDING):
+            self._reading.pop(conn, None)
+            if conn.next_began:
+                self._begin(conn)
+            else:
+                conn.state = _IDLE
+                self._idle[conn] = None
+
+    def fault(self, status: int, exc: BaseException | None) -> Reply:
+        """The reply to a request aiohttp could not hand to the check: a malformed one (counted by kind,
+        one line per kind per 10 s, none of its bytes), else a bug (its traceback logged)."""
+        if isinstance(exc, HttpProcessingError):
+            kind = type(exc).__name__
+            self._metrics.error(f"http_malformed:{kind}")
+            self._throttled.warning(
+                f"malformed:{kind}", "malformed check request (%s): answered 400, connection closed", kind
+            )
+            return replies.BAD_REQUEST
+        self._metrics.error("http_internal")
+        log.error("check request failed inside the HTTP server (%d)", status, exc_info=exc)
+        return replies.TIMEOUT if status == 504 else replies.INTERNAL_ERROR
+
+    # -- the table ------------------------------------------------------------------------------------
+    def _begin(self, conn: _Connection) -> None:
+        conn.state = _HEADERS
+        conn.since = time.monotonic()
+        conn.next_began = False
+        self._reading[conn] = None
+
+    def _make_room(self) -> bool:
+        """Close the connection whose request began longest ago, else the least recently used idle one;
+        False if every connection is deciding a check."""
+        victims = self._reading or self._idle
+        if not victims:
+            return False
+        self._close(
+            next(iter(victims)), "http_connection_evicted", "closed: over the limit of %d", self.limit
+        )
+        return True
+
+    def _refused(self, conn: _Connection) -> None:
+        conn.state = _GONE
+        conn.force_close()
+        self._metrics.error("http_connection_refused")
+        self._throttled.warning(
+            "http_connection_refused",
+            "new connection refused: %d open, every one deciding a check",
+            self._open,
+        )
+
+    def _close(self, conn: _Connection, kind: str, why: str, *args: Any) -> None:
+        self._forget(conn)
+        conn.force_close()
+        self._metrics.error(kind)
+        self._throttled.warning(kind, f"connection {why}", *args)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._reading.pop(conn, None)
+        self._idle.pop(conn, None)
+        conn.state = _GONE
+        self._open -= 1
+        self._metrics.http_connections = self._open
+
+
+class _Connection(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol, reporting to the connection table what the connection is doing.
+
+    aiohttp's own events are bytes arriving (`data_received`), the connection opening and closing, and
+    the errors it answers itself (`handle_error`: a JSON reply instead of its text); the check reports
+    the rest (`headers_parsed`, `body_read`, `answered`)."""
+
+    __slots__ = ("next_began", "since", "state", "table")
+
+    def __init__(self, manager: web.Server, table: _Connections, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self.table = table
+        self.state = _HEADERS
+        self.since = 0.0  # when the current request began: its first byte, or the accept
+        self.next_began = False  # bytes of the next request came while this one was being decided
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.table.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.table.closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == _IDLE:
+            self.table.began(self)
+        elif state == _DECIDING:
+            self.next_began = True
+        super().data_received(data)
+
+    def headers_parsed(self) -> None:
+        self.table.headers_parsed(self)
+
+    def body_read(self) -> None:
+        self.table.body_read(self)
+
+    def answered(self) -> None:
+        self.table.answered(self)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp's: a response has begun, the connection is broken
+            raise ConnectionError("a response was sent already; cannot send an error reply")
+        response = _response(Exchange(), self.table.fault(status, exc))
+        response.force_close()
+        return response
 
 
 class HttpAuthzServer:
-    """The aiohttp low-level server (no router, no middleware: every path is a check)."""
+    """The aiohttp low-level server (no router, no middleware: every path is a check), with our
+    protocol (`_Connection`) and the limits above."""
 
-    def __init__(self, authz: HttpAuthorization) -> None:
-        # Envoy forwards request lines and headers up to 60 KiB; aiohttp's default cap is 8190 bytes.
-        self._handler = web.Server(
-            authz.handle,
-            access_log=None,
-            max_line_size=MAX_HEADER_BYTES,
-            max_field_size=MAX_HEADER_BYTES,
-            keepalive_timeout=KEEPALIVE_SECONDS,
+    def __init__(
+        self,
+        authz: HttpAuthorization,
+        *,
+        header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        max_connections: int | None = None,
+    ) -> None:
+        self._table = _Connections(
+            authz.chain.metrics,
+            limit=max_connections or default_max_connections(),
+            header_timeout=header_timeout,
         )
+        # The handler, the connection list `shutdown()` walks, and handler_cancellation: a check whose
+        # connection is lost is cancelled (else an async hook runs on and stays counted in flight).
+        self._handler = web.Server(authz.handle, handler_cancellation=True)
+        self._options: dict[str, Any] = {
+            "access_log": None,
+            # Envoy forwards request lines and headers up to 60 KiB; aiohttp's default cap is 8190 bytes.
+            "max_line_size": MAX_HEADER_BYTES,
+            "max_field_size": MAX_HEADER_BYTES,
+            "keepalive_timeout": KEEPALIVE_SECONDS,
+            # Hash the bytes as sent: aiohttp would inflate gzip/deflate bodies (and gzip bombs).
+            "auto_decompress": False,
+        }
         self._server: asyncio.Server | None = None
+
+    @property
+    def max_connections(self) -> int:
+        return self._table.limit
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on `sock` (bound by `meshkit.daemon.bind`)."""
@@ -112,12 +493,18 @@ class HttpAuthzServer:
                 "--http-listen on %s is not loopback: every path on it is a check; keep it off ingress", host
             )
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._handler, sock=sock)
+
+        def connection() -> _Connection:
+            return _Connection(self._handler, self._table, loop=loop, **self._options)
+
+        self._server = await loop.create_server(connection, sock=sock)
+        self._table.start(loop)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, give in-flight checks up to `grace` seconds, close the rest."""
         if self._server is None:
             return
+        self._table.stop()
         self._server.close()
         await self._handler.shutdown(grace)
         self._server = None

@@ -7,6 +7,7 @@
     meshkit_extproc_filter_timeouts_total{filter}                 hooks cancelled at --filter-timeout
     meshkit_extproc_dependency_errors_total{dependency}           DependencyError: 503 (or let through)
     meshkit_extproc_streams_in_flight                             open ext_proc streams / Check calls
+    meshkit_extproc_http_connections                              open connections on --http-listen
 
 The request path only adds to plain ints (a few hundred nanoseconds per request, no locks: every
 update happens on the server's event loop); `collect()` turns them into metric families when
@@ -55,6 +56,7 @@ class Metrics:
         self.timeouts: dict[str, int] = dict.fromkeys(filter_names, 0)
         self.dependency_errors: dict[str, int] = {}
         self.in_flight = 0
+        self.http_connections = 0
         self.registry = registry or CollectorRegistry()
         self.registry.register(self)
 
@@ -127,4 +129,9 @@ class Metrics:
         yield from (requests, decisions, phases, errors, timeouts, dependencies)
         yield GaugeMetricFamily(
             "meshkit_extproc_streams_in_flight", "Open ext_proc streams and Check calls", value=self.in_flight
+        )
+        yield GaugeMetricFamily(
+            "meshkit_extproc_http_connections",
+            "Open connections on the ext_authz HTTP port (--http-listen)",
+            value=self.http_connections,
         )

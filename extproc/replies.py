@@ -9,11 +9,22 @@ from __future__ import annotations
 from meshkit.errors import DependencyError
 from meshkit.extproc.filter import Reply
 
-__all__ = ["INCOMPLETE_BODY", "INTERNAL_ERROR", "TIMEOUT", "dependency_down", "too_large"]
+__all__ = [
+    "BAD_REQUEST",
+    "INCOMPLETE_BODY",
+    "INTERNAL_ERROR",
+    "REQUEST_TIMEOUT",
+    "TIMEOUT",
+    "dependency_down",
+    "too_large",
+]
 
 INTERNAL_ERROR = Reply.error(500, "internal_error", "the request could not be processed")
 TIMEOUT = Reply.error(504, "timeout", "a filter did not decide in time")
 INCOMPLETE_BODY = Reply.error(400, "incomplete_body", "the request body ended before its Content-Length")
+# The ext_authz HTTP port's own faults: a check request that is not valid HTTP/1.1, or whose body stalled.
+BAD_REQUEST = Reply.error(400, "bad_request", "the request is not valid HTTP/1.1")
+REQUEST_TIMEOUT = Reply.error(408, "request_timeout", "the request body did not arrive in time")
 
 
 def too_large(limit: int) -> Reply:
