@@ -27,6 +27,7 @@ class Command:
     help: str
     setup: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+    takes_config: bool = True  # a `--config FILE` with a section named after the command
 
 
 # -- daemons: one line each; the module's DAEMON (a meshkit.daemon.Daemon) does the rest -------------
@@ -90,10 +91,32 @@ def _run_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run_up(args)
 
 
+# -- meshkit render ---------------------------------------------------------------------------------
+def _setup_render(parser: argparse.ArgumentParser) -> None:
+    from meshkit.render.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_render(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from meshkit.render.command import run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Command] = {
     **{name: _daemon_command(name) for name in DAEMONS},
     "up": Command(
-        "the local stack: Envoy ingress on 127.0.0.1:10000 -> meshkit -> echo upstream", _setup_up, _run_up
+        "the local stack: Envoy ingress on 127.0.0.1:10000 -> meshkit -> echo upstream",
+        _setup_up,
+        _run_up,
+        takes_config=False,
+    ),
+    "render": Command(
+        "print the Envoy config for meshkit's filter chain (ext_proc, ext_authz gRPC or HTTP)",
+        _setup_render,
+        _run_render,
+        takes_config=False,
     ),
 }
 
@@ -105,12 +128,13 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if name == command:  # only the chosen command's options (and imports) are built
-            p.add_argument(
-                "--config",
-                type=Path,
-                metavar="FILE",
-                help=f"YAML file with a {name!r} section (flags and MESHKIT_* env win over it)",
-            )
+            if cmd.takes_config:
+                p.add_argument(
+                    "--config",
+                    type=Path,
+                    metavar="FILE",
+                    help=f"YAML file with a {name!r} section (flags and MESHKIT_* env win over it)",
+                )
             cmd.setup(p)
     return parser
 
