@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,10 +66,10 @@ async def get(url: str) -> tuple[int, dict[str, Any] | str]:
 
 
 @pytest.fixture
-def captured() -> AsyncIterator[io.StringIO]:
+def captured() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     logs.setup("text", "info", stream)
-    yield stream  # type: ignore[misc]
+    yield stream
     logging.getLogger().handlers.clear()
 
 
