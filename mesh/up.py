@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api",
-        choices=("ext_authz_http", "ext_authz", "ext_proc"),
-        default="ext_authz_http",
+        choices=[api.value for api in Api],
+        default=Api.EXT_AUTHZ_HTTP.value,
         help="how Envoy calls meshkit (default: ext_authz_http, the cheapest path per request)",
     )
     parser.add_argument("--workdir", type=Path, help="where configs and logs go (default: a temp dir)")

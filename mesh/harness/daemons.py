@@ -16,6 +16,7 @@ from pathlib import Path
 
 from meshkit.daemon import parse_ready
 from meshkit.errors import HarnessError
+from meshkit.extproc.apis import Api
 from meshkit.harness.process import ManagedProcess
 
 
@@ -53,7 +54,7 @@ class Extproc(RunningDaemon):
 
     def port_for(self, api: str) -> int:
         """The port Envoy's filter calls for `api` (ext_authz_http: the HTTP port; else gRPC)."""
-        return self.http_port if api == "ext_authz_http" else self.grpc_port
+        return self.http_port if api == Api.EXT_AUTHZ_HTTP else self.grpc_port
 
 
 @dataclass(frozen=True)
