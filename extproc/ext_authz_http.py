@@ -64,8 +64,8 @@ KEEPALIVE_SECONDS = 75.0
 # from its pool, and its body (buffered whole by `with_request_body`) right behind them. Either limit
 # is well above Envoy's own timeout for the whole check (`http_service.server_uri.timeout`: 1 s in the
 # rendered configs, --filter-timeout + 0.5 s), after which Envoy has given up on the check anyway: nothing
-# Envoy sends is ever cut, with room for a stalled process (GC pause, CPU steal), and a client that is not
-# Envoy holds a descriptor at most this long (a third of the 30 s Envoy keeps an idle connection).
+# Envoy sends is ever cut, with room for a stalled process (GC pause, CPU steal); a client that is not
+# Envoy holds a descriptor at most this long (less at the connection limit), not aiohttp's 75 s.
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_TIMEOUT_SECONDS = 10.0
 # Open connections, whatever the file-descriptor limit allows (`default_max_connections`). One Envoy
