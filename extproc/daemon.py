@@ -36,6 +36,16 @@ def _parse_filters(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _non_negative(value: Any) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ValueError("expected a whole number, 0 or more") from None
+    if number < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return number
+
+
 def _parse_filter_timeout(value: Any) -> float:
     seconds = parse_seconds(value)
     if seconds <= 0:
@@ -62,6 +72,14 @@ class ExtprocOptions:
         "HOST:PORT for Envoy's ext_authz HTTP protocol (http_service), the cheapest path; empty: off",
         parse=lambda v: parse_host_port(v) if str(v).strip() else "",
         metavar="HOST:PORT",
+    )
+    http_max_connections: int = option(
+        0,
+        "most open connections on --http-listen; beyond it the connection whose request began longest ago "
+        "and has not arrived whole is closed first, then the least recently used idle one "
+        "(0: half the file-descriptor limit, at most 8192)",
+        parse=_non_negative,
+        metavar="N",
     )
     max_body_bytes: int = option(
         DEFAULT_MAX_BODY_BYTES,
@@ -99,7 +117,9 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         life.add_listener("grpc", grpc_address, grpc_server)
         life.on_draining(grpc_server.not_serving)
         if http_sock is not None:
-            http_server = HttpAuthzServer(HttpAuthorization(chain))
+            http_server = HttpAuthzServer(
+                HttpAuthorization(chain), max_connections=opts.http_max_connections or None
+            )
             await http_server.start(http_sock)
             life.add_listener("http", bound_address(opts.http_listen, http_sock), http_server)
             http_sock = None

@@ -58,6 +58,8 @@ def test_help(command: str) -> None:
         ("extproc:\n  filters: [1, 2]\n", "unknown filter 1, 2"),
         ("extproc:\n  max_body_bytes: 3GiB\n", "at most 1073741824 bytes"),
         ("extproc:\n  drain_delay: inf\n", "finite number of seconds"),
+        ("extproc:\n  http_max_connections: -1\n", "expected a whole number, 0 or more"),
+        ("extproc:\n  filter_timeout: 0\n", "must be more than 0 seconds"),
     ],
 )
 def test_odd_config_values_are_reported_not_raised(tmp_path: Path, yaml_text: str, needle: str) -> None:
