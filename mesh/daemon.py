@@ -8,6 +8,7 @@ around it owns the rest:
   (`life.registry`, with process CPU and memory);
 - readiness: on only after `serve()` returned, i.e. after every resource it declared has started (a
   start that takes long prints a progress line every few seconds and fails after `--start-timeout`);
+  a SIGTERM before that cancels the start-up, closes what had started and exits 0, with no ready line;
 - ONE structured ready line, the same for every daemon: `ready daemon=NAME addresses={"http": ...}`
   (text) or `{"msg": "ready", "daemon": NAME, "addresses": {...}}` (JSON); `parse_ready()` reads it
   back, and the harness and `meshkit up` use nothing else;
@@ -300,21 +301,44 @@ async def run_daemon(
     life.admin_address, admin = await start_app(daemon_options.admin_listen, app, "--admin-listen")
     try:
         try:
-            await daemon.serve(options, life)
-            life.readiness.set(True, "serving")
-            log.info(
-                READY,
-                extra={"daemon": daemon.name, "addresses": {**life.addresses, "admin": life.admin_address}},
-            )
-            if ready is not None:
-                ready.set()
-            await stop.wait()
-            await life.drain()
+            if await _unless_stopped(daemon.serve(options, life), stop):
+                life.readiness.set(True, "serving")
+                addresses = {**life.addresses, "admin": life.admin_address}
+                log.info(READY, extra={"daemon": daemon.name, "addresses": addresses})
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
+                await life.drain()
+            else:
+                log.info("stopped during start-up: closing what had started")
         finally:
             await life.close()
     finally:
         await admin.stop(0)
     log.info("stopped")
+
+
+async def _unless_stopped(starting: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await `starting` (the daemon's serve()); True once it is done, False if `stop` was set first: a
+    SIGTERM during start-up cancels it (a filter's pending start() with it) instead of waiting for
+    every resource to start, reporting ready and only then draining."""
+    task = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(stop.wait())
+    cancelled = False
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            cancelled = True
+            task.cancel()
+            await asyncio.wait({task})  # its cancellation has run (a start() being cancelled)
+    if cancelled:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("start-up ended with %r while stopping", exc)
+        return False
+    task.result()  # raises what serve() raised
+    return True
 
 
 def run(daemon: Daemon, options: Resolved) -> None:

@@ -195,3 +195,38 @@ def test_bind_port_zero_ipv6_and_a_taken_port() -> None:
             assert v6.family == socket.AF_INET6
     with pytest.raises(ListenError, match=r"no-such-host\.invalid"):
         bind("no-such-host.invalid:0")
+
+
+async def test_a_stop_during_start_up_cancels_the_pending_start_and_closes_what_had_started(
+    captured: io.StringIO,
+) -> None:
+    """SIGTERM while a filter's start() is pending: no waiting for --start-timeout, no ready line, and
+    readiness never on; what had started is closed, the pending start is cancelled."""
+    events: list[str] = []
+    rec = Recording(events)
+    entered = asyncio.Event()
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("first", *rec.resource("first"))
+        start, close = rec.resource("pending", asyncio.Event(), entered)  # its gate never opens
+
+        async def pending() -> None:
+            try:
+                await start()
+            except asyncio.CancelledError:
+                events.append("pending cancelled")
+                raise
+
+        await life.start("pending", pending, close)
+        events.append("serve went on")  # never: the start was cancelled
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    spec = Daemon("toy", "a toy", lambda: [NoOptions], serve)
+    task = asyncio.create_task(run_daemon(spec, options(start_timeout=60), stop, ready=ready))
+    await asyncio.wait_for(entered.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)  # not the 60 s --start-timeout
+    assert events == ["start first", "start pending", "pending cancelled", "close first"]
+    assert not ready.is_set()
+    assert parse_ready(captured.getvalue()) is None
+    assert "stopped during start-up" in captured.getvalue()
