@@ -10,8 +10,8 @@ around it owns the rest:
   start that takes long prints a progress line every few seconds and fails after `--start-timeout`);
   a SIGTERM before that cancels the start-up, closes what had started and exits 0, with no ready line;
 - ONE structured ready line, the same for every daemon: `ready daemon=NAME addresses={"http": ...}`
-  (text) or `{"msg": "ready", "daemon": NAME, "addresses": {...}}` (JSON); `parse_ready()` reads it
-  back, and the harness and `meshkit up` use nothing else;
+  (text) or `{"msg": "ready", "daemon": NAME, "addresses": {...}}` (JSON), printed whatever
+  `--log-level`; `parse_ready()` reads it back, and the harness and `meshkit up` use nothing else;
 - the stop order on SIGTERM/SIGINT: readiness off (and `life.on_draining` callbacks: gRPC health
   NOT_SERVING) -> `--drain-delay` so load balancers notice -> every listener stops accepting and its
   in-flight work gets up to `--drain-timeout` -> resources closed in reverse order -> exit 0. A second
@@ -304,7 +304,7 @@ async def run_daemon(
             if await _unless_stopped(daemon.serve(options, life), stop):
                 life.readiness.set(True, "serving")
                 addresses = {**life.addresses, "admin": life.admin_address}
-                log.info(READY, extra={"daemon": daemon.name, "addresses": addresses})
+                _log_whatever_the_level(READY, {"daemon": daemon.name, "addresses": addresses})
                 if ready is not None:
                     ready.set()
                 await stop.wait()
@@ -316,6 +316,12 @@ async def run_daemon(
     finally:
         await admin.stop(0)
     log.info("stopped")
+
+
+def _log_whatever_the_level(msg: str, extra: Mapping[str, Any]) -> None:
+    """An INFO line that `--log-level warning` does not hide: the ready line is how the harness,
+    `meshkit up` and a user with port 0 learn the bound addresses."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, (), None, extra=dict(extra)))
 
 
 async def _unless_stopped(starting: Awaitable[None], stop: asyncio.Event) -> bool:

@@ -230,3 +230,26 @@ async def test_a_stop_during_start_up_cancels_the_pending_start_and_closes_what_
     assert not ready.is_set()
     assert parse_ready(captured.getvalue()) is None
     assert "stopped during start-up" in captured.getvalue()
+
+
+async def test_the_ready_line_is_printed_at_any_log_level() -> None:
+    """`--log-level warning` must not hide the one line that says which ports were bound (the harness
+    waited for it until its start timeout)."""
+    stream = io.StringIO()
+    logs.setup("text", "warning", stream)
+    try:
+
+        async def serve(_: Resolved, life: Lifecycle) -> None:
+            life.add_listener("main", "127.0.0.1:1", Recording([]))
+
+        stop, ready = asyncio.Event(), asyncio.Event()
+        spec = Daemon("toy", "a toy", lambda: [NoOptions], serve)
+        task = asyncio.create_task(run_daemon(spec, options(), stop, ready=ready))
+        await asyncio.wait_for(ready.wait(), 5)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        logging.getLogger().handlers.clear()
+    found = parse_ready(stream.getvalue())
+    assert found is not None and found[0] == "toy" and found[1]["main"] == "127.0.0.1:1"
+    assert "stopped accepting" not in stream.getvalue()  # INFO lines are still hidden
