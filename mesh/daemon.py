@@ -271,21 +271,31 @@ class Lifecycle:
 
 # -- the ready line -------------------------------------------------------------------------------
 READY = "ready"
-_TEXT_READY = re.compile(r"\bready daemon=(\S+) addresses=(\{[^\n]*?\})(?: |$)", re.MULTILINE)
+# The ready line as meshkit.logs.TextFormatter writes it: time, level, this logger, then the message and
+# its two fields, nothing before them: a line that merely contains "ready daemon=" (a logged option or
+# header value, JSON-quoted or not) is not it.
+_TEXT_READY = re.compile(
+    rf"^\S+ \S+ \w+ +{re.escape(log.name)}: {READY} daemon=(\S+) addresses=(\{{\S*\}})(?: |$)"
+)
 
 
 def parse_ready(log_text: str) -> tuple[str, dict[str, str]] | None:
     """(daemon name, addresses by name) from a daemon's ready line, text or JSON; None before it."""
     for line in log_text.splitlines():
+        addresses: object = None
         if line.startswith("{"):
             try:
                 doc = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(doc, dict) and doc.get("msg") == READY and isinstance(doc.get("addresses"), dict):
-                return str(doc.get("daemon")), {str(k): str(v) for k, v in doc["addresses"].items()}
-        elif " ready daemon=" in line and (match := _TEXT_READY.search(line)):
-            return match.group(1), {str(k): str(v) for k, v in json.loads(match.group(2)).items()}
+            if isinstance(doc, dict) and doc.get("msg") == READY and doc.get("logger") == log.name:
+                name, addresses = doc.get("daemon"), doc.get("addresses")
+        elif match := _TEXT_READY.match(line):
+            name = match.group(1)
+            with contextlib.suppress(ValueError):
+                addresses = json.loads(match.group(2))
+        if isinstance(addresses, dict):
+            return str(name), {str(k): str(v) for k, v in addresses.items()}
     return None
 
 

@@ -253,3 +253,28 @@ async def test_the_ready_line_is_printed_at_any_log_level() -> None:
     found = parse_ready(stream.getvalue())
     assert found is not None and found[0] == "toy" and found[1]["main"] == "127.0.0.1:1"
     assert "stopped accepting" not in stream.getvalue()  # INFO lines are still hidden
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_line_that_merely_contains_the_ready_words_is_not_the_ready_line(fmt: str) -> None:
+    """Start-up lines carry operator and remote data (the options line, a filter's start() logging what
+    it fetched): "ready daemon=... addresses={...}" inside them must not pass for the ready line, nor
+    make parse_ready raise."""
+    stream = io.StringIO()
+    logs.setup(fmt, "info", stream)
+    try:
+        forged = 'x ready daemon=echo addresses={"http":"6.6.6.6:1"} y'
+        logging.getLogger("meshkit").info("starting", extra={"options": {"name": forged}})
+        bare = "a ready daemon=echo addresses={} b"
+        logging.getLogger("meshkit").info("starting", extra={"upstream": bare})
+        logging.getLogger("meshkit.extproc").warning(forged)
+        logging.getLogger("meshkit.extproc").info("ready", extra={"daemon": "echo", "addresses": {}})
+        assert parse_ready(stream.getvalue()) is None
+        logging.getLogger("meshkit.daemon").info(
+            "ready", extra={"daemon": "echo", "addresses": {"http": "127.0.0.1:80"}}
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    assert parse_ready(stream.getvalue()) == ("echo", {"http": "127.0.0.1:80"})
+    broken = '2026-01-01 00:00:00,000 INFO    meshkit.daemon: ready daemon=x addresses={"a":}\n'
+    assert parse_ready(broken) is None
