@@ -16,7 +16,9 @@ around it owns the rest:
   NOT_SERVING) -> `--drain-delay` so load balancers notice -> every listener stops accepting and its
   in-flight work gets up to `--drain-timeout` -> resources closed in reverse order -> exit 0. A second
   signal exits at once (listeners and resources are still closed, without grace);
-- errors: an address that cannot be bound -> `ListenError`, one line, exit 1; bad options -> every
+- errors: an address that cannot be bound -> `ListenError`, one line, exit 1; a resource that fails
+  to start (`DependencyError`, anything it raises) -> `StartError` naming it, one line, exit 1 (an
+  unexpected exception's traceback goes to the log first, in the log's format); bad options -> every
   problem at once, exit 2 (`meshkit.cli`).
 
 `bind()` is the one helper that binds `HOST:PORT` (port 0: any free port) and returns the socket.
@@ -40,7 +42,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from meshkit.admin import Readiness, admin_app
-from meshkit.errors import ListenError, StartError
+from meshkit.errors import ConfigError, ListenError, MeshkitError, StartError
 from meshkit.options import option, parse_host_port, parse_seconds
 
 log = logging.getLogger("meshkit.daemon")
@@ -169,6 +171,20 @@ async def start_app(address: str, app: web.Application, what: str) -> tuple[str,
     return bound_address(address, sock), _AppListener(runner)
 
 
+def _raise_start_failure(what: str, exc: BaseException | None) -> None:
+    """A failed start as one line naming the resource (`StartError`, exit 1): `DependencyError` and
+    meshkit's other errors as they read, anything else (a bug, an OSError from a client library) with
+    its type, and its traceback logged first. `ConfigError` stays itself (exit 2)."""
+    if exc is None:
+        return
+    if isinstance(exc, ConfigError) or not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, MeshkitError):
+        raise StartError(f"{what} did not start: {exc}") from exc
+    log.error("%s did not start", what, exc_info=exc)
+    raise StartError(f"{what} did not start: {type(exc).__name__}: {exc}") from exc
+
+
 # -- the lifecycle handed to serve() ------------------------------------------------------------------
 @dataclass
 class Lifecycle:
@@ -208,7 +224,7 @@ class Lifecycle:
                 left = self.options.start_timeout - (time.monotonic() - began)
                 done, _ = await asyncio.wait({task}, timeout=max(0.0, min(PROGRESS_EVERY, left)))
                 if done:
-                    task.result()  # raises what start() raised
+                    _raise_start_failure(what, task.exception())
                     return
                 if left <= PROGRESS_EVERY:
                     raise StartError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -134,3 +135,46 @@ def test_a_new_daemon_is_one_module_and_one_registry_line() -> None:
     for command in DAEMONS:
         assert isinstance(load_daemon(command), Daemon)
         assert command in COMMANDS
+
+
+PROBE_FILTER = """
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+from meshkit.extproc import Filter
+from meshkit.extproc.filters import FILTERS
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+class Broken(Filter):
+    name: ClassVar[str] = "broken"
+    Options: ClassVar[type] = NoOptions
+
+    async def start(self) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+FILTERS["broken"] = Broken
+from meshkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_filter_start_that_raises_exits_1_with_one_line_and_json_logs_stay_json() -> None:
+    """A filter's start() raising something unexpected: exit 1, one last line naming the filter, and
+    the traceback inside the JSON log (it was a bare traceback on stderr)."""
+    args = ["--filters", "broken", "--log-format", "json", "--listen", "127.0.0.1:0"]
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE_FILTER, "extproc", *args, "--admin-listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    *logged, last = result.stderr.strip().splitlines()
+    assert last == (
+        "meshkit extproc: filter broken did not start: ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    docs = [json.loads(line) for line in logged]  # every log line is JSON
+    assert any("Traceback" in doc.get("exc", "") for doc in docs)

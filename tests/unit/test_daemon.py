@@ -17,7 +17,7 @@ import pytest
 from meshkit import daemon as lifecycle
 from meshkit import logs
 from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, bind, parse_ready, run_daemon
-from meshkit.errors import ListenError, StartError
+from meshkit.errors import ConfigError, DependencyError, ListenError, StartError
 from meshkit.options import resolve
 
 
@@ -278,3 +278,47 @@ def test_a_line_that_merely_contains_the_ready_words_is_not_the_ready_line(fmt: 
     assert parse_ready(stream.getvalue()) == ("echo", {"http": "127.0.0.1:80"})
     broken = '2026-01-01 00:00:00,000 INFO    meshkit.daemon: ready daemon=x addresses={"a":}\n'
     assert parse_ready(broken) is None
+
+
+@pytest.mark.parametrize(
+    ("raised", "message", "traceback"),
+    [
+        (DependencyError("redis", "connection refused"), "redis: connection refused", False),
+        (StartError("no keys in /etc/keys"), "no keys in /etc/keys", False),
+        (ConnectionRefusedError(111, "Connection refused"), "ConnectionRefusedError: [Errno 111]", True),
+    ],
+)
+async def test_a_start_that_fails_is_one_start_error_naming_the_resource(
+    captured: io.StringIO, raised: Exception, message: str, traceback: bool
+) -> None:
+    """What a filter's start() raises becomes one StartError line (the CLI: exit 1) that says which
+    resource did not start; an unexpected exception's traceback goes to the log, not to bare stderr."""
+    closed: list[str] = []
+
+    async def fails() -> None:
+        raise raised
+
+    async def close() -> None:
+        closed.append("earlier")
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("earlier", None, close)
+        await life.start("filter auth", fails)
+
+    spec = Daemon("toy", "a toy", lambda: [NoOptions], serve)
+    with pytest.raises(StartError) as info:
+        await run_daemon(spec, options(), asyncio.Event())
+    assert str(info.value).startswith(f"filter auth did not start: {message}")
+    assert ("Traceback" in captured.getvalue()) is traceback
+    assert closed == ["earlier"]
+
+
+async def test_a_config_error_raised_by_a_start_stays_a_config_error(captured: io.StringIO) -> None:
+    async def fails() -> None:
+        raise ConfigError(["--jwt-secret-file /nope: cannot read"])
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("filter auth", fails)
+
+    with pytest.raises(ConfigError):
+        await run_daemon(Daemon("toy", "a toy", lambda: [NoOptions], serve), options(), asyncio.Event())
