@@ -91,9 +91,11 @@ class Chain:
         for hook in self._hooks[phase]:
             try:
                 if hook.is_async:
-                    reply = await self._run_async(hook, exchange)
+                    reply = await self._run_async(hook, exchange, hook.fn(exchange))
                 else:
-                    reply = cast(Reply | None, hook.fn(exchange))
+                    reply = hook.fn(exchange)
+                    if reply is not None and not isinstance(reply, Reply):
+                        reply = await self._odd_return(hook, exchange, reply)
             except ClientError as exc:
                 reply = Reply.from_client_error(exc)
             except DependencyError as exc:
@@ -106,7 +108,7 @@ class Chain:
                 return self.reject(exchange, reply, hook.filter_name)
         return None
 
-    async def _run_async(self, hook: _Hook, exchange: Exchange) -> Reply | None:
+    async def _run_async(self, hook: _Hook, exchange: Exchange, pending: Awaitable[Any]) -> Reply | None:
         loop = asyncio.get_running_loop()
         if exchange.deadline is None:
             exchange.deadline = loop.time() + self.filter_timeout
@@ -114,13 +116,24 @@ class Chain:
         deadline = asyncio.timeout_at(exchange.deadline)
         try:
             async with deadline:
-                return await cast(Awaitable[Reply | None], hook.fn(exchange))
+                reply = await pending
         except TimeoutError:
             if not deadline.expired():  # the hook's own TimeoutError (a client's): a failure, not ours
                 raise
             if saved is not None:
                 exchange.restore(saved)
             raise _Overran from None
+        if reply is not None and not isinstance(reply, Reply):
+            raise _not_a_reply(hook, reply)
+        return cast(Reply | None, reply)
+
+    async def _odd_return(self, hook: _Hook, exchange: Exchange, returned: Any) -> Reply | None:
+        """A sync hook returned something other than a Reply or None: an awaitable (a decorated async
+        hook, `def on_...: return self._check(ex)`, which the hook's type allows) is awaited under
+        the deadline like an async hook; anything else is the filter's bug."""
+        if inspect.isawaitable(returned):
+            return await self._run_async(hook, exchange, returned)
+        raise _not_a_reply(hook, returned)
 
     def _timed_out(self, hook: _Hook, exchange: Exchange) -> Reply | None:
         self.metrics.timeout(hook.filter_name)
@@ -182,6 +195,11 @@ class Chain:
         exchange.reply = reply
         self.metrics.replied(source, reply.status)
         return reply
+
+
+def _not_a_reply(hook: _Hook, value: Any) -> TypeError:
+    kind = type(value).__name__
+    return TypeError(f"filter {hook.filter_name}: a hook returned {kind}, not a Reply or None")
 
 
 class _Overran(Exception):

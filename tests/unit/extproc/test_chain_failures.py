@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -211,3 +212,62 @@ async def test_response_phases_change_response_headers_and_never_request_headers
 def test_a_client_chosen_request_id_is_bounded_before_it_reaches_a_log(raw: str, logged: str) -> None:
     assert Exchange({"x-request-id": raw}).request_id == logged
     assert safe_request_id(raw) == logged
+
+
+class Wrapped(Filter):
+    """A sync hook that returns its async helper's coroutine (what a decorator does, and what the
+    hook's type `Reply | Awaitable[Reply | None] | None` allows)."""
+
+    name: ClassVar[str] = "wrapped"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, seconds: float = 0, *, fail_open: bool = False) -> None:
+        super().__init__(NoOptions())
+        self.seconds = seconds
+        self.fail_open = fail_open  # type: ignore[misc]
+
+    async def _check(self, exchange: Exchange) -> Reply | None:
+        exchange.set_header("x-wrapped", "partial")
+        await asyncio.sleep(self.seconds)
+        return Reply.error(403, "forbidden", "no") if exchange.headers.get("x-deny") else None
+
+    def on_request_headers(self, exchange: Exchange) -> Awaitable[Reply | None]:
+        return self._check(exchange)
+
+
+async def test_a_sync_hook_that_returns_a_coroutine_is_awaited_under_the_deadline() -> None:
+    reply = await Chain([Wrapped()]).run(Phase.REQUEST_HEADERS, Exchange({"x-deny": "1"}))
+    assert reply is not None and reply.status == 403  # was: AttributeError out of chain.run
+    ex = Exchange({})
+    assert await Chain([Wrapped(), Marker(NoOptions())]).run(Phase.REQUEST_HEADERS, ex) is None
+    assert ex.take_mutations()[0] == {"x-wrapped": "partial", "x-marker": "1"}
+    chain = Chain([Wrapped(5)], filter_timeout=0.05)
+    reply = await asyncio.wait_for(chain.run(Phase.REQUEST_HEADERS, Exchange({})), 2)
+    assert reply is not None and reply.status == 504
+    assert chain.metrics.timeouts["wrapped"] == 1
+
+
+async def test_a_hook_that_returns_neither_a_reply_nor_none_is_the_filters_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class ReturnsTrue(Filter):
+        name: ClassVar[str] = "returns-true"
+        Options: ClassVar[type] = NoOptions
+
+        def on_request_headers(self, exchange: Exchange) -> bool:  # type: ignore[override]
+            return True
+
+    class ReturnsDict(Filter):
+        name: ClassVar[str] = "returns-dict"
+        Options: ClassVar[type] = NoOptions
+
+        async def on_request_headers(self, exchange: Exchange) -> dict[str, int]:  # type: ignore[override]
+            return {"status": 403}
+
+    for bad in (ReturnsTrue(NoOptions()), ReturnsDict(NoOptions())):
+        chain = Chain([bad])
+        with caplog.at_level(logging.ERROR):
+            reply = await chain.run(Phase.REQUEST_HEADERS, Exchange({}))  # was: AttributeError
+        assert reply is not None and reply.status == 500
+        assert chain.metrics.errors == {f"filter:{bad.name}": 1}
+        assert "not a Reply or None" in caplog.text
