@@ -25,7 +25,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from meshkit.errors import ClientError, DependencyError
 from meshkit.extproc import replies
@@ -125,7 +125,7 @@ class Chain:
             raise _Overran from None
         if reply is not None and not isinstance(reply, Reply):
             raise _not_a_reply(hook, reply)
-        return cast(Reply | None, reply)
+        return reply
 
     async def _odd_return(self, hook: _Hook, exchange: Exchange, returned: Any) -> Reply | None:
         """A sync hook returned something other than a Reply or None: an awaitable (a decorated async
