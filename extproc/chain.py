@@ -117,8 +117,11 @@ class Chain:
         try:
             async with deadline:
                 reply = await pending
-        except TimeoutError:
-            if not deadline.expired():  # the hook's own TimeoutError (a client's): a failure, not ours
+        except Exception:
+            # Once our deadline has cancelled the hook, whatever it raises is that cancellation: a
+            # client library may turn it into its own error (ConnectionError, its TimeoutError). Before
+            # that, a TimeoutError is the hook's own (a client's timeout): a failure, not ours.
+            if not deadline.expired():
                 raise
             if saved is not None:
                 exchange.restore(saved)

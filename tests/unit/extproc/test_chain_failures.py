@@ -271,3 +271,27 @@ async def test_a_hook_that_returns_neither_a_reply_nor_none_is_the_filters_500(
         assert reply is not None and reply.status == 500
         assert chain.metrics.errors == {f"filter:{bad.name}": 1}
         assert "not a Reply or None" in caplog.text
+
+
+async def test_a_hook_that_turns_our_cancellation_into_its_own_error_has_overrun() -> None:
+    """A client library may raise its own error when cancelled at the deadline (a ConnectionError):
+    that is still the deadline, so a fail-open filter lets the request through (it was a 500)."""
+
+    class Converts(Filter):
+        name: ClassVar[str] = "converts"
+        Options: ClassVar[type] = NoOptions
+        fail_open: ClassVar[bool] = True
+
+        async def on_request_headers(self, exchange: Exchange) -> None:
+            exchange.set_header("x-partial", "1")
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise ConnectionError("connection closed") from None
+
+    chain = Chain([Converts(NoOptions())], filter_timeout=0.05)
+    ex = Exchange({})
+    assert await asyncio.wait_for(chain.run(Phase.REQUEST_HEADERS, ex), 2) is None
+    assert ex.take_mutations() == ({}, set(), False)
+    assert chain.metrics.timeouts["converts"] == 1
+    assert chain.metrics.errors == {}
