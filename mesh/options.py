@@ -230,7 +230,8 @@ def _grouped(
     group's name (a filter's name) in YAML. Unknown keys inside a group are reported."""
     out: dict[type[Any], dict[str, Any]] = {}
     for section, group in groups.items():
-        for key in {group, group.replace("-", "_")}:
+        given: dict[str, str] = {}  # option -> the group key it came under (`body-hash` or `body_hash`)
+        for key in dict.fromkeys((group, group.replace("-", "_"))):
             if key not in config:
                 continue
             nested = config.pop(key)
@@ -245,6 +246,11 @@ def _grouped(
                         f"(known: {', '.join(sorted(names)) or 'none'})"
                     )
                     continue
+                first = f"{given[name]}.{name}" if name in given else name if name in config else None
+                if first is not None:
+                    problems.append(f"{command}.{first} and {command}.{key}.{name} in --config: given twice")
+                    continue
+                given[name] = key
                 out.setdefault(section, {})[name] = value
     return out
 

@@ -94,3 +94,17 @@ def test_grouped_yaml_errors_name_the_group() -> None:
     with pytest.raises(ConfigError) as err:
         resolve([Opts, Other], command="x", env={}, config={"other": 3}, groups={Other: "other"})
     assert "x.other in --config: must be a mapping" in str(err.value)
+
+
+def test_an_option_given_twice_in_yaml_is_a_problem_not_a_coin_toss() -> None:
+    """Flat and grouped, or under both spellings of the group: which value won depended on the order
+    of a set of strings (PYTHONHASHSEED) or silently on the nesting."""
+    groups = {Other: "other-thing"}
+    for config in (
+        {"depth": 1, "other-thing": {"depth": 2}},
+        {"other-thing": {"depth": 1}, "other_thing": {"depth": 2}},
+    ):
+        with pytest.raises(ConfigError, match=r"depth in --config: given twice"):
+            resolve([Opts, Other], command="x", env={}, config=config, groups=groups)
+    got = resolve([Opts, Other], command="x", env={}, config={"other_thing": {"depth": 3}}, groups=groups)
+    assert got[Other].depth == 3
