@@ -135,7 +135,7 @@ def _sections() -> list[type[Any]]:
 
 DAEMON = Daemon(
     name="extproc",
-    help="the ext_proc / ext_authz server: one filter chain over gRPC and HTTP",
+    help="the ext_proc / ext_authz server: one filter chain, three APIs",
     sections=_sections,
     serve=serve,
     groups=option_groups,

@@ -133,8 +133,11 @@ def test_a_new_daemon_is_one_module_and_one_registry_line() -> None:
     from meshkit.daemon import Daemon
 
     for command in DAEMONS:
-        assert isinstance(load_daemon(command), Daemon)
+        spec = load_daemon(command)
+        assert isinstance(spec, Daemon)
         assert command in COMMANDS
+        # the registry line carries the help so `meshkit --help` imports no daemon; one text, not two
+        assert spec.help == DAEMONS[command][1], command
 
 
 PROBE_FILTER = """
