@@ -21,6 +21,8 @@ SENSITIVE = frozenset(
         "authorization",
         "proxy-authorization",
         "x-api-key",
+        "api-key",  # Azure OpenAI
+        "x-goog-api-key",  # Gemini
         "cookie",
         "set-cookie",
         "api_key",
@@ -29,11 +31,23 @@ SENSITIVE = frozenset(
         "password",
     }
 )
+# Also any key that ends in one of these (`-` and `_` alike): `redis_password`, `client_secret`,
+# `x-auth-token`, `openai_api_key`.
+_SENSITIVE_ENDINGS = ("-api-key", "-token", "-secret", "-password", "-credentials")
+
+
+def is_sensitive(key: str) -> bool:
+    name = key.lower()
+    if name in SENSITIVE:
+        return True
+    return name.replace("_", "-").endswith(_SENSITIVE_ENDINGS)
+
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
 def redact(value: Any, key: str = "") -> Any:
-    if key.lower() in SENSITIVE:
+    if is_sensitive(key):
         return "***"
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
