@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from meshkit.errors import ClientError, error_body
+from meshkit.errors import ClientError, FilterDefinitionError, error_body
 
 __all__ = ["HOOK_PHASES", "PHASES", "Exchange", "Filter", "Hook", "Phase", "Reply", "hooks_of"]
 
@@ -338,12 +338,13 @@ def _overrides(kind: type[Any], name: str) -> Any:
 def hooks_of(kind: type[Any]) -> dict[Phase, Any]:
     """The phase hooks a filter class defines (not `Filter`'s no-op defaults), after checking them:
     a method named `on_...` that is not a phase, or a hook that does not take one exchange, raises
-    TypeError at start-up instead of silently never running."""
+    `FilterDefinitionError` (a TypeError; the CLI prints one line) at start-up instead of silently
+    never running."""
+    label = getattr(kind, "name", kind.__name__)
     for attr in dir(kind):
         if attr.startswith("on_") and attr not in HOOK_PHASES and callable(getattr(kind, attr)):
-            raise TypeError(
-                f"filter {getattr(kind, 'name', kind.__name__)!r}: {attr}() is not a phase hook "
-                f"(hooks: {', '.join(HOOK_PHASES)})"
+            raise FilterDefinitionError(
+                f"filter {label!r}: {attr}() is not a phase hook (hooks: {', '.join(HOOK_PHASES)})"
             )
     hooks: dict[Phase, Any] = {}
     for name, phase in HOOK_PHASES.items():
@@ -351,13 +352,12 @@ def hooks_of(kind: type[Any]) -> dict[Phase, Any]:
         if fn is None:
             continue
         if not callable(fn):
-            raise TypeError(f"filter {getattr(kind, 'name', kind.__name__)!r}: {name} is not a method")
+            raise FilterDefinitionError(f"filter {label!r}: {name} is not a method")
         try:
             inspect.signature(fn).bind(None, None)  # (self, exchange)
         except TypeError:
-            raise TypeError(
-                f"filter {getattr(kind, 'name', kind.__name__)!r}: {name}(self, exchange) takes one exchange"
-            ) from None
+            wrong = f"filter {label!r}: {name}(self, exchange) takes one exchange"
+            raise FilterDefinitionError(wrong) from None
         hooks[phase] = fn
     return hooks
 

@@ -3,7 +3,9 @@
 MeshkitError
 ├── ConfigError        bad options: collected, printed once, the CLI exits 2
 ├── ListenError        an address cannot be bound (taken, not ours): one line, the CLI exits 1
-├── StartError         a daemon's resource did not start in time: one line, the CLI exits 1
+├── StartError         a daemon's resource did not start (in time): one line, the CLI exits 1
+│   └── FilterDefinitionError  a filter class that cannot run as written (a misspelt on_... hook);
+│                      also a TypeError
 ├── ClientError        a request a client must fix: an HTTP status + JSON error body
 ├── DependencyError    a server meshkit needs (Redis, NATS, S3, a JWKS URL) is down or too slow:
 │                      a JSON 503 with Retry-After, one log line, counted by `dependency`
@@ -37,6 +39,11 @@ class ListenError(MeshkitError):
 
 class StartError(MeshkitError):
     """A resource the daemon declared (a filter's `start()`, a client) failed or overran its deadline."""
+
+
+class FilterDefinitionError(StartError, TypeError):
+    """A filter class that cannot run as written: a method `on_...` that is not a phase hook, a hook
+    with the wrong signature. Found when the chain is built (start-up, `meshkit render`): one line."""
 
 
 class ClientError(MeshkitError):

@@ -158,7 +158,15 @@ class Broken(Filter):
     async def start(self) -> None:
         raise ConnectionRefusedError(111, "Connection refused")
 
+class Typo(Filter):
+    name: ClassVar[str] = "typo"
+    Options: ClassVar[type] = NoOptions
+
+    def on_request_header(self, exchange):  # missing "s"
+        pass
+
 FILTERS["broken"] = Broken
+FILTERS["typo"] = Typo
 from meshkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -181,3 +189,21 @@ def test_a_filter_start_that_raises_exits_1_with_one_line_and_json_logs_stay_jso
     )
     docs = [json.loads(line) for line in logged]  # every log line is JSON
     assert any("Traceback" in doc.get("exc", "") for doc in docs)
+
+
+@pytest.mark.parametrize("command", ["extproc", "render"])
+def test_a_misspelt_hook_is_one_line_exit_1_not_a_traceback(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE_FILTER, command, "--filters", "typo"]
+        + (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"] if command == "extproc" else []),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"meshkit {command}: filter 'typo': on_request_header() is not a phase hook")
+    )
