@@ -407,9 +407,8 @@ def loop_factory(choice: str, auto: str = "uvloop") -> Callable[[], asyncio.Abst
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            raise SystemExit(
-                "--event-loop uvloop: uvloop is not installed (pip install 'meshkit[fast]')"
-            ) from None
+        if choice == "uvloop":  # asked for by name: one line, exit 1, like every other start-up error
+            missing = "--event-loop uvloop: uvloop is not installed (pip install 'meshkit[fast]')"
+            raise StartError(missing) from None
         return None
     return uvloop.new_event_loop

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -322,3 +323,12 @@ async def test_a_config_error_raised_by_a_start_stays_a_config_error(captured: i
 
     with pytest.raises(ConfigError):
         await run_daemon(Daemon("toy", "a toy", lambda: [NoOptions], serve), options(), asyncio.Event())
+
+
+def test_event_loop_uvloop_without_uvloop_is_a_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One line through the CLI ("meshkit echo: --event-loop uvloop: ..."), exit 1; `auto` falls back."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    with pytest.raises(StartError, match=r"--event-loop uvloop: uvloop is not installed"):
+        lifecycle.loop_factory("uvloop")
+    assert lifecycle.loop_factory("auto") is None
+    assert lifecycle.loop_factory("asyncio", "uvloop") is None
