@@ -90,7 +90,7 @@ def default_max_connections() -> int:
 @dataclass(frozen=True, slots=True)
 class _Unread:
     """The body was not read whole: answer `reply`; `close`: then close the connection at once (the
-    framing is lost, or the client stalled) instead of letting aiohttp read and drop the rest."""
+    framing is lost, or the client stalled), else read and drop the rest (`_send_and_drain`)."""
 
     reply: Reply
     close: bool
@@ -111,16 +111,17 @@ class HttpAuthorization(OneShot):
         exchange = Exchange(lambda: _headers_of(request))
         self._metrics.in_flight += 1  # from the headers on: a check whose body is on its way is in flight
         reply: Reply | None
+        unread: _Unread | None = None
         try:
             if conn is not None:
                 conn.headers_parsed()
             body = await self._body(request, exchange)
             if isinstance(body, _Unread):
-                reply, close = body.reply, body.close
+                unread, reply = body, body.reply
             else:
                 if conn is not None:
                     conn.body_read()
-                reply, close = await self._decide(exchange, body), False
+                reply = await self._decide(exchange, body)
         except asyncio.CancelledError:
             self._client_gone(request, exchange)
             raise
@@ -130,14 +131,18 @@ class HttpAuthorization(OneShot):
                 conn.answered()
         response = _response(exchange, reply)
         self.finish(exchange, started)
-        return await _send_and_close(request, response) if close else response
+        if unread is None:
+            return response
+        if unread.close:
+            return await _send_and_close(request, response)
+        return await _send_and_drain(request, response, self.body_timeout)
 
     async def _body(self, request: web.BaseRequest, exchange: Exchange) -> bytes | _Unread:
         """The whole body as sent (never inflated: the server runs with `auto_decompress=False`)."""
         chain = self.chain
         length = request.content_length
         if length is not None and (too_large := chain.check_size(exchange, length)):
-            return _Unread(too_large, close=False)  # refused unread; aiohttp drains what follows
+            return _Unread(too_large, close=False)  # refused unread; the rest is read and dropped
         content = request.content
         try:
             if content.is_eof():  # the usual case: Envoy wrote the headers and the body at once
@@ -213,6 +218,30 @@ async def _send_and_close(request: web.BaseRequest, response: web.Response) -> w
         await response.write_eof()
     request.protocol.force_close()
     return response  # already sent: aiohttp's own prepare() and write_eof() do nothing more
+
+
+async def _send_and_drain(request: web.BaseRequest, response: web.Response, within: float) -> web.Response:
+    """Send `response` (a 413: the body is refused unread), then read and drop the rest of the body for
+    at most `within` seconds, keeping the connection if it ends in time, else closing it.
+
+    Closing at once could reset the connection before the client has read the answer (the unread
+    bytes make the kernel send RST). aiohttp would drain it too ("lingering"), but a client that
+    goes away meanwhile leaves that request, its headers (up to 128 KiB) and its stream in a cycle only
+    the cycle collector frees; here nothing is kept (see `_read_rest`)."""
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    content = request.content
+    try:
+        async with asyncio.timeout(within):
+            while await content.readany():
+                pass
+    except TimeoutError:
+        request.protocol.force_close()  # still coming: not worth reading further
+    except (RequestPayloadError, ConnectionResetError) as exc:  # broken framing, or the client left
+        exc.__traceback__ = None
+        request.protocol.force_close()
+    return response
 
 
 async def _read_rest(content: StreamReader, limit: int) -> bytes | None:
