@@ -224,6 +224,8 @@ class Lifecycle:
                 left = self.options.start_timeout - (time.monotonic() - began)
                 done, _ = await asyncio.wait({task}, timeout=max(0.0, min(PROGRESS_EVERY, left)))
                 if done:
+                    if task.cancelled():  # by itself (we cancel it only below): not a clean exit 0
+                        raise StartError(f"{what} did not start: its start() was cancelled")
                     _raise_start_failure(what, task.exception())
                     return
                 if left <= PROGRESS_EVERY:
@@ -369,6 +371,8 @@ async def _unless_stopped(starting: Awaitable[None], stop: asyncio.Event) -> boo
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("start-up ended with %r while stopping", exc)
         return False
+    if task.cancelled():  # serve() cancelled itself: a failure, not the silent exit 0 of a SIGTERM
+        raise StartError("start-up was cancelled (by serve() itself, not by a signal)")
     task.result()  # raises what serve() raised
     return True
 

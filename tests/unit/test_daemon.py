@@ -332,3 +332,26 @@ def test_event_loop_uvloop_without_uvloop_is_a_start_error(monkeypatch: pytest.M
         lifecycle.loop_factory("uvloop")
     assert lifecycle.loop_factory("auto") is None
     assert lifecycle.loop_factory("asyncio", "uvloop") is None
+
+
+async def test_a_start_or_serve_that_cancels_itself_is_a_start_error_not_a_clean_exit(
+    captured: io.StringIO,
+) -> None:
+    """A CancelledError out of a filter's start() (a library's cancelled future) or out of serve()
+    itself: the CLI exited 0 without a word, as if SIGTERMed."""
+
+    async def cancels() -> None:
+        raise asyncio.CancelledError
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("filter auth", cancels)
+
+    async def serve_cancels(_: Resolved, life: Lifecycle) -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(StartError, match=r"filter auth did not start: its start\(\) was cancelled"):
+        await run_daemon(Daemon("toy", "a toy", lambda: [NoOptions], serve), options(), asyncio.Event())
+    with pytest.raises(StartError, match="start-up was cancelled"):
+        await run_daemon(
+            Daemon("toy", "a toy", lambda: [NoOptions], serve_cancels), options(), asyncio.Event()
+        )
