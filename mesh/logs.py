@@ -47,10 +47,16 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 def redact(value: Any, key: str = "") -> Any:
+    """`value` with the values of sensitive keys masked: in mappings, and in lists of them or of
+    `(name, value)` pairs (headers as a list)."""
     if is_sensitive(key):
         return "***"
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if len(value) == 2 and isinstance(value[0], str) and is_sensitive(value[0]):
+            return (value[0], "***")
+        return [redact(item) for item in value]
     return value
 
 

@@ -48,3 +48,22 @@ def test_ordinary_keys_are_left_alone(key: str) -> None:
     doc = {"options": {key: "v"}}
     assert logs.redact(doc) == doc
     assert json.loads(json.dumps(logs.redact(doc))) == doc
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_headers_as_a_list_of_pairs_or_mappings_are_masked_too(fmt: str) -> None:
+    stream = io.StringIO()
+    logs.setup(fmt, "info", stream)
+    try:
+        logging.getLogger("meshkit.test").info(
+            "request",
+            extra={
+                "headers": [("authorization", "Bearer s3cr3t"), ("x-model", "gpt")],
+                "attempts": [{"api-key": "s3cr3t"}, {"status": 503}],
+            },
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    line = stream.getvalue()
+    assert "s3cr3t" not in line
+    assert "gpt" in line and "503" in line
