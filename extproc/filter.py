@@ -353,8 +353,10 @@ def hooks_of(kind: type[Any]) -> dict[Phase, Any]:
             continue
         if not callable(fn):
             raise FilterDefinitionError(f"filter {label!r}: {name} is not a method")
+        # (self, exchange); a staticmethod or classmethod takes just the exchange
+        bound_already = isinstance(inspect.getattr_static(kind, name), staticmethod | classmethod)
         try:
-            inspect.signature(fn).bind(None, None)  # (self, exchange)
+            inspect.signature(fn).bind(*([None] if bound_already else [None, None]))
         except TypeError:
             wrong = f"filter {label!r}: {name}(self, exchange) takes one exchange"
             raise FilterDefinitionError(wrong) from None

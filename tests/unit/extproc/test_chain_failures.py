@@ -295,3 +295,39 @@ async def test_a_hook_that_turns_our_cancellation_into_its_own_error_has_overrun
     assert ex.take_mutations() == ({}, set(), False)
     assert chain.metrics.timeouts["converts"] == 1
     assert chain.metrics.errors == {}
+
+
+async def test_static_and_class_method_hooks_are_hooks() -> None:
+    """They take just the exchange: refused as "takes one exchange" before."""
+
+    class Static(Filter):
+        name: ClassVar[str] = "static"
+        Options: ClassVar[type] = NoOptions
+
+        @staticmethod
+        def on_request_headers(exchange: Exchange) -> None:
+            exchange.set_header("x-static", "1")
+
+    class Klass(Filter):
+        name: ClassVar[str] = "klass"
+        Options: ClassVar[type] = NoOptions
+
+        @classmethod
+        async def on_request_body(cls, exchange: Exchange) -> None:
+            exchange.set_header("x-class", cls.name)
+
+    chain = Chain([Static(NoOptions()), Klass(NoOptions())])
+    ex = Exchange({})
+    assert await chain.run(Phase.REQUEST_HEADERS, ex) is None
+    assert await chain.run(Phase.REQUEST_BODY, ex) is None
+    assert ex.take_mutations()[0] == {"x-static": "1", "x-class": "klass"}
+
+    class WrongStatic:
+        name = "wrong-static"
+
+        @staticmethod
+        def on_request_body() -> None:
+            pass
+
+    with pytest.raises(TypeError, match="takes one exchange"):
+        hooks_of(WrongStatic)
