@@ -165,12 +165,20 @@ def fields_of(sections: Sequence[type[Any]]) -> list[tuple[type[Any], dataclasse
     return out
 
 
+# Names the CLI itself uses (`--config`, `--help`, `--version`, the subcommand's dest): an option with
+# one of them would be a conflicting argparse flag (a traceback) or overwrite the command name.
+RESERVED = frozenset({"config", "help", "version", "command"})
+
+
 def clashes(sections: Sequence[type[Any]]) -> list[str]:
     """Option names declared by more than one section (flags are flat: `--jwt-secret-file`, not
-    `--auth-jwt-secret-file`): a unit test over every daemon's sections keeps this empty."""
+    `--auth-jwt-secret-file`), or taken by the CLI itself: a unit test over every daemon's sections
+    keeps this empty."""
     seen: dict[str, type[Any]] = {}
     out = []
     for section, f, _ in fields_of(sections):
+        if f.name in RESERVED:
+            out.append(f"option {f.name!r} of {section.__name__} is reserved by the CLI (--{f.name})")
         if f.name in seen:
             out.append(f"option {f.name!r} declared by both {seen[f.name].__name__} and {section.__name__}")
         seen.setdefault(f.name, section)

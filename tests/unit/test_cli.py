@@ -116,6 +116,16 @@ def test_a_clash_is_found() -> None:
         "option 'log_level' declared by both DaemonOptions and Clashing"
     ]
 
+    @dataclass(frozen=True)
+    class Reserved:
+        config: str = option("", "would be a second --config: argparse's traceback at start-up")
+        command: str = option("", "would overwrite the subcommand's name in the parsed flags")
+
+    assert clashes([Reserved]) == [
+        "option 'config' of Reserved is reserved by the CLI (--config)",
+        "option 'command' of Reserved is reserved by the CLI (--command)",
+    ]
+
 
 def test_yaml_may_group_a_filters_options_under_its_name(tmp_path: Path) -> None:
     cfg = tmp_path / "meshkit.yaml"
