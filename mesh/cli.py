@@ -72,7 +72,13 @@ def _daemon_command(command: str) -> Command:
             __version__,
             extra={"options": {k: v for o in resolved.values() for k, v in describe(o).items()}},
         )
-        lifecycle.run(spec, resolved)
+        try:
+            lifecycle.run(spec, resolved)
+        except MeshkitError:
+            raise  # one line from main()
+        except Exception:  # a bug: its traceback, in the log's format (--log-format json stays JSON)
+            logging.getLogger("meshkit").exception("meshkit %s stopped on an unexpected error", command)
+            return 1
         return 0
 
     return Command(DAEMONS[command][1], setup, run)

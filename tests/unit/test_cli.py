@@ -175,8 +175,16 @@ class Typo(Filter):
     def on_request_header(self, exchange):  # missing "s"
         pass
 
+class BadInit(Filter):
+    name: ClassVar[str] = "bad-init"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: NoOptions) -> None:
+        raise RuntimeError("a bug in the filter")
+
 FILTERS["broken"] = Broken
 FILTERS["typo"] = Typo
+FILTERS["bad-init"] = BadInit
 from meshkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -217,3 +225,19 @@ def test_a_misspelt_hook_is_one_line_exit_1_not_a_traceback(command: str) -> Non
         .splitlines()[-1]
         .startswith(f"meshkit {command}: filter 'typo': on_request_header() is not a phase hook")
     )
+
+
+def test_a_bug_at_start_up_keeps_its_traceback_inside_the_json_log() -> None:
+    """Not the user's mistake, so the traceback is shown, but through the log: with --log-format json
+    every line stays JSON (it was a bare traceback on stderr)."""
+    args = ["--filters", "bad-init", "--log-format", "json", "--listen", "127.0.0.1:0"]
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE_FILTER, "extproc", *args, "--admin-listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    docs = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    (failed,) = [d for d in docs if d["msg"] == "meshkit extproc stopped on an unexpected error"]
+    assert "RuntimeError: a bug in the filter" in failed["exc"]
