@@ -50,7 +50,12 @@ def _number(message: type, name: str) -> int:
     return int(message.DESCRIPTOR.fields_by_name[name].number)  # type: ignore[attr-defined]
 
 
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]  # the varints of 0..127: most lengths on the request path
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -64,7 +69,8 @@ def _tag(number: int) -> bytes:
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
+    n = len(payload)
+    return tag + (_ONE_BYTE[n] if n < 0x80 else _varint(n)) + payload
 
 
 _HV_KEY = _tag(_number(HeaderValue, "key"))
@@ -76,9 +82,21 @@ _HVO_OVERWRITE = _varint(_number(HeaderValueOption, "append_action") << 3) + _va
 )
 
 
+_KEY_FIELDS: dict[str, bytes] = {}  # HeaderValue.key fields by name: names come from filter code
+
+
+def _key_field(key: str) -> bytes:
+    field = _KEY_FIELDS.get(key)
+    if field is None:
+        if len(_KEY_FIELDS) > 256:  # bounded all the same
+            _KEY_FIELDS.clear()
+        field = _KEY_FIELDS[key] = _field(_HV_KEY, key.encode())
+    return field
+
+
 def _header_option(key: str, value: str, value_tag: bytes) -> bytes:
     # surrogateescape: a value a filter copied from a non-UTF-8 request header goes back byte for byte
-    header = _field(_HV_KEY, key.encode()) + _field(value_tag, value.encode("utf-8", "surrogateescape"))
+    header = _key_field(key) + _field(value_tag, value.encode("utf-8", "surrogateescape"))
     return _field(_HVO_HEADER, header) + _HVO_OVERWRITE
 
 
@@ -115,7 +133,7 @@ _PHASE_TAG = {phase: _tag(_number(ep.ProcessingResponse, phase.value)) for phase
 
 
 def _encode_phase(phase: Phase, sets: dict[str, str], removes: Iterable[str], clear: bool) -> bytes:
-    mutation = b"".join(_field(_MUT_SET, _header_option(k, v, _HV_RAW)) for k, v in sets.items())
+    mutation = b"".join([_field(_MUT_SET, _header_option(k, v, _HV_RAW)) for k, v in sets.items()])
     if removes:
         mutation += b"".join(_field(_MUT_REMOVE, name.encode()) for name in sorted(removes))
     common = _field(_COMMON_MUTATION, mutation) + (_COMMON_CLEAR if clear else b"")

@@ -67,7 +67,25 @@ class Aborted(Exception):
 
 
 class FakeContext:
+    """grpc.aio's reader/writer API over `messages`; answers are kept, or only counted by kind."""
+
     code: grpc.StatusCode | None = None
+
+    def __init__(self, messages: Iterable[bytes], *, keep: bool = True) -> None:
+        self._messages = iter(messages)
+        self._keep = keep
+        self.written: list[ep.ProcessingResponse] = []
+        self.counts: dict[str, int] = {}
+
+    async def read(self) -> object:
+        return next(self._messages, grpc.aio.EOF)
+
+    async def write(self, data: bytes) -> None:
+        response = ep.ProcessingResponse.FromString(data)
+        kind = response.WhichOneof("response") or ""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self._keep:
+            self.written.append(response)
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code = code
@@ -92,25 +110,16 @@ def servicer(max_body_bytes: int = 1000, filters: Iterable[Any] | None = None) -
 
 
 async def drive(proc: ExternalProcessor, messages: Iterable[bytes]) -> list[ep.ProcessingResponse]:
-    async def requests() -> AsyncIterator[bytes]:
-        for data in messages:
-            yield data
-
-    return [ep.ProcessingResponse.FromString(r) async for r in proc.process(requests(), FakeContext())]
+    context = FakeContext(messages)
+    await proc.process(None, context)
+    return context.written
 
 
 async def drive_counting(proc: ExternalProcessor, messages: Iterable[bytes]) -> dict[str, int]:
     """Like `drive`, but only counts the answers by kind (keeps no response alive)."""
-    counts: dict[str, int] = {}
-
-    async def requests() -> AsyncIterator[bytes]:
-        for data in messages:
-            yield data
-
-    async for r in proc.process(requests(), FakeContext()):
-        kind = ep.ProcessingResponse.FromString(r).WhichOneof("response") or ""
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    context = FakeContext(messages, keep=False)
+    await proc.process(None, context)
+    return context.counts
 
 
 # -- defect 2: after its own 413, a stream keeps nothing --------------------------------------------
@@ -198,15 +207,9 @@ async def test_a_message_before_request_headers_is_invalid_argument(first: ep.Pr
             seen.append(dict(exchange.headers))
 
     proc = servicer(filters=[Peek({})])
-    context = FakeContext()
-
-    async def requests() -> AsyncIterator[bytes]:
-        yield first.SerializeToString()
-        yield headers(x_a="1").SerializeToString()
-
+    context = FakeContext(wire(first, headers(x_a="1")))
     with pytest.raises(Aborted, match="before request_headers"):
-        async for _ in proc.process(requests(), context):
-            pass
+        await proc.process(None, context)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert seen == []  # no hook ran on a request without headers
     assert proc.chain.metrics.errors == {"protocol": 1}
@@ -404,3 +407,22 @@ async def test_set_header_in_a_response_phase_is_a_500(
     assert reply.status.code == 500
     assert b"internal" in reply.body.lower()
     assert "use set_response_header" in caplog.text  # the RuntimeError, logged with its traceback
+
+
+# -- served by GrpcServer: the ext_proc method is registered with grpc's core ------------------------
+async def test_grpc_server_registers_the_ext_proc_service_and_serves_it() -> None:
+    from meshkit.extproc.grpc_server import GrpcServer, Service
+
+    handler = ExternalProcessor(Chain([BodyHashFilter(BodyHashOptions())])).handler()
+    assert isinstance(handler, Service)
+    assert set(handler.methods) == {"Process"}
+    server = GrpcServer([handler], [ext_proc.SERVICE], message_limit=1 << 20)
+    address = server.listen("127.0.0.1:0")
+    await server.start([ext_proc.SERVICE])
+    try:
+        async with grpc.aio.insecure_channel(address) as ch:
+            first, second = await grpc_process(ch, headers(), body(b"registered"))
+    finally:
+        await server.stop(0)
+    assert first.WhichOneof("response") == "request_headers"
+    assert body_hash_of(second) == xxhash.xxh3_128_hexdigest(b"registered").encode()
