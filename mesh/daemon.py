@@ -276,15 +276,22 @@ class Lifecycle:
                 log.error("listener %s did not stop cleanly: %r", name, result)
 
     async def close(self) -> None:
-        """Whatever is still open, without grace: listeners, then resources in reverse order."""
+        """Whatever is still open, without grace: listeners, then resources in reverse order. A
+        second signal (cancellation) abandons the close under way, not the ones after it."""
         await self._stop_listeners(0)
         closers, self._closers = self._closers, []
+        cancelled = False
         for what, close in reversed(closers):
             try:
                 async with asyncio.timeout(self.options.start_timeout):
                     await close()
+            except asyncio.CancelledError:
+                cancelled = True
+                log.warning("closing %s abandoned", what)
             except Exception as exc:  # one bad close must not keep the others open
                 log.error("closing %s failed: %r", what, exc)
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 # -- the ready line -------------------------------------------------------------------------------

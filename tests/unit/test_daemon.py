@@ -355,3 +355,35 @@ async def test_a_start_or_serve_that_cancels_itself_is_a_start_error_not_a_clean
         await run_daemon(
             Daemon("toy", "a toy", lambda: [NoOptions], serve_cancels), options(), asyncio.Event()
         )
+
+
+async def test_a_second_signal_during_a_slow_close_abandons_it_but_not_the_closes_after_it(
+    captured: io.StringIO,
+) -> None:
+    """ "A second signal exits at once (listeners and resources are still closed)": the cancellation
+    used to leave every resource after the slow one open."""
+    events: list[str] = []
+    entered = asyncio.Event()
+
+    async def close_first() -> None:
+        events.append("close first")
+
+    async def close_slow() -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        await life.start("first", None, close_first)
+        await life.start("slow", None, close_slow)
+
+    stop = asyncio.Event()
+    stop.set()
+    task = asyncio.create_task(
+        run_daemon(Daemon("toy", "a toy", lambda: [NoOptions], serve), options(), stop)
+    )
+    await asyncio.wait_for(entered.wait(), 5)
+    task.cancel()  # what run() does on the second signal
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert events == ["close first"]
+    assert "closing slow abandoned" in captured.getvalue()
