@@ -360,8 +360,8 @@ async def test_a_start_or_serve_that_cancels_itself_is_a_start_error_not_a_clean
 async def test_a_second_signal_during_a_slow_close_abandons_it_but_not_the_closes_after_it(
     captured: io.StringIO,
 ) -> None:
-    """ "A second signal exits at once (listeners and resources are still closed)": the cancellation
-    used to leave every resource after the slow one open."""
+    """The docstring: a second signal exits at once, "listeners and resources are still closed"; the
+    cancellation used to leave every resource after the slow one open."""
     events: list[str] = []
     entered = asyncio.Event()
 
