@@ -32,10 +32,11 @@ def too_large(limit: int) -> Reply:
 
 
 def dependency_down(exc: DependencyError) -> Reply:
-    """503 with Retry-After: a server the filter needs (`exc.dependency`) is down; the client may retry."""
+    """503 with Retry-After: a server the filter needs is down; the client may retry. Which one
+    (`exc.dependency`) goes to the log and the counter, not to the client."""
     return Reply.error(
         503,
         "service_unavailable",
-        f"a service needed to decide is unavailable ({exc.dependency}); retry later",
+        "a service needed to decide is unavailable; retry later",
         headers=(("retry-after", str(exc.retry_after)),),
     )

@@ -84,11 +84,22 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # One event, one line: a newline in a message or a value (an error text that quotes a client)
+        # is written as \n, so nothing can forge a line of its own. Tracebacks keep their lines.
+        saved = record.msg, record.args
+        record.msg, record.args = _one_line(record.getMessage()), None
+        try:
+            line = super().format(record)
+        finally:
+            record.msg, record.args = saved
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in extras.items())
+            line += " " + " ".join(f"{k}={_one_line(_text_value(v))}" for k, v in extras.items())
         return line
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _text_value(value: Any) -> str:

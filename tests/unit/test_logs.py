@@ -67,3 +67,17 @@ def test_headers_as_a_list_of_pairs_or_mappings_are_masked_too(fmt: str) -> None
     line = stream.getvalue()
     assert "s3cr3t" not in line
     assert "gpt" in line and "503" in line
+
+
+def test_text_logs_keep_one_event_on_one_line() -> None:
+    stream = io.StringIO()
+    logs.setup("text", "info", stream)
+    try:
+        logging.getLogger("meshkit.test").warning(
+            "redis said %s", "no\nINFO meshkit: forged", extra={"detail": "a\r\nb"}
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    (line,) = stream.getvalue().splitlines()
+    assert "redis said no\\nINFO meshkit: forged" in line
+    assert "detail=a\\r\\nb" in line
