@@ -153,7 +153,7 @@ class ExternalProcessor:
         ex = stream.exchange
         ex.set_header_source(lambda: _proto.headers_of(msg))
         ex.end_of_stream = msg.end_of_stream
-        # Absent (an Envoy before 1.33): NONE, read as BUFFERED, which is what meshkit renders.
+        # Absent (an older Envoy): NONE, read as BUFFERED, which is what meshkit renders.
         stream.streamed = message.protocol_config.request_body_mode == _proto.STREAMED
         stream.started = True
         return Phase.REQUEST_HEADERS
