@@ -16,6 +16,7 @@ from meshkit.extproc import _proto
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.ext_authz import OneShot
 from meshkit.extproc.filter import Exchange
+from meshkit.extproc.grpc_server import Service
 from meshkit.logs import Throttle
 
 log = logging.getLogger("meshkit.extproc.ext_authz_grpc")
@@ -30,17 +31,10 @@ class Authorization(OneShot):
         super().__init__(chain)
         self._faults = Throttle(log)  # every fault counted; one line per 10 s (fuzzers flood otherwise)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check,
-                    request_deserializer=_proto.identity,  # parsed below: bad bytes -> INVALID_ARGUMENT
-                    response_serializer=_proto.identity,
-                )
-            },
-        )
+    def handler(self) -> Service:
+        # Registered with grpc's core (no per-call lookup in Python); no (de)serializers: raw bytes in
+        # (parsed in check(): bad bytes -> INVALID_ARGUMENT) and out.
+        return Service(SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(self.check)})
 
     async def check(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
