@@ -21,8 +21,11 @@ Envoy. What one such client can cost is bounded, each bound counted in
   headers, else 408 and the connection closed. Envoy writes a check's headers and its buffered body
   at once, so for Envoy both take microseconds;
 - at most `max_connections` open connections (`meshkit_extproc_http_connections`): one more makes
-  room by closing the connection whose request began longest ago and has not arrived whole, else the
-  least recently used idle one; a check being decided is never closed (if all are, the new one is);
+  room by closing the oldest request whose headers are not whole, else the oldest whose body is on
+  its way, else the least recently used idle connection, first among those in that state for
+  `EVICTION_GRACE_SECONDS` or more (a slow or idle client's: what Envoy does takes milliseconds); a
+  check in transit goes only when nothing else can, a check being decided never (if all are, the new
+  connection is refused);
 - a check whose client goes away is cancelled (async hooks get CancelledError) and its partial body
   freed at once, not at the cycle collector's next pass;
 - a malformed request gets a JSON 400 and a closed connection: a counter, and one log line per kind
@@ -74,6 +77,12 @@ BODY_TIMEOUT_SECONDS = 10.0
 # of memory each.
 MAX_CONNECTIONS = 8192
 MIN_CONNECTIONS = 16
+# At the connection limit, a connection that has been in its state (headers on their way, body on its
+# way, idle) for less than this is most likely Envoy's: its new connection, its check in transit (Envoy
+# writes a check whole: even 8 MiB take milliseconds on a pod network) or the pooled connection it has
+# just used and may use again now. The limit closes one in its state for longer first: a slow client's,
+# or an idle one nobody uses.
+EVICTION_GRACE_SECONDS = 0.25
 
 
 def default_max_connections() -> int:
@@ -278,7 +287,8 @@ def _headers_of(request: web.BaseRequest) -> dict[str, str]:
 
 # -- the connections ----------------------------------------------------------------------------------
 # What a connection is doing. HEADERS: a request has begun (or the connection is new) and its headers
-# are on their way; BODY: its body is; DECIDING: the chain runs; IDLE: between requests; GONE: closed.
+# are on their way; BODY: they are whole (parsed) and its body is on its way; DECIDING: the chain runs;
+# IDLE: between requests; GONE: closed.
 _HEADERS, _BODY, _DECIDING, _IDLE, _GONE = range(5)
 
 
@@ -286,19 +296,33 @@ class _Connections:
     """Every open connection, by what it is doing: the header timeout and the connection limit act on
     one connection at a time, with no timer per connection and no scan of the busy ones.
 
-    - `_reading` (HEADERS or BODY): oldest request first. The sweep walks it from the front while
-      requests are older than the header timeout; the limit closes its front first.
-    - `_idle`: least recently used first, the limit's second choice. Envoy reuses its most recently
-      used connection first, so the one closed is the one it is least likely to be about to use.
-    - DECIDING connections are in neither: a check being decided is never closed here."""
+    - `_headers` (HEADERS): oldest first. The sweep walks it from the front while requests are older
+      than the header timeout. Envoy writes a check's headers in one go, so it is here only for an
+      instant (or a new connection's first round trip): slow or silent clients stay.
+    - `_bodies` (BODY): oldest first. Envoy's checks pass through while their body is in transit.
+    - `_idle`: least recently used first. Envoy reuses its most recently used connection first, so the
+      one closed is the one it is least likely to be about to use.
+    - DECIDING connections are in none: a check being decided is never closed here.
+    The limit closes the front of the first of the three whose front has been there for
+    `eviction_grace` or more, else of the first two the front that has waited longer, else the front
+    of `_bodies` (`_make_room`); `since` is when a connection entered its state."""
 
-    def __init__(self, metrics: Metrics, *, limit: int, header_timeout: float) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        limit: int,
+        header_timeout: float,
+        eviction_grace: float = EVICTION_GRACE_SECONDS,
+    ) -> None:
         if limit < 1 or header_timeout <= 0:
             raise ValueError("the connection limit must be at least 1 and the header timeout over 0 s")
         self.limit = limit
         self.header_timeout = header_timeout
+        self.eviction_grace = eviction_grace
         self._metrics = metrics
-        self._reading: dict[_Connection, None] = {}
+        self._headers: dict[_Connection, None] = {}
+        self._bodies: dict[_Connection, None] = {}
         self._idle: dict[_Connection, None] = {}
         self._open = 0
         self._throttled = Throttle(log)
@@ -317,11 +341,10 @@ class _Connections:
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         cutoff = time.monotonic() - self.header_timeout
         late = []
-        for conn in self._reading:  # in order of `since`: stop at the first request young enough
+        for conn in self._headers:  # in order of `since`: stop at the first request young enough
             if conn.since > cutoff:
                 break
-            if conn.state == _HEADERS:  # BODY has its own timeout, answered 408 by the check
-                late.append(conn)
+            late.append(conn)  # (BODY has its own timeout, answered 408 by the check)
         for conn in late:
             self._close(
                 conn, "http_header_timeout", "request headers not whole after %g s", self.header_timeout
@@ -347,26 +370,31 @@ class _Connections:
         self._begin(conn)
 
     def headers_parsed(self, conn: _Connection) -> None:
-        """-> BODY. From IDLE too: a pipelined request whose bytes came with the previous one."""
+        """-> BODY, as soon as aiohttp has parsed them (and again when the check starts). From IDLE
+        too: a pipelined request whose bytes came with the previous one."""
         if conn.state == _IDLE:
             self.began(conn)
         if conn.state == _HEADERS:
+            del self._headers[conn]
             conn.state = _BODY
+            conn.since = time.monotonic()
+            self._bodies[conn] = None
 
     def body_read(self, conn: _Connection) -> None:
         """BODY -> DECIDING: the chain runs; nothing closes the connection now."""
         if conn.state == _BODY:
-            del self._reading[conn]
+            del self._bodies[conn]
             conn.state = _DECIDING
 
     def answered(self, conn: _Connection) -> None:
         """-> IDLE, or HEADERS if bytes of the next request came while this one was decided."""
         if conn.state in (_BODY, _DECIDING):
-            self._reading.pop(conn, None)
+            self._bodies.pop(conn, None)
             if conn.next_began:
                 self._begin(conn)
             else:
                 conn.state = _IDLE
+                conn.since = time.monotonic()
                 self._idle[conn] = None
 
     def fault(self, status: int, exc: BaseException | None) -> Reply:
@@ -388,17 +416,30 @@ class _Connections:
         conn.state = _HEADERS
         conn.since = time.monotonic()
         conn.next_began = False
-        self._reading[conn] = None
+        self._headers[conn] = None
 
     def _make_room(self) -> bool:
-        """Close the connection whose request began longest ago, else the least recently used idle one;
-        False if every connection is deciding a check."""
-        victims = self._reading or self._idle
-        if not victims:
-            return False
-        self._close(
-            next(iter(victims)), "http_connection_evicted", "closed: over the limit of %d", self.limit
-        )
+        """Close one connection, preferring one that has been in its state for `eviction_grace` or
+        more (a slow or idle client's: not Envoy's new connection, its check in transit or the pooled
+        connection it has just used): the oldest whose headers are not whole, else the oldest whose
+        body is on its way, else the least recently used idle one. If none has, whichever of the oldest
+        not whole and the least recently used idle one has been so longer (under a flood of slow
+        clients, one of them; of idle ones, one of those), else (only then) the oldest check in
+        transit. False if every connection is deciding a check (the new one is refused)."""
+        stale = time.monotonic() - self.eviction_grace
+        for table in (self._headers, self._bodies, self._idle):
+            victim = next(iter(table), None)
+            if victim is not None and victim.since <= stale:
+                break
+        else:
+            fronts = [next(iter(t)) for t in (self._headers, self._idle) if t]
+            if fronts:
+                victim = min(fronts, key=lambda conn: conn.since)
+            elif self._bodies:
+                victim = next(iter(self._bodies))
+            else:
+                return False
+        self._close(victim, "http_connection_evicted", "closed: over the limit of %d", self.limit)
         return True
 
     def _refused(self, conn: _Connection) -> None:
@@ -418,7 +459,8 @@ class _Connections:
         self._throttled.warning(kind, f"connection {why}", *args)
 
     def _forget(self, conn: _Connection) -> None:
-        self._reading.pop(conn, None)
+        self._headers.pop(conn, None)
+        self._bodies.pop(conn, None)
         self._idle.pop(conn, None)
         conn.state = _GONE
         self._open -= 1
@@ -438,7 +480,8 @@ class _Connection(RequestHandler):
         super().__init__(manager, **options)
         self.table = table
         self.state = _HEADERS
-        self.since = 0.0  # when the current request began: its first byte, or the accept
+        self.since = 0.0  # when it entered its state: the accept, a request's first byte, its headers
+        # whole, or its answer (idle)
         self.next_began = False  # bytes of the next request came while this one was being decided
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -455,7 +498,10 @@ class _Connection(RequestHandler):
             self.table.began(self)
         elif state == _DECIDING:
             self.next_began = True
+        parsed = self._request_count
         super().data_received(data)
+        if self._request_count != parsed:  # a request's headers are whole: it is a check in transit now
+            self.table.headers_parsed(self)
 
     def headers_parsed(self) -> None:
         self.table.headers_parsed(self)
@@ -490,11 +536,13 @@ class HttpAuthzServer:
         *,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
         max_connections: int | None = None,
+        eviction_grace: float = EVICTION_GRACE_SECONDS,
     ) -> None:
         self._table = _Connections(
             authz.chain.metrics,
             limit=max_connections or default_max_connections(),
             header_timeout=header_timeout,
+            eviction_grace=eviction_grace,
         )
         # The handler, the connection list `shutdown()` walks, and handler_cancellation: a check whose
         # connection is lost is cancelled (else an async hook runs on and stays counted in flight).

@@ -41,14 +41,21 @@ SLOW_CLIENTS = Path(__file__).with_name("slow_clients.py")
 # -- the flood ------------------------------------------------------------------------------------------
 @contextmanager
 def slow_clients(
-    workdir: Path, port: int, count: int, *, reconnect: float = 0.1, until_all_open: bool = True
+    workdir: Path,
+    port: int,
+    count: int,
+    *,
+    reconnect: float = 0.1,
+    until_all_open: bool = True,
+    mode: str = "slow",
 ) -> Iterator[ManagedProcess]:
-    """`count` slow-header connections to 127.0.0.1:`port`, held (reopened when closed) until exit.
-    Ready once all `count` are open, or (`until_all_open=False`: more than the server keeps) once started."""
+    """`count` slow-header connections to 127.0.0.1:`port` (`mode="idle"`: connections that sent one
+    check and sit idle), held (reopened when closed) until exit. Ready once all `count` are open, or
+    (`until_all_open=False`: more than the server keeps) once started."""
     ready = "holding" if until_all_open else "open="
     proc = ManagedProcess(
-        f"slow-clients-{count}",
-        [sys.executable, SLOW_CLIENTS, "127.0.0.1", str(port), str(count), "1.0", str(reconnect)],
+        f"slow-clients-{mode}-{count}",
+        [sys.executable, SLOW_CLIENTS, "127.0.0.1", str(port), str(count), "1.0", str(reconnect), mode],
         log_dir=workdir,
         ready=lambda p: ready in p.log_text(),
         start_timeout=30,
@@ -170,19 +177,22 @@ def test_checks_keep_their_latency_with_1000_slow_header_connections(
 FD_LIMIT = 512  # meshkit's descriptors in the limit test: its connection limit is half of them
 
 
+@pytest.mark.parametrize("mode", ["slow", "idle"])
 def test_at_the_connection_limit_envoys_checks_are_still_answered_and_hashed(
-    workdir: Path, upstream: Echo, request: pytest.FixtureRequest
+    workdir: Path, upstream: Echo, request: pytest.FixtureRequest, mode: str
 ) -> None:
     """More slow clients than meshkit has file descriptors: before the limit, they took every one and
-    Envoy let checks through unhashed (failure_mode_allow); now the oldest are closed to make room."""
+    Envoy let checks through unhashed (failure_mode_allow); now the oldest are closed to make room.
+    `idle`: clients that sent one check and sit idle; making room for each new one closed Envoy's
+    checks whose bytes had just arrived (11-22 of 800 let through unhashed), not an idle connection."""
     flood = FD_LIMIT + 100
     with ExitStack() as stack:
         with soft_fd_limit(FD_LIMIT):  # inherited by meshkit, and the limit follows it
             limit = default_max_connections()
-            server = stack.enter_context(extproc(workdir, name="extproc-at-the-limit"))
+            server = stack.enter_context(extproc(workdir, name=f"extproc-at-the-limit-{mode}"))
         proxy = stack.enter_context(front(workdir, upstream, server, Api.EXT_AUTHZ_HTTP))
         stack.enter_context(
-            slow_clients(workdir, server.http_port, flood, reconnect=1.0, until_all_open=False)
+            slow_clients(workdir, server.http_port, flood, reconnect=1.0, until_all_open=False, mode=mode)
         )
         evicted = 'meshkit_extproc_errors_total{kind="http_connection_evicted"}'
         wait_for(

@@ -72,7 +72,10 @@ async def serving(chain: Chain | None = None, **options: Any) -> AsyncIterator[S
         await server.stop(1)
 
 
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def connect(port: int) -> Conn:
     return await asyncio.open_connection("127.0.0.1", port)
 
 
@@ -334,7 +337,9 @@ async def test_an_idle_keep_alive_connection_outlives_the_header_timeout() -> No
 
 async def test_connection_limit_closes_the_oldest_slow_connections_not_the_used_ones() -> None:
     async with (
-        serving(max_connections=4, header_timeout=60) as served,
+        # eviction_grace 0: every connection may go at once (the order: the oldest headers not whole,
+        # then the oldest body on its way, then the least recently used idle connection)
+        serving(max_connections=4, header_timeout=60, eviction_grace=0) as served,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as envoy,
     ):
         async with envoy.post(served.url, data=b"first") as resp:  # Envoy's pooled keep-alive connection
@@ -358,7 +363,7 @@ async def test_connection_limit_closes_the_oldest_slow_connections_not_the_used_
 
 
 async def test_connection_limit_closes_the_least_recently_used_idle_connection() -> None:
-    async with serving(max_connections=2) as served:
+    async with serving(max_connections=2, eviction_grace=0) as served:
         conns = [await connect(served.port) for _ in range(2)]
         for reader, writer in (*conns, conns[0]):  # conns[1] is now the least recently used
             writer.write(POST_HEAD % 2 + b"ok")
@@ -369,6 +374,122 @@ async def test_connection_limit_closes_the_least_recently_used_idle_connection()
         assert await closed_by_server(conns[1][0], within=2)
         assert not await closed_by_server(conns[0][0], within=0.2)
         for _, w in (*conns, (reader, writer)):
+            w.close()
+
+
+GRACE = 0.2  # eviction_grace in the tests that let connections age past it
+
+
+async def fill_with_idle_and_one_in_transit(
+    served: Served, idle: int, *, age: float = 0
+) -> tuple[Conn, list[Conn]]:
+    """`idle` connections that each sent one check and wait (cheap for a client: nothing to trickle),
+    `age` seconds old, and a check whose headers came whole and whose body is on its way, as Envoy's
+    does in transit."""
+    conns = [await connect(served.port) for _ in range(idle)]
+    for reader, writer in conns:
+        writer.write(POST_HEAD % 2 + b"ok")
+        assert (await read_response(reader))[0] == 200
+    await asyncio.sleep(age)  # not readiness: the idle connections must have been idle this long
+    transit = await connect(served.port)
+    transit[1].write(POST_HEAD % 10 + b"12345")
+    assert await eventually(lambda: served.chain.metrics.in_flight == 1)
+    return transit, conns
+
+
+async def test_connection_limit_closes_an_idle_connection_before_a_check_in_transit() -> None:
+    # Idle connections filled the table; one more connection then closed the check whose body was on
+    # its way (through Envoy: let through unhashed, or a 500 for a fail-closed chain), not an idle one.
+    async with serving(max_connections=3, eviction_grace=GRACE) as served:
+        (reader, writer), idle = await fill_with_idle_and_one_in_transit(served, 2, age=1.5 * GRACE)
+        _, newcomer = await connect(served.port)
+        assert await closed_by_server(idle[0][0], within=2)  # the least recently used idle one
+        writer.write(b"67890")
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["x-body-hash"]) == (200, xxhash.xxh3_128_hexdigest(b"1234567890"))
+        assert not await closed_by_server(idle[1][0], within=0.2)
+        assert served.errors.get("http_connection_evicted") == 1
+        for _, w in (*idle, (reader, writer)):
+            w.close()
+        newcomer.close()
+
+
+async def test_connection_limit_closes_an_old_idle_connection_before_a_new_one_before_its_request() -> None:
+    # A new connection's request is on its way (Envoy connects and writes at once): while idle
+    # connections nobody has used for a while can go instead, it stays.
+    async with serving(max_connections=3, eviction_grace=GRACE) as served:
+        idle = [await connect(served.port) for _ in range(2)]
+        for reader, writer in idle:
+            writer.write(POST_HEAD % 2 + b"ok")
+            assert (await read_response(reader))[0] == 200
+        await asyncio.sleep(1.5 * GRACE)  # not readiness: the idle ones must be idle this long
+        fresh_reader, fresh = await connect(served.port)
+        assert await eventually(lambda: served.chain.metrics.http_connections == 3)
+        _, newcomer = await connect(served.port)
+        assert await closed_by_server(idle[0][0], within=2)
+        fresh.write(POST_HEAD % 2 + b"ok")
+        assert (await read_response(fresh_reader))[0] == 200
+        for w in (idle[0][1], idle[1][1], fresh, newcomer):
+            w.close()
+
+
+async def test_connection_limit_closes_a_slow_body_before_an_idle_connection() -> None:
+    async with serving(max_connections=2, eviction_grace=0) as served:  # every body in transit is slow
+        (reader, writer), idle = await fill_with_idle_and_one_in_transit(served, 1)
+        _, newcomer = await connect(served.port)
+        assert await closed_by_server(reader, within=2)
+        assert not await closed_by_server(idle[0][0], within=0.2)
+        for w in (writer, idle[0][1], newcomer):
+            w.close()
+
+
+async def test_connection_limit_closes_a_young_idle_connection_before_a_check_in_transit() -> None:
+    async with serving(max_connections=2, eviction_grace=30) as served:  # nothing is old enough
+        (reader, writer), idle = await fill_with_idle_and_one_in_transit(served, 1)
+        _, newcomer = await connect(served.port)
+        assert await closed_by_server(idle[0][0], within=2)
+        writer.write(b"67890")
+        assert (await read_response(reader))[0] == 200
+        for w in (writer, idle[0][1], newcomer):
+            w.close()
+
+
+@pytest.mark.parametrize("first", ["idle", "headers"])
+async def test_connection_limit_without_old_connections_closes_the_one_waiting_longer(first: str) -> None:
+    # Nothing has been in its state for eviction_grace (a fast flood): of the request whose headers
+    # are on their way and the idle connection, the one that has waited longer goes. Under a slow-header
+    # flood that is a slow client, not the pooled connection Envoy just used; under a flood of idle
+    # connections, an idle one, not Envoy's new connection about to send its check.
+    async with serving(max_connections=2, eviction_grace=30) as served:
+        opened: dict[str, Conn] = {}
+        for kind in (first, "headers" if first == "idle" else "idle"):
+            reader, writer = opened[kind] = await connect(served.port)
+            if kind == "idle":
+                writer.write(POST_HEAD % 2 + b"ok")
+                assert (await read_response(reader))[0] == 200
+            else:
+                writer.write(b"POST /v1/x HTTP/1.1\r\nHost: x\r\n")
+        assert await eventually(lambda: served.chain.metrics.http_connections == 2)
+        _, newcomer = await connect(served.port)
+        assert await closed_by_server(opened[first][0], within=2)
+        later = "headers" if first == "idle" else "idle"
+        assert not await closed_by_server(opened[later][0], within=0.2)
+        for _, w in opened.values():
+            w.close()
+        newcomer.close()
+
+
+async def test_connection_limit_closes_a_check_in_transit_only_when_nothing_else_can_go() -> None:
+    async with serving(max_connections=2, eviction_grace=30) as served:
+        transit = [await connect(served.port) for _ in range(2)]
+        for _, writer in transit:
+            writer.write(POST_HEAD % 10 + b"12345")
+        assert await eventually(lambda: served.chain.metrics.in_flight == 2)
+        _, newcomer = await connect(served.port)  # nothing idle, nothing slow: the oldest goes
+        assert await closed_by_server(transit[0][0], within=2)
+        assert not await closed_by_server(transit[1][0], within=0.2)
+        assert served.errors.get("http_connection_evicted") == 1
+        for w in (transit[0][1], transit[1][1], newcomer):
             w.close()
 
 
