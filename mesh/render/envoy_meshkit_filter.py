@@ -204,6 +204,13 @@ def ext_authz_http(config: FrontConfig) -> dict[str, Any]:
                 "timeout": _call_timeout(config.http_timeout_seconds, config, "The whole check request"),
             },
             "authorization_response": response,
+            "retry_policy": Why(
+                {"retry_on": "connect-failure,reset", "num_retries": 1},
+                "A check that got no answer because its connection closed under it is sent once more on "
+                "another: over HTTP/1.1 a pooled connection meshkit is closing (restarting, idle, or at "
+                "its --http-max-connections) looks alive until the check is written. Never on an answer: "
+                "a 5xx is the check's outcome.",
+            ),
         },
         "failure_mode_allow": _failure_mode_allow(config),
         "status_on_error": _STATUS_ON_ERROR,

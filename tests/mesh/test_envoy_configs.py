@@ -423,6 +423,10 @@ def test_ext_authz_http_service() -> None:
     assert {"exact": "content-type"} in response["allowed_client_headers"]["patterns"]
     assert block["with_request_body"] == {"max_request_bytes": 2048, "allow_partial_message": False}
     assert block["http_service"]["server_uri"]["uri"] == "http://127.0.0.1:50051"
+    # A check whose connection closed unanswered is retried; an answer (a 5xx too) never is.
+    retry = block["http_service"]["retry_policy"]
+    assert set(retry["retry_on"].split(",")) == {"connect-failure", "reset"}
+    assert retry["num_retries"] == 1
     meshkit = cluster(doc, "meshkit_extproc")
     options = meshkit["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
