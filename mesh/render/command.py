@@ -13,8 +13,9 @@ Every address has a default, so the bare command already prints a config Envoy a
 
 `--filters`, `--max-body-bytes` and `--filter-timeout` default to what `meshkit extproc` runs with and
 must match how it is started (the printed header shows that command line); Envoy's timeouts are derived
-from `--filter-timeout`. `--failure-mode-allow true|false` overrides what the chain implies. Problems
-are reported together as a ConfigError (the CLI exits 2).
+from `--filter-timeout`; the route has no timeout unless `--route-timeout` gives one (an LLM answer can
+take minutes). `--failure-mode-allow true|false` overrides what the chain implies. Problems are
+reported together as a ConfigError (the CLI exits 2).
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"meshkit's --filter-timeout: Envoy's timeouts sit above it (default: {DEFAULT_FILTER_TIMEOUT})",
     )
     parser.add_argument(
+        "--route-timeout",
+        metavar="SECONDS",
+        help="Envoy's limit on the upstream's whole answer (default: 0, none: LLM answers take minutes)",
+    )
+    parser.add_argument(
         "--failure-mode-allow",
         choices=("true", "false"),
         help="let requests through when meshkit fails (default: true only if every filter is fail_open)",
@@ -135,6 +141,7 @@ def _parsed(args: argparse.Namespace) -> dict[str, Any]:
     take("--upstream", _upstream, "upstream_host", "upstream_ports")
     take("--max-body-bytes", parse_size, "max_body_bytes")
     take("--filter-timeout", parse_seconds, "filter_timeout")
+    take("--route-timeout", parse_seconds, "route_timeout")
     take("--failure-mode-allow", lambda v: v == "true", "failure_mode_allow")
     if getattr(args, "config", None) is not None:
         problems.append("--config: render reads flags only (pass --filters, --max-body-bytes, ...)")

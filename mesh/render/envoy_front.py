@@ -26,9 +26,8 @@ from meshkit.render.envoy_meshkit_filter import MESHKIT_CLUSTER, header_removal,
 from meshkit.render.envoy_timeouts import duration
 from meshkit.render.front_config import FrontConfig
 
-__all__ = ["ROUTE_TIMEOUT", "front_document", "front_tree", "front_yaml", "socket_address"]
+__all__ = ["front_document", "front_tree", "front_yaml", "socket_address"]
 
-ROUTE_TIMEOUT = 30.0  # seconds, the upstream's whole answer
 CONNECT_TIMEOUT = 1.0
 # Envoy closes an idle connection to meshkit's HTTP check server before meshkit would.
 HTTP_IDLE_TIMEOUT = min(30.0, KEEPALIVE_SECONDS / 2)
@@ -65,9 +64,20 @@ def _endpoints(name: str, host: str, ports: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
+def _route_timeout(config: FrontConfig) -> Why:
+    if config.route_timeout:
+        return Why(duration(config.route_timeout), "The upstream's whole answer, as set (--route-timeout).")
+    return Why(
+        "0s",
+        "No limit on the upstream's whole answer (--route-timeout; Envoy's own default is 15 s): an LLM "
+        "answer, streamed or not, can take minutes. An answer that stalls is still ended by the "
+        "connection manager's stream idle timeout (5 min without a byte).",
+    )
+
+
 def _route(config: FrontConfig) -> dict[str, Any]:
     hashes = config.needs.hash_headers
-    route: dict[str, Any] = {"cluster": "upstream", "timeout": duration(ROUTE_TIMEOUT)}
+    route: dict[str, Any] = {"cluster": "upstream", "timeout": _route_timeout(config)}
     entry: dict[str, Any] = {"match": {"prefix": "/"}, "route": route}
     if not hashes:
         return entry

@@ -53,6 +53,7 @@ class FrontConfig:
     message_timeout: float | None = None  # ext_proc, per message; None: above filter_timeout
     grpc_timeout: float | None = None  # ext_authz over gRPC, the whole Check; None: above filter_timeout
     http_timeout: float | None = None  # ext_authz over HTTP, the whole check; None: above filter_timeout
+    route_timeout: float = 0.0  # the upstream's whole answer; 0: none (LLM answers take minutes)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -83,6 +84,8 @@ class FrontConfig:
             problems.append(f"max_body_bytes: {self.max_body_bytes} must be more than 0")
         if self.filter_timeout <= 0:
             problems.append(f"filter_timeout: {self.filter_timeout} must be more than 0 seconds")
+        if self.route_timeout < 0:
+            problems.append(f"route_timeout: {self.route_timeout} must be 0 (none) or more seconds")
         for name in ("message_timeout", "grpc_timeout", "http_timeout"):
             value = getattr(self, name)
             if value is not None and value <= self.filter_timeout:

@@ -331,6 +331,19 @@ def _timeouts(doc: dict[str, Any], api: Api) -> list[float]:
     return [_seconds(block["http_service"]["server_uri"]["timeout"])]
 
 
+@pytest.mark.parametrize("api", [*APIS, None])
+def test_the_route_has_no_timeout_unless_given(api: Api | None, tmp_path: Path) -> None:
+    # An LLM answer, streamed or not, can take minutes: a fixed 30 s cut every longer one with a 504.
+    text = FrontConfig(api=api).render()
+    assert route_entry(yaml.safe_load(text))["route"]["timeout"] == "0s"
+    assert "stream idle timeout" in comment_above(text, "timeout: 0s")
+    given = FrontConfig(api=api, route_timeout=600)
+    validate(given.render(), tmp_path)
+    assert route_entry(given.document())["route"]["timeout"] == "600s"
+    with pytest.raises(ConfigError, match="route_timeout"):
+        FrontConfig(api=api, route_timeout=-1)
+
+
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("filter_timeout", [DEFAULT_FILTER_TIMEOUT, 0.05, 2.0, 30.0])
 def test_envoy_timeouts_sit_above_the_filter_timeout(api: Api, filter_timeout: float, tmp_path: Path) -> None:

@@ -108,6 +108,18 @@ def test_ipv6_addresses(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     assert meshkit_filter(yaml.safe_load(text))["http_service"]["server_uri"]["uri"] == "http://[::1]:50052"
 
 
+def test_route_timeout_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert "timeout: 0s" in run(capsys)  # none by default
+    text = run(capsys, "--route-timeout", "900")
+    validate(text, tmp_path)
+    (entry,) = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    assert entry["route"]["timeout"] == "900s"
+    with pytest.raises(ConfigError, match="--route-timeout"):
+        command.run(parse("--route-timeout", "later"))
+
+
 def test_bad_flags_are_reported_together() -> None:
     args = parse(
         "--listen", "nowhere", "--max-body-bytes", "lots", "--filter-timeout", "soon", "--filters", "nope"
