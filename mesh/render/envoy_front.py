@@ -22,7 +22,7 @@ from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS
 from meshkit.extproc.limits import envoy_buffer_limit
 from meshkit.render.commented_yaml import Why, plain, to_yaml
 from meshkit.render.envoy_local_replies import local_reply_mappers
-from meshkit.render.envoy_meshkit_filter import MESHKIT_CLUSTER, header_removal, meshkit_filter
+from meshkit.render.envoy_meshkit_filter import MESHKIT_CLUSTER, header_removal, meshkit_filter, uri_host
 from meshkit.render.envoy_timeouts import duration
 from meshkit.render.front_config import FrontConfig
 
@@ -204,6 +204,15 @@ def front_document(config: FrontConfig) -> dict[str, Any]:
     return result
 
 
+def _bind_host(host: str) -> str:
+    """The host meshkit listens on for Envoy to reach it at `host`: an address (or localhost) as it
+    is; for any other name (a Kubernetes Service) every interface of its own pod, since a Service name
+    is not an address a process can bind."""
+    if _cluster_type(host) == "STATIC" or host == "localhost":
+        return host
+    return "0.0.0.0"
+
+
 def _meshkit_command(config: FrontConfig) -> str:
     """The `meshkit extproc` command line this config agrees with."""
     if config.api is None:
@@ -214,7 +223,7 @@ def _meshkit_command(config: FrontConfig) -> str:
         f"--max-body-bytes {config.max_body_bytes}",
         f"--filter-timeout {config.filter_timeout:g}",
     ]
-    address = f"{config.extproc_host}:{config.meshkit_port}"
+    address = f"{uri_host(_bind_host(config.extproc_host))}:{config.meshkit_port}"
     if config.api is Api.EXT_AUTHZ_HTTP:
         parts.append(f"--http-listen {address}")
     else:
@@ -235,6 +244,11 @@ def header(config: FrontConfig) -> str:
             f"Filter chain: {', '.join(config.needs.names)}. Run meshkit with the same chain and limits:",
             f"  {command}",
         ]
+        if _bind_host(config.extproc_host) != config.extproc_host:
+            lines.append(
+                f"(Envoy reaches it as {config.extproc_host}:{config.meshkit_port}; it listens on every "
+                "interface of its pod.)"
+            )
         if config.api is Api.EXT_AUTHZ_HTTP:
             lines.append("(--http-listen is off unless given: this config needs it.)")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from meshkit.render.commented_yaml import Why
 from meshkit.render.envoy_timeouts import duration
 from meshkit.render.front_config import FrontConfig
 
-__all__ = ["MESHKIT_CLUSTER", "header_removal", "meshkit_filter", "processing_mode"]
+__all__ = ["MESHKIT_CLUSTER", "header_removal", "meshkit_filter", "processing_mode", "uri_host"]
 
 MESHKIT_CLUSTER = "meshkit_extproc"
 REQUEST_ID = "x-request-id"  # every check carries it, so meshkit's log lines name the request
@@ -173,7 +173,8 @@ def ext_authz_grpc(config: FrontConfig) -> dict[str, Any]:
     }
 
 
-def _uri_host(host: str) -> str:
+def uri_host(host: str) -> str:
+    """`host` as it goes before `:PORT` in a URI or a HOST:PORT flag (IPv6 in brackets)."""
     return f"[{host}]" if ":" in host else host
 
 
@@ -199,7 +200,7 @@ def ext_authz_http(config: FrontConfig) -> dict[str, Any]:
         ),
         "http_service": {
             "server_uri": {
-                "uri": f"http://{_uri_host(config.extproc_host)}:{config.meshkit_port}",
+                "uri": f"http://{uri_host(config.extproc_host)}:{config.meshkit_port}",
                 "cluster": MESHKIT_CLUSTER,
                 "timeout": _call_timeout(config.http_timeout_seconds, config, "The whole check request"),
             },

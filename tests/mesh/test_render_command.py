@@ -99,13 +99,18 @@ def test_addresses_from_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path
     (endpoint,) = meshkit["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert address(doc, endpoint["endpoint"]) == ("meshkit.mesh.svc", 9000)
     assert cluster(doc, "upstream")["type"] == "STRICT_DNS"
-    assert "--listen meshkit.mesh.svc:9000" in text
+    # meshkit cannot bind its Service's name: the command line it is told to run listens on its pod
+    assert "--listen 0.0.0.0:9000" in text and "--listen meshkit.mesh.svc" not in text
+    assert "Envoy reaches it as meshkit.mesh.svc:9000" in text
 
 
 def test_ipv6_addresses(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     text = run(capsys, "--meshkit", "[::1]:50052", "--listen", "[::]:10000")
     validate(text, tmp_path)
     assert meshkit_filter(yaml.safe_load(text))["http_service"]["server_uri"]["uri"] == "http://[::1]:50052"
+    assert "--http-listen [::1]:50052" in text  # HOST:PORT as meshkit's flags take it (was ::1:50052)
+    assert "--listen [::1]:50051" in run(capsys, "--api", "ext_proc", "--meshkit", "[::1]:50051")
+    assert "--listen 127.0.0.1:50051" in run(capsys, "--api", "ext_proc")  # an address stays as it is
 
 
 def test_route_timeout_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
