@@ -16,6 +16,7 @@ from typing import Any
 
 from meshkit.errors import ConfigError
 from meshkit.extproc.apis import Api
+from meshkit.options import MAX_SIZE
 from meshkit.render.chain_needs import ChainNeeds, FilterRef, needs_of
 from meshkit.render.envoy_timeouts import above_filter_timeout
 from meshkit.render.meshkit_defaults import (
@@ -82,6 +83,8 @@ class FrontConfig:
         problems += [f"{k}: {v} is not a port (0-65535)" for k, v in ports.items() if not 0 <= v <= 65535]
         if self.max_body_bytes <= 0:
             problems.append(f"max_body_bytes: {self.max_body_bytes} must be more than 0")
+        elif self.max_body_bytes > MAX_SIZE:  # what meshkit accepts; beyond 4 GiB Envoy's fields overflow
+            problems.append(f"max_body_bytes: {self.max_body_bytes} must be at most {MAX_SIZE} (1 GiB)")
         if self.filter_timeout <= 0:
             problems.append(f"filter_timeout: {self.filter_timeout} must be more than 0 seconds")
         if self.route_timeout < 0:
