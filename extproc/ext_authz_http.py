@@ -156,6 +156,8 @@ class HttpAuthorization(OneShot):
         try:
             if content.is_eof():  # the usual case: Envoy wrote the headers and the body at once
                 return content.read_nowait(-1)
+            if request.version >= (1, 1) and request.headers.get("expect", "").lower() == "100-continue":
+                await request.writer.write(_CONTINUE)  # the client waits for it to send its body
             async with asyncio.timeout(self.body_timeout):
                 body = await _read_rest(content, chain.max_body_bytes)
         except TimeoutError:
@@ -206,6 +208,8 @@ class HttpAuthorization(OneShot):
 
 
 _ENDED_EARLY = "check request ended before its body did (the client went away)"
+# Envoy never sends `Expect` (it answers a client's itself); curl and others do, and wait for this.
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _response(exchange: Exchange, reply: Reply | None) -> web.Response:

@@ -248,6 +248,23 @@ async def test_a_body_that_keeps_trickling_is_cut_at_the_body_timeout() -> None:
         writer.close()
 
 
+async def test_expect_100_continue_is_answered_before_the_body() -> None:
+    # Without it the client waited for the 100 and the server for the body: a 408 after 10 s.
+    async with serving(body_timeout=DEADLINE) as served:
+        reader, writer = await connect(served.port)
+        writer.write(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["x-body-hash"]) == (200, xxhash.xxh3_128_hexdigest(b"body"))
+        writer.write(
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n"
+        )
+        assert (await read_response(reader))[0] == 413  # refused before the body: no 100 first
+        writer.close()
+
+
 # -- 3. the hash is of the bytes sent: no inflating of Content-Encoding ------------------------------
 def _compress(data: bytes, encoding: str) -> bytes:
     return gzip.compress(data) if encoding == "gzip" else zlib.compress(data)
