@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import resource
 import socket
 import time
@@ -138,7 +139,7 @@ class HttpAuthorization(OneShot):
             self._metrics.in_flight -= 1
             if conn is not None:
                 conn.answered()
-        response = _response(exchange, reply)
+        response = self._sendable(_response(exchange, reply), exchange)
         self.finish(exchange, started)
         if unread is None:
             return response
@@ -194,6 +195,24 @@ class HttpAuthorization(OneShot):
         source = kind.removeprefix("http_").replace("_", "-")  # e.g. body-timeout, as max-body-bytes
         return _Unread(self.chain.reject(exchange, reply, source), close=True)
 
+    def _sendable(self, response: web.Response, exchange: Exchange) -> web.Response:
+        """`response`, or a 500 if the chain gave it a header aiohttp refuses to write (a control
+        character, e.g. CR/LF from a value a filter copied out of the body): aiohttp would fail after the
+        check, log a traceback and drop the connection without an answer, once per such request."""
+        unsafe = [
+            k for k, v in response.headers.items() if _UNSAFE_HEADER.search(k) or _UNSAFE_HEADER.search(v)
+        ]
+        if not unsafe:
+            return response
+        self._metrics.error("http_unsafe_header")
+        self._throttled.warning(
+            "http_unsafe_header",
+            "check answered 500: the chain set %s with a control character in it (a filter bug)",
+            ", ".join(ascii(name)[:80] for name in unsafe),
+            request_id=exchange.request_id,
+        )
+        return _response(exchange, replies.INTERNAL_ERROR)
+
     def _client_gone(self, request: web.BaseRequest, exchange: Exchange) -> None:
         """Cancelled because the connection was lost (aiohttp's `handler_cancellation`): counted, one
         line per 10 s. A cancellation with the connection still up is the server stopping: not counted."""
@@ -208,6 +227,8 @@ class HttpAuthorization(OneShot):
 
 
 _ENDED_EARLY = "check request ended before its body did (the client went away)"
+# What aiohttp refuses to write in a header name or value (RFC 9110 5.5: no CR, LF, NUL, ...).
+_UNSAFE_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Envoy never sends `Expect` (it answers a client's itself); curl and others do, and wait for this.
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

@@ -594,6 +594,37 @@ async def test_check_waiting_for_its_body_counts_in_flight() -> None:
         writer.close()
 
 
+class CopiesTheBody:
+    """Sets a header from the body, as a routing filter copies a model name out of JSON."""
+
+    name = "copies-the-body"
+
+    def on_request_body(self, exchange: Exchange) -> None:
+        assert exchange.body is not None
+        exchange.set_header("x-model", exchange.body.decode())
+
+
+async def test_a_header_aiohttp_cannot_write_is_a_500_not_a_dropped_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiohttp refused the CR/LF when writing the answer, after the check: a traceback logged per
+    # request and the connection dropped unanswered (through Envoy: unhashed, or its 500).
+    async with serving(Chain([CopiesTheBody()], max_body_bytes=LIMIT)) as served:
+        reader, writer = await connect(served.port)
+        for body in (b"a\r\nx-injected: 1", b"a\x00b", b"a\x7f"):
+            writer.write(POST_HEAD % len(body) + body)
+            status, headers, answer = await read_response(reader)
+            assert (status, json.loads(answer)["error"]["type"]) == (500, "internal_error")
+            assert "x-injected" not in headers and "x-model" not in headers
+        writer.write(POST_HEAD % 5 + b"small")  # the same connection carries on
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["x-model"]) == (200, "small")
+        writer.close()
+        assert served.errors.get("http_unsafe_header") == 3
+    assert "Traceback" not in caplog.text
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
 # -- 7/8. malformed requests: a JSON 400, a counter, and one log line per kind per 10 s -------------------
 MALFORMED = {
     "bad header": b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
