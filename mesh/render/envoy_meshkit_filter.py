@@ -77,7 +77,7 @@ def header_removal(config: FrontConfig) -> Why | None:
     )
 
 
-def _failure_mode_allow(config: FrontConfig) -> Why:
+def _failure_mode_allow(config: FrontConfig, *, over_http: bool = False) -> Why:
     needs = config.needs
     if needs.fail_open:
         derived = (
@@ -93,14 +93,25 @@ def _failure_mode_allow(config: FrontConfig) -> Why:
         reason = f"Derived from the chain: {derived}."
     else:
         reason = f"Set explicitly. From the chain alone: {derived}."
+    if over_http:
+        reason += " Over HTTP a 5xx answer from meshkit (a filter's 503 or 504 too) counts as failing"
+        if config.fails_open and needs.fail_closed:
+            reason += f": it lets the request through, whatever {_names(needs.fail_closed)} decided"
+        reason += "."
     return Why(config.fails_open, reason)
 
 
-def _call_timeout(seconds: float, config: FrontConfig, what: str) -> Why:
+def _call_timeout(seconds: float, config: FrontConfig, what: str, *, over_http: bool = False) -> Why:
+    answer = (
+        # Envoy's ext_authz HTTP client reads every 5xx of the check service as "the service failed".
+        "meshkit's own answer (its 504 counts as a failed check here: failure_mode_allow decides) reaches "
+        "Envoy before Envoy gives up."
+        if over_http
+        else "meshkit's own 504 reaches the client before Envoy gives up."
+    )
     return Why(
         duration(seconds),
-        f"{what}: above meshkit's --filter-timeout ({duration(config.filter_timeout)}), so meshkit's own "
-        "504 reaches the client before Envoy gives up.",
+        f"{what}: above meshkit's --filter-timeout ({duration(config.filter_timeout)}), so {answer}",
     )
 
 
@@ -202,7 +213,9 @@ def ext_authz_http(config: FrontConfig) -> dict[str, Any]:
             "server_uri": {
                 "uri": f"http://{uri_host(config.extproc_host)}:{config.meshkit_port}",
                 "cluster": MESHKIT_CLUSTER,
-                "timeout": _call_timeout(config.http_timeout_seconds, config, "The whole check request"),
+                "timeout": _call_timeout(
+                    config.http_timeout_seconds, config, "The whole check request", over_http=True
+                ),
             },
             "authorization_response": response,
             "retry_policy": Why(
@@ -213,7 +226,7 @@ def ext_authz_http(config: FrontConfig) -> dict[str, Any]:
                 "a 5xx is the check's outcome.",
             ),
         },
-        "failure_mode_allow": _failure_mode_allow(config),
+        "failure_mode_allow": _failure_mode_allow(config, over_http=True),
         "status_on_error": _STATUS_ON_ERROR,
         "with_request_body": _with_request_body(config, pack_as_bytes=False),
         **_clear_route_cache(config),

@@ -257,6 +257,23 @@ def test_failure_mode_allow_override(api: Api) -> None:
     assert "Set explicitly" in reason and "fake-auth does not declare fail_open" in reason
 
 
+def test_over_http_the_comments_say_a_5xx_answer_counts_as_failing() -> None:
+    # Envoy's ext_authz HTTP client reads any 5xx of meshkit as "the service failed": with
+    # failure_mode_allow true a fail-closed filter's 503 lets the request through (checked with Envoy
+    # 1.40), and meshkit's 504 never reaches the client. The comments said it did.
+    text = FrontConfig(api=Api.EXT_AUTHZ_HTTP, filters=(AuthFilter,), failure_mode_allow=True).render()
+    reason = comment_above(text, "failure_mode_allow: true")
+    assert "a 5xx answer from meshkit" in reason and "lets the request through" in reason
+    assert "fake-auth" in reason
+    timeout = comment_above(text, "timeout: 1s")
+    assert "504 counts as a failed check" in timeout and "504 reaches the client" not in timeout
+    for api in (Api.EXT_AUTHZ, Api.EXT_PROC):  # the gRPC paths pass meshkit's 5xx on to the client
+        grpc = FrontConfig(api=api, filters=(AuthFilter,), failure_mode_allow=True).render()
+        assert "5xx" not in comment_above(grpc, "failure_mode_allow: true")
+    closed = FrontConfig(api=Api.EXT_AUTHZ_HTTP, filters=(AuthFilter,)).render()
+    assert "lets the request through" not in comment_above(closed, "failure_mode_allow: false")
+
+
 def test_a_filter_without_the_base_class_fails_closed() -> None:
     class Plain:  # no Filter base: nothing declared, so nothing assumed
         name = "plain"
