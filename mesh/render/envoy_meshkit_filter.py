@@ -111,7 +111,9 @@ def _call_timeout(seconds: float, config: FrontConfig, what: str, *, over_http: 
     )
     return Why(
         duration(seconds),
-        f"{what}: above meshkit's --filter-timeout ({duration(config.filter_timeout)}), so {answer}",
+        f"{what}: above meshkit's --filter-timeout ({duration(config.filter_timeout)}) by the time a "
+        f"--max-body-bytes body takes to reach it (Envoy's timer runs meanwhile; 0.5s at least), so "
+        f"{answer}",
     )
 
 

@@ -141,7 +141,9 @@ class FrontConfig:
         return self._timeout(self.http_timeout)
 
     def _timeout(self, explicit: float | None) -> float:
-        return above_filter_timeout(self.filter_timeout) if explicit is None else explicit
+        if explicit is not None:
+            return explicit
+        return above_filter_timeout(self.filter_timeout, self.max_body_bytes)
 
     def replace(self, **changes: Any) -> FrontConfig:
         """A copy with `changes` (checked again)."""

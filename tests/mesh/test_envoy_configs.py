@@ -15,7 +15,7 @@ from meshkit.errors import ConfigError
 from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import DEFAULT_FILTER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, Chain
 from meshkit.extproc.daemon import ExtprocOptions
-from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS
+from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS, TRANSFER_BYTES_PER_SECOND
 from meshkit.extproc.filter import Exchange, Filter
 from meshkit.extproc.filters import phases_of
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
@@ -372,6 +372,19 @@ def test_envoy_timeouts_sit_above_the_filter_timeout(api: Api, filter_timeout: f
     assert filter_timeout < config.http_timeout_seconds
     if filter_timeout == 0.05:
         validate(config.render(), tmp_path)  # 0.55s: Envoy takes sub-second durations written this way
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_envoy_timeouts_leave_time_for_the_largest_body_to_travel(api: Api, tmp_path: Path) -> None:
+    # Envoy's timer runs while the body travels to meshkit: a fixed filter_timeout + 0.5 s let 150 MiB
+    # checks through unhashed on both ext_authz paths at --max-body-bytes 160MiB (1 GiB: all three).
+    assert _timeouts(render(api=api), api) == [DEFAULT_FILTER_TIMEOUT + 0.5]  # a few MiB: unchanged
+    big = FrontConfig(api=api, max_body_bytes=1 << 30)
+    validate(big.render(), tmp_path)
+    (timeout,) = _timeouts(big.document(), api)
+    assert timeout == DEFAULT_FILTER_TIMEOUT + (1 << 30) / TRANSFER_BYTES_PER_SECOND  # 32.5 s
+    assert TRANSFER_BYTES_PER_SECOND <= 48 << 20  # measured: a 1 GiB check took 20 s over gRPC here
+    assert _timeouts(render(api=api, max_body_bytes=160 << 20), api) == [DEFAULT_FILTER_TIMEOUT + 5]
 
 
 def test_each_call_timeout_is_its_own_value() -> None:
