@@ -18,8 +18,8 @@ Envoy. What one such client can cost is bounded, each bound counted in
 - the body is hashed exactly as sent: `Content-Encoding` is never inflated (a gzip bomb stays small);
 - a request's headers must be whole `HEADER_TIMEOUT_SECONDS` after its first byte (after the accept,
   for a new connection), else the connection is closed; its body `BODY_TIMEOUT_SECONDS` after the
-  headers, else 408 and the connection closed. Envoy writes a check's headers and its buffered body
-  at once, so for Envoy both take microseconds;
+  headers (longer for a --max-body-bytes over 320 MiB), else 408 and the connection closed. Envoy
+  writes a check's headers and its buffered body at once, so for Envoy both take microseconds;
 - at most `max_connections` open connections (`meshkit_extproc_http_connections`): one more makes
   room by closing the oldest request whose headers are not whole, else the oldest whose body is on
   its way, else the least recently used idle connection, first among those in that state for
@@ -67,15 +67,25 @@ KEEPALIVE_SECONDS = 75.0
 # Envoy writes a check's request line and headers in one go, as soon as the connection is up or taken
 # from its pool, and its body (buffered whole by `with_request_body`) right behind them. Either limit
 # is well above Envoy's own timeout for the whole check (`http_service.server_uri.timeout`: 1 s in the
-# rendered configs, --filter-timeout + 0.5 s), after which Envoy has given up on the check anyway: nothing
-# Envoy sends is ever cut, with room for a stalled process (GC pause, CPU steal); a client that is not
-# Envoy holds a descriptor at most this long (less at the connection limit), not aiohttp's 75 s.
+# rendered configs for bodies up to 16 MiB, --filter-timeout + 0.5 s), after which Envoy has given up
+# on the check anyway: nothing Envoy sends is ever cut, with room for a stalled process (GC pause, CPU
+# steal); a client that is not Envoy holds a descriptor at most this long (less at the connection
+# limit), not aiohttp's 75 s. For a --max-body-bytes over 320 MiB the body timeout grows with it
+# (`body_timeout_for`), as Envoy's does.
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_TIMEOUT_SECONDS = 10.0
 # The slowest a whole body is expected to travel from Envoy to meshkit: measured through Envoy on
 # loopback (2 cores), a 1 GiB check took 8.6 s over HTTP and 20 s over gRPC, 50-120 MiB/s. Envoy's
-# timeouts in the rendered configs leave a --max-body-bytes body at least this rate.
+# timeouts in the rendered configs and the body timeout here leave a --max-body-bytes body this rate.
 TRANSFER_BYTES_PER_SECOND = 32 << 20
+
+
+def body_timeout_for(max_body_bytes: int) -> float:
+    """The body timeout for bodies up to `max_body_bytes`: `BODY_TIMEOUT_SECONDS`, or the time the
+    largest takes at `TRANSFER_BYTES_PER_SECOND` when longer (32 s at 1 GiB)."""
+    return max(BODY_TIMEOUT_SECONDS, max_body_bytes / TRANSFER_BYTES_PER_SECOND)
+
+
 # Open connections, whatever the file-descriptor limit allows (`default_max_connections`). One Envoy
 # holds at most 1024 connections to a cluster (its default circuit breaker) and far fewer in practice
 # (a check takes well under a millisecond): room for several Envoys at full concurrency, at a few KiB
@@ -113,9 +123,9 @@ class _Unread:
 class HttpAuthorization(OneShot):
     api = Api.EXT_AUTHZ_HTTP
 
-    def __init__(self, chain: Chain, *, body_timeout: float = BODY_TIMEOUT_SECONDS) -> None:
+    def __init__(self, chain: Chain, *, body_timeout: float | None = None) -> None:
         super().__init__(chain)
-        self.body_timeout = body_timeout
+        self.body_timeout = body_timeout_for(chain.max_body_bytes) if body_timeout is None else body_timeout
         self._throttled = Throttle(log)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:

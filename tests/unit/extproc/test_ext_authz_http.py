@@ -229,6 +229,14 @@ async def test_stalled_body_is_answered_408_json_and_the_connection_closed() -> 
         assert await eventually(lambda: served.chain.metrics.in_flight == 0)
 
 
+def test_the_body_timeout_leaves_the_largest_body_time_to_arrive() -> None:
+    # A fixed 10 s would answer 408 to a 1 GiB check still arriving from Envoy (8.6 s here on loopback),
+    # while Envoy, its timeout grown with --max-body-bytes (32.5 s), still waits for the answer.
+    assert HttpAuthorization(hashing_chain(8 << 20)).body_timeout == ext_authz_http.BODY_TIMEOUT_SECONDS
+    assert HttpAuthorization(hashing_chain(1 << 30)).body_timeout == 32.0
+    assert HttpAuthorization(hashing_chain(1 << 30), body_timeout=3).body_timeout == 3
+
+
 async def test_a_body_that_keeps_trickling_is_cut_at_the_body_timeout() -> None:
     async with serving(body_timeout=0.4) as served:
         reader, writer = await connect(served.port)
