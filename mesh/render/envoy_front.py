@@ -29,6 +29,7 @@ from meshkit.render.front_config import FrontConfig
 __all__ = ["front_document", "front_tree", "front_yaml", "socket_address"]
 
 CONNECT_TIMEOUT = 1.0
+UNLIMITED = 4294967295  # a circuit breaker threshold (uint32) that never trips, as Istio renders it
 # Envoy closes an idle connection to meshkit's HTTP check server before meshkit would.
 HTTP_IDLE_TIMEOUT = min(30.0, KEEPALIVE_SECONDS / 2)
 
@@ -166,6 +167,13 @@ def _meshkit_cluster(config: FrontConfig, api: Api) -> dict[str, Any]:
         options["explicit_http_config"] = Why(
             {"http2_protocol_options": {}},
             "gRPC needs HTTP/2: without it the config validates but every request fails with 500.",
+        )
+        cluster["circuit_breakers"] = Why(
+            {"thresholds": [{"max_requests": UNLIMITED, "max_pending_requests": UNLIMITED}]},
+            "Envoy's default circuit breaker allows 1,024 requests at once to a cluster, and each gRPC "
+            "stream to meshkit is one: ext_proc holds its stream for the whole client request (the "
+            "upstream's answer included), so the 1,025th concurrent request failed (let through "
+            "unprocessed, or 500). No limit here, as in Istio: meshkit is not the bottleneck to guard.",
         )
     cluster["typed_extension_protocol_options"] = {_HTTP_OPTIONS: options}
     cluster["load_assignment"] = _endpoints(MESHKIT_CLUSTER, config.extproc_host, (config.meshkit_port,))

@@ -487,6 +487,15 @@ def test_ext_authz_http_without_owned_headers_copies_none(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("api", [Api.EXT_PROC, Api.EXT_AUTHZ])
+def test_grpc_apis_lift_envoys_default_circuit_breaker(api: Api) -> None:
+    # 1,024 requests at once by default; ext_proc holds one for each client request's whole life.
+    (thresholds,) = cluster(render(api=api), "meshkit_extproc")["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] == thresholds["max_pending_requests"] == 2**32 - 1
+    http = cluster(render(api=Api.EXT_AUTHZ_HTTP), "meshkit_extproc")
+    assert "circuit_breakers" not in http  # one connection per check: meshkit's connection limit rules
+
+
+@pytest.mark.parametrize("api", [Api.EXT_PROC, Api.EXT_AUTHZ])
 def test_grpc_apis_use_an_http2_cluster(api: Api) -> None:
     doc = render(api=api)
     options = cluster(doc, "meshkit_extproc")["typed_extension_protocol_options"][
