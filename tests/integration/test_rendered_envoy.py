@@ -134,10 +134,8 @@ def holding_upstream() -> Iterator[int]:
         app.router.add_route("*", "/{tail:.*}", hold)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)  # Envoy connects 1,024 at once
-        await site.start()
-        assert site._server is not None
-        return runner, site._server.sockets[0].getsockname()[1]
+        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()  # Envoy connects 1,024 at once
+        return runner, int(runner.addresses[0][1])
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
