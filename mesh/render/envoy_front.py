@@ -49,6 +49,22 @@ def socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def _addressing(host: str) -> dict[str, Any]:
+    """A cluster's `type`, and for a name how Envoy resolves it."""
+    kind = _cluster_type(host)
+    if kind == "STATIC":
+        return {"type": kind}
+    return {
+        "type": kind,
+        "dns_lookup_family": Why(
+            "V4_PREFERRED",
+            f"{host} is resolved by Envoy: its IPv4 address first, as meshkit and most servers listen on "
+            "IPv4 (Envoy's default AUTO tries IPv6 first: localhost became ::1, and no connection got "
+            "through to a server on 127.0.0.1).",
+        ),
+    }
+
+
 def _cluster_type(host: str) -> str:
     """STATIC for an IP address; STRICT_DNS for a name (a Kubernetes Service): Envoy resolves it."""
     try:
@@ -146,7 +162,7 @@ def _listener(config: FrontConfig) -> dict[str, Any]:
 def _meshkit_cluster(config: FrontConfig, api: Api) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": MESHKIT_CLUSTER,
-        "type": _cluster_type(config.extproc_host),
+        **_addressing(config.extproc_host),
         "connect_timeout": duration(CONNECT_TIMEOUT),
     }
     options: dict[str, Any] = {"@type": f"type.googleapis.com/{_HTTP_OPTIONS}"}
@@ -188,7 +204,7 @@ def _upstream_cluster(config: FrontConfig) -> dict[str, Any]:
         lb = Why("ROUND_ROBIN", "No filter declares a hash_header: nothing to hash on.")
     return {
         "name": "upstream",
-        "type": _cluster_type(config.upstream_host),
+        **_addressing(config.upstream_host),
         "connect_timeout": duration(CONNECT_TIMEOUT),
         "per_connection_buffer_limit_bytes": envoy_buffer_limit(config.max_body_bytes),
         "lb_policy": lb,

@@ -1,6 +1,7 @@
 """What the rendered front config promises in its comments, checked through a real Envoy where a
 config test (tests/mesh) can only see the field: the ext_authz HTTP check retried when its connection
-closed under it; more than 1,024 concurrent requests over ext_proc (Envoy's default circuit breaker)."""
+closed under it; more than 1,024 concurrent requests over ext_proc (Envoy's default circuit breaker);
+`localhost` for meshkit and the upstream."""
 
 from __future__ import annotations
 
@@ -186,3 +187,24 @@ def test_ext_proc_takes_more_concurrent_requests_than_envoys_default_circuit_bre
     assert sum(overflow.values()) == 0
     assert [status for status, _, _ in results] == [200] * CONCURRENT
     assert all(got == xxhash.xxh3_128_hexdigest(body) for _, body, got in results)
+
+
+@pytest.mark.parametrize("api", [Api.EXT_AUTHZ_HTTP, Api.EXT_PROC])
+def test_localhost_reaches_servers_on_127_0_0_1(
+    workdir: Path, upstream: Echo, meshkit_server: Extproc, api: Api
+) -> None:
+    # Envoy's default dns_lookup_family (AUTO) resolved localhost to ::1 first: every connection to
+    # meshkit and the upstream (both on 127.0.0.1) was refused, and each request answered 500.
+    config = FrontConfig(
+        upstream_ports=(upstream.port,),
+        upstream_host="localhost",
+        extproc_host="localhost",
+        extproc_port=meshkit_server.port_for(api),
+        api=api,
+        listen_port=0,
+        failure_mode_allow=False,
+    )
+    with envoy(config.render(), workdir, name=f"localhost-{api}") as proxy:
+        resp = request(proxy.url(path="/v1/x"), body=b"{}")
+    assert resp.status == 200, resp.body[:200]
+    assert resp.upstream_headers["x-body-hash"] == xxhash.xxh3_128_hexdigest(b"{}")

@@ -152,6 +152,10 @@ def test_a_dns_name_is_resolved_by_envoy(tmp_path: Path) -> None:
     assert cluster(doc, "upstream")["type"] == "STRICT_DNS"
     assert cluster(doc, "meshkit_extproc")["type"] == "STRICT_DNS"
     assert cluster(render(), "upstream")["type"] == "STATIC"
+    # IPv4 first (Envoy's AUTO took localhost to ::1); an address needs no lookup
+    assert cluster(doc, "upstream")["dns_lookup_family"] == "V4_PREFERRED"
+    assert cluster(doc, "meshkit_extproc")["dns_lookup_family"] == "V4_PREFERRED"
+    assert "dns_lookup_family" not in cluster(render(), "upstream")
 
 
 # -- rule: headers the filters set are removed from the client's request first --------------------------
