@@ -229,12 +229,13 @@ def front_document(config: FrontConfig) -> dict[str, Any]:
 
 
 def _bind_host(host: str) -> str:
-    """The host meshkit listens on for Envoy to reach it at `host`: an address (or localhost) as it
-    is; for any other name (a Kubernetes Service) every interface of its own pod, since a Service name
-    is not an address a process can bind."""
-    if _cluster_type(host) == "STATIC" or host == "localhost":
+    """The host meshkit listens on for Envoy to reach it at `host`: an address as it is; localhost as
+    127.0.0.1, the address Envoy connects to (V4_PREFERRED; meshkit would bind whichever address the
+    system lists first); any other name (a Kubernetes Service) every interface of its own pod, since a
+    Service name is not an address a process can bind."""
+    if _cluster_type(host) == "STATIC":
         return host
-    return "0.0.0.0"
+    return "127.0.0.1" if host == "localhost" else "0.0.0.0"
 
 
 def _meshkit_command(config: FrontConfig) -> str:
@@ -268,7 +269,7 @@ def header(config: FrontConfig) -> str:
             f"Filter chain: {', '.join(config.needs.names)}. Run meshkit with the same chain and limits:",
             f"  {command}",
         ]
-        if _bind_host(config.extproc_host) != config.extproc_host:
+        if _bind_host(config.extproc_host) == "0.0.0.0" != config.extproc_host:
             lines.append(
                 f"(Envoy reaches it as {config.extproc_host}:{config.meshkit_port}; it listens on every "
                 "interface of its pod.)"

@@ -111,6 +111,9 @@ def test_ipv6_addresses(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     assert "--http-listen [::1]:50052" in text  # HOST:PORT as meshkit's flags take it (was ::1:50052)
     assert "--listen [::1]:50051" in run(capsys, "--api", "ext_proc", "--meshkit", "[::1]:50051")
     assert "--listen 127.0.0.1:50051" in run(capsys, "--api", "ext_proc")  # an address stays as it is
+    # localhost: the address Envoy connects to (IPv4 first), not whichever the system lists first
+    local = run(capsys, "--api", "ext_proc", "--meshkit", "localhost:7")
+    assert "--listen 127.0.0.1:7" in local and "every interface" not in local
 
 
 def test_route_timeout_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
