@@ -81,6 +81,12 @@ class FrontConfig:
         if self.extproc_port is not None:
             ports["extproc_port"] = self.extproc_port
         problems += [f"{k}: {v} is not a port (0-65535)" for k, v in ports.items() if not 0 <= v <= 65535]
+        # Envoy listens on port 0 (any free one), but connects to no such port: it would validate and
+        # never reach the server.
+        called = {k: v for k, v in ports.items() if k.startswith("upstream_ports")}
+        if self.api is not None and self.extproc_port is not None:
+            called["extproc_port"] = self.extproc_port
+        problems += [f"{k}: Envoy connects to it, so it cannot be 0" for k, v in called.items() if v == 0]
         if self.max_body_bytes <= 0:
             problems.append(f"max_body_bytes: {self.max_body_bytes} must be more than 0")
         elif self.max_body_bytes > MAX_SIZE:  # what meshkit accepts; beyond 4 GiB Envoy's fields overflow

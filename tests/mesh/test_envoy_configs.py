@@ -550,6 +550,15 @@ def test_a_body_limit_meshkit_would_refuse_is_refused() -> None:
         FrontConfig(max_body_bytes=5 << 30)
 
 
+def test_a_port_envoy_connects_to_cannot_be_0() -> None:
+    # Envoy accepts an endpoint on port 0 (`--mode validate` passes) and then never reaches it.
+    with pytest.raises(ConfigError) as excinfo:
+        FrontConfig(upstream_ports=(0,), extproc_port=0, api=Api.EXT_AUTHZ_HTTP)
+    assert [p.split(":")[0] for p in excinfo.value.problems] == ["upstream_ports[0]", "extproc_port"]
+    FrontConfig(upstream_ports=(8080,), extproc_port=0, api=None)  # Envoy alone calls no meshkit
+    FrontConfig(listen_port=0, admin_port=0)  # listening on any free port is fine
+
+
 def test_api_given_as_a_string() -> None:
     assert FrontConfig(api="ext_authz").api is Api.EXT_AUTHZ  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="plain"):
