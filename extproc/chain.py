@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,11 +166,16 @@ class Chain:
         return None if hook.fail_open else replies.dependency_down(exc)
 
     def _failed(self, hook: _Hook, exchange: Exchange) -> Reply:
-        log.exception(
+        # A bug, with its traceback; throttled per filter and exception type, since a client may be
+        # able to trigger it on every request (the counter has every one).
+        kind = type(sys.exc_info()[1]).__name__
+        self._throttled.exception(
+            f"failed:{hook.filter_name}:{kind}",
             "filter %s failed in %s",
             hook.filter_name,
             exchange.phase.value,
-            extra={"filter": hook.filter_name, "request_id": exchange.request_id},
+            filter=hook.filter_name,
+            request_id=exchange.request_id,
         )
         self.metrics.error(f"filter:{hook.filter_name}")
         return replies.INTERNAL_ERROR

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -199,7 +200,7 @@ class Exchange:
         Request phases only: in a response phase the request has already gone upstream."""
         if self.phase.is_response:
             raise RuntimeError(f"set_header({name!r}) in {self.phase.value}: use set_response_header")
-        name = name.lower()
+        name = _checked(name, value)
         self._remove.discard(name)
         self._set[name] = value
 
@@ -215,7 +216,7 @@ class Exchange:
         """Set (overwrite or add) a header of the upstream's response (response phases, ext_proc)."""
         if not self.phase.is_response:
             raise RuntimeError(f"set_response_header({name!r}) in {self.phase.value}: use set_header")
-        name = name.lower()
+        name = _checked(name, value)
         self._response_remove.discard(name)
         self._response_set[name] = value
 
@@ -260,6 +261,23 @@ class Exchange:
 
     def restore(self, snapshot: tuple[Mutation, Mutation]) -> None:
         (self._set, self._remove, self.clear_route), (self._response_set, self._response_remove, _) = snapshot
+
+
+# RFC 9110 field names (tokens) and values without control characters but HTAB (Envoy refuses CR, LF
+# and NUL, aiohttp the others): what every path can carry. A
+# filter that copies client data (a body field) into a header gets a ValueError, i.e. its own 500
+# JSON, instead of Envoy's bare reply that differs per path.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _checked(name: str, value: str) -> str:
+    lowered = name.lower()
+    if not _TOKEN.fullmatch(lowered):
+        raise ValueError(f"not a valid header name: {name!r}")
+    if _UNSAFE_VALUE.search(value):
+        raise ValueError(f"header {lowered}: the value holds a control character")
+    return lowered
 
 
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")

@@ -138,6 +138,14 @@ class Throttle:
 
     def warning(self, key: str, msg: str, *args: Any, **extra: Any) -> bool:
         """Log `msg % args` at WARNING unless `key` was logged less than `interval` s ago; True if logged."""
+        return self.log(logging.WARNING, key, msg, *args, **extra)
+
+    def exception(self, key: str, msg: str, *args: Any, **extra: Any) -> bool:
+        """The same at ERROR with the current exception's traceback (a bug that a client can trigger
+        on every request: its traceback once per `interval`, its count in the metrics)."""
+        return self.log(logging.ERROR, key, msg, *args, exc_info=True, **extra)
+
+    def log(self, level: int, key: str, msg: str, *args: Any, exc_info: bool = False, **extra: Any) -> bool:
         now = time.monotonic()
         last, suppressed = self._last.get(key, (-self._interval, 0))
         if now - last < self._interval:
@@ -148,7 +156,7 @@ class Throttle:
         self._last[key] = (now, 0)
         if suppressed:
             extra["suppressed"] = suppressed
-        self._logger.warning(msg, *args, extra=extra)
+        self._logger.log(level, msg, *args, exc_info=exc_info or None, extra=extra)
         return True
 
 

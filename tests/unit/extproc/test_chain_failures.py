@@ -331,3 +331,31 @@ async def test_static_and_class_method_hooks_are_hooks() -> None:
 
     with pytest.raises(TypeError, match="takes one exchange"):
         hooks_of(WrongStatic)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-model", "a\r\nx-injected: 1"),
+        ("x-model", "nul\x00"),
+        ("x-model", "del\x7f"),
+        ("bad name", "v"),
+        ("x:y", "v"),
+        ("", "v"),
+    ],
+)
+async def test_a_header_envoy_would_refuse_is_the_filters_500_on_every_path(name: str, value: str) -> None:
+    class CopiesClientData(Filter):
+        name: ClassVar[str] = "copier"
+        Options: ClassVar[type] = NoOptions
+
+        def on_request_body(self, exchange: Exchange) -> None:
+            exchange.set_header(name, value)
+
+    chain = Chain([CopiesClientData(NoOptions())])
+    reply = await chain.run(Phase.REQUEST_BODY, Exchange({}))
+    assert reply is not None and reply.status == 500
+    assert json.loads(reply.body)["error"]["type"] == "internal_error"
+    ok = Exchange({})
+    ok.set_header("X-Model", "gpt-4o; q=1, \t tabs and UTF-8 é are fine")
+    assert ok.take_mutations()[0] == {"x-model": "gpt-4o; q=1, \t tabs and UTF-8 é are fine"}
