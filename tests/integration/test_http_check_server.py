@@ -26,7 +26,7 @@ import pytest
 import xxhash
 
 from meshkit.extproc.apis import Api
-from meshkit.extproc.ext_authz_http import default_max_connections
+from meshkit.extproc.http_connections import default_max_connections
 from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy
 from meshkit.harness.process import ManagedProcess

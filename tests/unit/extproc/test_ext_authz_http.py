@@ -26,7 +26,7 @@ import pytest
 import xxhash
 
 from meshkit.daemon import bind
-from meshkit.extproc import ext_authz_http
+from meshkit.extproc import ext_authz_http, http_connections
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.ext_authz_http import HttpAuthorization, HttpAuthzServer
 from meshkit.extproc.filter import Exchange
@@ -558,16 +558,16 @@ async def test_connection_limit_refuses_a_new_connection_when_every_one_is_decid
     ("soft", "expected"),
     [
         (1024, 512),
-        (20_000, ext_authz_http.MAX_CONNECTIONS),
-        (resource.RLIM_INFINITY, ext_authz_http.MAX_CONNECTIONS),
-        (10, ext_authz_http.MIN_CONNECTIONS),
+        (20_000, http_connections.MAX_CONNECTIONS),
+        (resource.RLIM_INFINITY, http_connections.MAX_CONNECTIONS),
+        (10, http_connections.MIN_CONNECTIONS),
     ],
 )
 def test_default_connection_limit_leaves_half_the_file_descriptors(
     monkeypatch: pytest.MonkeyPatch, soft: int, expected: int
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, resource.RLIM_INFINITY))
-    assert ext_authz_http.default_max_connections() == expected
+    assert http_connections.default_max_connections() == expected
 
 
 # -- 5. an abandoned check is cancelled ----------------------------------------------------------------
