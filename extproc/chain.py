@@ -119,13 +119,16 @@ class Chain:
             async with deadline:
                 reply = await pending
         except Exception:
+            # A fail-open filter that did not finish lets the request through without the changes it
+            # had made so far, whatever stopped it (our deadline, its DependencyError); any other
+            # outcome is a reply, which drops every pending change anyway.
+            if saved is not None:
+                exchange.restore(saved)
             # Once our deadline has cancelled the hook, whatever it raises is that cancellation: a
             # client library may turn it into its own error (ConnectionError, its TimeoutError). Before
             # that, a TimeoutError is the hook's own (a client's timeout): a failure, not ours.
             if not deadline.expired():
                 raise
-            if saved is not None:
-                exchange.restore(saved)
             raise _Overran from None
         if reply is not None and not isinstance(reply, Reply):
             raise _not_a_reply(hook, reply)

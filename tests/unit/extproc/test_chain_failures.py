@@ -359,3 +359,22 @@ async def test_a_header_envoy_would_refuse_is_the_filters_500_on_every_path(name
     ok = Exchange({})
     ok.set_header("X-Model", "gpt-4o; q=1, \t tabs and UTF-8 é are fine")
     assert ok.take_mutations()[0] == {"x-model": "gpt-4o; q=1, \t tabs and UTF-8 é are fine"}
+
+
+async def test_a_fail_open_filter_whose_dependency_is_down_lets_the_request_through_without_its_changes() -> (
+    None
+):
+    class HalfDone(Filter):
+        name: ClassVar[str] = "half-done"
+        Options: ClassVar[type] = NoOptions
+        fail_open: ClassVar[bool] = True
+
+        async def on_request_headers(self, exchange: Exchange) -> None:
+            exchange.set_header("x-half", "partial")
+            raise DependencyError("redis", "connection refused")
+
+    chain = Chain([HalfDone(NoOptions()), Marker(NoOptions())])
+    ex = Exchange({})
+    assert await chain.run(Phase.REQUEST_HEADERS, ex) is None
+    assert ex.take_mutations() == ({"x-marker": "1"}, set(), False)  # x-half's partial value is undone
+    assert chain.metrics.dependency_errors == {"redis": 1}
