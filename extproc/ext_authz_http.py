@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from meshkit.extproc import replies
 from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.ext_authz import OneShot
-from meshkit.extproc.filter import Exchange, Reply
+from meshkit.extproc.filter import UNSAFE_HEADER_CHARS, Exchange, Reply
 from meshkit.extproc.http_connections import (
     EVICTION_GRACE_SECONDS,
     HEADER_TIMEOUT_SECONDS,
@@ -193,7 +192,9 @@ class HttpAuthorization(OneShot):
         character, e.g. CR/LF from a value a filter copied out of the body): aiohttp would fail after the
         check, log a traceback and drop the connection without an answer, once per such request."""
         unsafe = [
-            k for k, v in response.headers.items() if _UNSAFE_HEADER.search(k) or _UNSAFE_HEADER.search(v)
+            k
+            for k, v in response.headers.items()
+            if UNSAFE_HEADER_CHARS.search(k) or UNSAFE_HEADER_CHARS.search(v)
         ]
         if not unsafe:
             return response
@@ -221,7 +222,6 @@ class HttpAuthorization(OneShot):
 
 _ENDED_EARLY = "check request ended before its body did (the client went away)"
 # What aiohttp refuses to write in a header name or value (RFC 9110 5.5: no CR, LF, NUL, ...).
-_UNSAFE_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Envoy never sends `Expect` (it answers a client's itself); curl and others do, and wait for this.
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

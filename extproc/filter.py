@@ -268,14 +268,14 @@ class Exchange:
 # filter that copies client data (a body field) into a header gets a ValueError, i.e. its own 500
 # JSON, instead of Envoy's bare reply that differs per path.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # the HTTP check server checks replies too
 
 
 def _checked(name: str, value: str) -> str:
     lowered = name.lower()
     if not _TOKEN.fullmatch(lowered):
         raise ValueError(f"not a valid header name: {name!r}")
-    if _UNSAFE_VALUE.search(value):
+    if UNSAFE_HEADER_CHARS.search(value):
         raise ValueError(f"header {lowered}: the value holds a control character")
     return lowered
 
