@@ -17,11 +17,10 @@ from meshkit.extproc.chain import DEFAULT_FILTER_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 from meshkit.extproc.daemon import ExtprocOptions
 from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS, TRANSFER_BYTES_PER_SECOND
 from meshkit.extproc.filter import Exchange, Filter
-from meshkit.extproc.filters import phases_of
 from meshkit.extproc.filters.body_hash import BodyHashFilter, BodyHashOptions
 from meshkit.extproc.limits import envoy_buffer_limit
 from meshkit.extproc.replies import INTERNAL_ERROR, too_large
-from meshkit.render import FrontConfig, processing_mode, upstream_direct
+from meshkit.render import FrontConfig, needs_of, processing_mode, upstream_direct
 from meshkit.render.envoy_local_replies import ENVOY_TOO_LARGE, MESHKIT_FAILED
 
 from .conftest import (
@@ -325,8 +324,8 @@ def test_response_phase_filter_runs_on_ext_proc(tmp_path: Path) -> None:
 # -- rule: processing_mode from the chain's phases -------------------------------------------------
 def test_processing_mode_follows_the_chain() -> None:
     chain = Chain([BodyHashFilter(BodyHashOptions())])
-    assert phases_of(["body-hash"]) == {p.value for p in chain.phases}
-    mode = processing_mode(phases_of(["body-hash"]))
+    assert needs_of(["body-hash"]).phases == chain.phases
+    mode = processing_mode(needs_of(["body-hash"]).phase_values)
     assert mode["request_header_mode"] == "SEND"  # without SEND the body-phase header is dropped
     assert mode["request_body_mode"] == "BUFFERED"
     assert mode["response_header_mode"] == "SKIP"
