@@ -10,7 +10,7 @@ Header values: ext_proc reads `HeaderValue.raw_value`; ext_authz's OK response r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -203,16 +203,20 @@ _OK_EMPTY = _serialized(authz_pb.CheckResponse(status=status_pb2.Status(code=cod
 
 _OK_HEADERS = _tag(_number(authz_pb.OkHttpResponse, "headers"))
 _OK_REMOVE = _tag(_number(authz_pb.OkHttpResponse, "headers_to_remove"))
+_OK_ANSWER = _tag(_number(authz_pb.OkHttpResponse, "response_headers_to_add"))
 _CHECK_OK = _tag(_number(authz_pb.CheckResponse, "ok_response"))
 
 
-def check_ok(sets: dict[str, str], removes: Iterable[str]) -> bytes:
-    """OK, with header changes (ext_authz reads `HeaderValue.value`, not raw_value)."""
-    if not sets and not removes:
+def check_ok(sets: dict[str, str], removes: Iterable[str], answer: Mapping[str, str] | None = None) -> bytes:
+    """OK, with header changes (ext_authz reads `HeaderValue.value`, not raw_value) and the headers
+    for the client's answer (`response_headers_to_add`)."""
+    if not sets and not removes and not answer:
         return _OK_EMPTY
     ok = b"".join(_field(_OK_HEADERS, _header_option(k, v, _HV_VALUE)) for k, v in sets.items())
     if removes:
         ok += b"".join(_field(_OK_REMOVE, name.encode()) for name in sorted(removes))
+    if answer:
+        ok += b"".join(_field(_OK_ANSWER, _header_option(k, v, _HV_VALUE)) for k, v in answer.items())
     return _OK_EMPTY + _field(_CHECK_OK, ok)
 
 

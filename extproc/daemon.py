@@ -99,6 +99,9 @@ class ExtprocOptions:
 async def serve(options: Resolved, life: Lifecycle) -> None:
     opts: ExtprocOptions = options[ExtprocOptions]
     filters = build(opts.filters, options)
+    for f in filters:
+        for collector in getattr(f, "collectors", tuple)():
+            life.registry.register(collector)
     metrics = Metrics([f.name for f in filters], registry=life.registry)
     chain = Chain(filters, metrics, max_body_bytes=opts.max_body_bytes, filter_timeout=opts.filter_timeout)
     services = (ext_proc.SERVICE, ext_authz_grpc.SERVICE)

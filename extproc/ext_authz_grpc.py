@@ -46,7 +46,7 @@ class Authorization(OneShot):
         reply = await self.decide(exchange, body)
         if reply is None:
             sets, removes, _ = exchange.take_mutations()
-            data = _proto.check_ok(sets, removes)
+            data = _proto.check_ok(sets, removes, exchange.answer_headers)
         else:
             data = _proto.check_denied(reply)
         self.finish(exchange, started)

@@ -230,7 +230,7 @@ def _response(exchange: Exchange, reply: Reply | None) -> web.Response:
     if reply is not None:
         return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
     sets, removes, _ = exchange.take_mutations()
-    headers = dict(sets)
+    headers = {**exchange.answer_headers, **sets}
     if removes:
         headers[HEADERS_TO_REMOVE] = ",".join(sorted(removes))
     return web.Response(status=200, headers=headers)

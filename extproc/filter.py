@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,6 +93,8 @@ HeaderSource = Callable[[], Mapping[str, str]] | Mapping[str, str] | None
 
 # A pending set of header changes: (sets, removes, clear_route_cache).
 Mutation = tuple[dict[str, str], set[str], bool]
+# Everything pending: request-side and response-side mutations, and the answer headers.
+Snapshot = tuple[Mutation, Mutation, dict[str, str]]
 
 
 def _resolve(source: HeaderSource) -> Mapping[str, str]:
@@ -111,6 +113,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "_answer",
         "_header_source",
         "_headers",
         "_remove",
@@ -137,6 +140,7 @@ class Exchange:
         self._remove: set[str] = set()
         self._response_set: dict[str, str] = {}
         self._response_remove: set[str] = set()
+        self._answer: dict[str, str] = {}
         self.body: bytes | None = None
         self._response_header_source: HeaderSource = None
         self._response_headers: Mapping[str, str] | None = None
@@ -228,6 +232,19 @@ class Exchange:
         self._response_set.pop(name, None)
         self._response_remove.add(name)
 
+    def set_answer_header(self, name: str, value: str) -> None:
+        """A header for the client's answer if the request goes on (x-ratelimit-remaining), decided in a
+        request phase. A filter that calls it lists the name in `answer_headers`: over ext_authz it
+        rides on the OK answer, over ext_proc it is added in the response-headers phase (which the
+        rendered config then sends). A `Reply` carries its own headers instead."""
+        name = _checked(name, value)
+        self._answer[name] = value
+
+    @property
+    def answer_headers(self) -> Mapping[str, str]:
+        """The headers `set_answer_header` collected (what the servers add to a successful answer)."""
+        return self._answer
+
     def clear_route_cache(self) -> None:
         """Ask Envoy to pick the route again after this phase (needed when routing headers change).
         Over ext_authz this works only when the rendered filter config says so: a filter that calls it
@@ -241,6 +258,9 @@ class Exchange:
             sets, removes = self._response_set, self._response_remove
             if sets or removes:
                 self._response_set, self._response_remove = {}, set()
+            if self._answer and self.phase is Phase.RESPONSE_HEADERS:
+                sets = {**self._answer, **sets}
+                self._answer = {}
             return sets, removes, False
         sets, removes, clear = self._set, self._remove, self.clear_route
         if sets or removes or clear:
@@ -251,16 +271,22 @@ class Exchange:
         """Forget every pending change (the chain replied, so none of them may apply)."""
         self._set, self._remove, self.clear_route = {}, set(), False
         self._response_set, self._response_remove = {}, set()
+        self._answer = {}
 
-    def snapshot(self) -> tuple[Mutation, Mutation]:
+    def snapshot(self) -> Snapshot:
         """The pending changes now, to `restore()` if a hook that made more of them is abandoned."""
         return (
             (dict(self._set), set(self._remove), self.clear_route),
             (dict(self._response_set), set(self._response_remove), False),
+            dict(self._answer),
         )
 
-    def restore(self, snapshot: tuple[Mutation, Mutation]) -> None:
-        (self._set, self._remove, self.clear_route), (self._response_set, self._response_remove, _) = snapshot
+    def restore(self, snapshot: Snapshot) -> None:
+        request, response, self._answer = snapshot
+        (self._set, self._remove, self.clear_route), (self._response_set, self._response_remove, _) = (
+            request,
+            response,
+        )
 
 
 # RFC 9110 field names (tokens) and values without control characters but HTAB (Envoy refuses CR, LF
@@ -312,6 +338,12 @@ class Filter:
       `clear_route_cache: true` (ext_authz ignores the per-request call).
     - `hash_header`: a request header the upstream cluster is consistent-hashed on (body-hash:
       `x-body-hash`); the rendered route gets a `hash_policy` for it and echoes it on the response.
+    - `reads_header_prefixes`: header-name prefixes it reads (auth: `x-auth-`, to remove every one a
+      client sent); ext_authz over HTTP forwards headers with these prefixes too.
+    - `answer_headers`: headers it may add to a successful answer with `set_answer_header`
+      (x-ratelimit-*); over ext_proc the rendered config then sends the response headers.
+    - `extra_sections`: option dataclasses it shares with other filters (`--routes-file`); the
+      default `from_options` ignores them, a filter that uses them overrides it.
     """
 
     name: ClassVar[str]
@@ -321,9 +353,18 @@ class Filter:
     fail_open: ClassVar[bool] = False
     reroutes: ClassVar[bool] = False
     hash_header: ClassVar[str | None] = None
+    reads_header_prefixes: ClassVar[frozenset[str]] = frozenset()
+    answer_headers: ClassVar[frozenset[str]] = frozenset()
+    extra_sections: ClassVar[tuple[type[Any], ...]] = ()
 
     def __init__(self, options: Any) -> None:
         self.options = options
+
+    @classmethod
+    def from_options(cls, options: Mapping[type[Any], Any]) -> Any:
+        """The filter, built from the daemon's resolved options (its own `Options` section, and the
+        `extra_sections` it declares)."""
+        return cls(options.get(cls.Options) or cls.Options())
 
     async def start(self) -> None:
         """Connect, load keys, fetch a JWKS: the daemon is ready only once every filter has started.
@@ -331,6 +372,11 @@ class Filter:
 
     async def close(self) -> None:
         """Release what `start()` opened (called in reverse chain order at shutdown)."""
+
+    def collectors(self) -> Iterable[Any]:
+        """The filter's own Prometheus collectors, made with `registry=None`: the daemon registers
+        them on its registry (served on `/metrics`), so two chains in one process never collide."""
+        return ()
 
     def on_request_headers(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         return None

@@ -15,13 +15,19 @@ def build(names: Sequence[str], options: Mapping[type[Any], Any]) -> list[Any]:
     out = []
     for name in names:
         cls = FILTERS[name]
-        out.append(cls(options.get(cls.Options) or cls.Options()))
+        make = getattr(cls, "from_options", None)
+        out.append(make(options) if make else cls(options.get(cls.Options) or cls.Options()))
     return out
 
 
 def option_sections(names: Sequence[str] | None = None) -> list[type[Any]]:
     """The options dataclasses of the named filters (all filters when None), for flags and YAML."""
-    return [FILTERS[n].Options for n in (names if names is not None else FILTERS)]
+    sections: list[type[Any]] = []
+    for name in names if names is not None else FILTERS:
+        for section in (FILTERS[name].Options, *getattr(FILTERS[name], "extra_sections", ())):
+            if section not in sections:
+                sections.append(section)
+    return sections
 
 
 def option_groups() -> dict[type[Any], str]:

@@ -11,7 +11,7 @@ can say why it is what it is.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshkit.errors import ConfigError
@@ -50,6 +50,8 @@ class ChainNeeds:
     fail_closed: tuple[str, ...]  # filters that do not declare fail_open = True
     reroutes: tuple[str, ...]  # filters that declare reroutes = True
     response_phase: tuple[str, ...]  # filters with a response-phase hook (ext_proc only)
+    read_prefixes: frozenset[str] = frozenset()  # header-name prefixes filters read (x-auth-)
+    answer_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # header -> filters adding it
 
     @property
     def fail_open(self) -> bool:
@@ -69,6 +71,8 @@ def needs_of(filters: Sequence[FilterRef]) -> ChainNeeds:
     sets: dict[str, list[str]] = {}
     hashes: dict[str, list[str]] = {}
     fail_closed, reroutes, response_phase = [], [], []
+    prefixes: set[str] = set()
+    answer: dict[str, list[str]] = {}
     for kind in classes:
         name = _name(kind)
         hooked = set(hooks_of(kind))
@@ -85,6 +89,9 @@ def needs_of(filters: Sequence[FilterRef]) -> ChainNeeds:
             reroutes.append(name)
         if any(p.is_response for p in hooked):
             response_phase.append(name)
+        prefixes |= {h.lower() for h in getattr(kind, "reads_header_prefixes", ())}
+        for header in sorted(h.lower() for h in getattr(kind, "answer_headers", ())):
+            answer.setdefault(header, []).append(name)
     return ChainNeeds(
         names=tuple(_name(k) for k in classes),
         phases=frozenset(phases),
@@ -94,4 +101,6 @@ def needs_of(filters: Sequence[FilterRef]) -> ChainNeeds:
         fail_closed=tuple(fail_closed),
         reroutes=tuple(reroutes),
         response_phase=tuple(response_phase),
+        read_prefixes=frozenset(prefixes),
+        answer_headers={h: tuple(v) for h, v in sorted(answer.items())},
     )

@@ -137,18 +137,31 @@ _STATUS_ON_ERROR = Why(
 )
 
 
-def _with_request_body(config: FrontConfig, *, pack_as_bytes: bool) -> Why:
+def _with_request_body(config: FrontConfig, *, pack_as_bytes: bool) -> dict[str, Why]:
+    """The body in the check, when a filter has a request-body hook; without one the check is
+    headers only (a rejected request's body is never read)."""
+    if "request_body" not in config.needs.phase_values:
+        return {}
     body: dict[str, Any] = {"max_request_bytes": config.max_body_bytes, "allow_partial_message": False}
     reason = "The whole body travels in the one check; bigger than --max-body-bytes: Envoy answers 413."
     if pack_as_bytes:
         body["pack_as_bytes"] = True
         reason += " pack_as_bytes: the body arrives as the client's bytes (raw_body), UTF-8 or not."
-    return Why(body, reason)
+    return {"with_request_body": Why(body, reason)}
 
 
 def ext_proc(config: FrontConfig) -> dict[str, Any]:
     needs = config.needs
     hooked = sorted(needs.phase_values)
+    sent = set(needs.phase_values)
+    why_answer = ""
+    if needs.answer_headers:
+        sent.add("response_headers")
+        adders = sorted({n for names in needs.answer_headers.values() for n in names})
+        why_answer = (
+            f" response_header_mode is SEND because {_names(adders)} add headers to successful answers "
+            f"({_names(list(needs.answer_headers))}): over ext_proc that is the only way to reach them."
+        )
     return {
         "@type": _EXT_PROC,
         "grpc_service": Why(
@@ -162,11 +175,11 @@ def ext_proc(config: FrontConfig) -> dict[str, Any]:
             config.message_timeout_seconds, config, "Each message's answer (Envoy's default is 200 ms)"
         ),
         "processing_mode": Why(
-            processing_mode(needs.phase_values),
+            processing_mode(sent),
             f"From the phases the chain has hooks for ({_names(hooked)}), so config and code cannot "
             "disagree. request_header_mode is always SEND: Envoy holds the headers until the body is "
             "answered, which is what lets a header computed from a BUFFERED body apply (with SKIP it "
-            "is silently dropped).",
+            "is silently dropped)." + why_answer,
         ),
     }
 
@@ -181,7 +194,7 @@ def ext_authz_grpc(config: FrontConfig) -> dict[str, Any]:
         },
         "failure_mode_allow": _failure_mode_allow(config),
         "status_on_error": _STATUS_ON_ERROR,
-        "with_request_body": _with_request_body(config, pack_as_bytes=True),
+        **_with_request_body(config, pack_as_bytes=True),
         **_clear_route_cache(config),
     }
 
@@ -200,16 +213,24 @@ def ext_authz_http(config: FrontConfig) -> dict[str, Any]:
             "Only the headers the filters declare they set (sets_headers) go from a 200 to the upstream.",
         )
     response["allowed_client_headers"] = Why(
-        _exact(CLIENT_HEADERS),
-        "A denial keeps its JSON content-type, a 401 its challenge, a 429 or 503 its Retry-After.",
+        _exact(CLIENT_HEADERS + tuple(h for h in needs.answer_headers if h not in CLIENT_HEADERS)),
+        "A denial keeps its JSON content-type, a 401 its challenge, a 429 or 503 its Retry-After"
+        + (" and the headers filters add to answers." if needs.answer_headers else "."),
     )
+    if needs.answer_headers:
+        response["allowed_client_headers_on_success"] = Why(
+            _exact(list(needs.answer_headers)),
+            "Headers the filters add to a successful answer (answer_headers).",
+        )
+    allowed = _exact(sorted({REQUEST_ID} | needs.reads_headers))
+    allowed["patterns"] += [{"prefix": p} for p in sorted(needs.read_prefixes)]
     return {
         "@type": _EXT_AUTHZ,
         "transport_api_version": "V3",
         "allowed_headers": Why(
-            _exact(sorted({REQUEST_ID} | needs.reads_headers)),
-            "The headers the filters declare they read (reads_headers) and x-request-id; Envoy always "
-            "adds Host, Method, Path, Content-Length and Authorization.",
+            allowed,
+            "The headers the filters declare they read (reads_headers, reads_header_prefixes) and "
+            "x-request-id; Envoy always adds Host, Method, Path, Content-Length and Authorization.",
         ),
         "http_service": {
             "server_uri": {
@@ -230,7 +251,7 @@ def ext_authz_http(config: FrontConfig) -> dict[str, Any]:
         },
         "failure_mode_allow": _failure_mode_allow(config, over_http=True),
         "status_on_error": _STATUS_ON_ERROR,
-        "with_request_body": _with_request_body(config, pack_as_bytes=False),
+        **_with_request_body(config, pack_as_bytes=False),
         **_clear_route_cache(config),
     }
 

@@ -1,0 +1,173 @@
+"""`--routes-file`: one YAML file for what the request path decides by route and by model.
+
+    scopes:                      # auth: a path prefix (and optionally methods) needs a scope
+      - path: /v1/embeddings
+        methods: [POST]          # optional; absent: every method
+        scope: embeddings
+      - path: /v1/
+        scope: llm
+    models:                      # model-router
+      aliases: {fast: gpt-4o-mini}   # optional: the body's `model` is rewritten (ext_proc only)
+      allow: [gpt-4o-mini, gpt-4o]   # optional: any other model -> 404 model_not_found
+
+Scope rules: the longest matching prefix wins; at the same prefix a rule naming the method wins over
+one without methods. A prefix matches whole path segments (`/v1/embeddings` matches `/v1/embeddings`
+and `/v1/embeddings/x`, not `/v1/embeddingsx`); a prefix ending in `/` matches everything under it.
+The query string is not part of the path. A path no rule matches needs no scope (a valid credential
+is enough). The rendered Envoy normalises paths (`normalize_path`, `merge_slashes`) before meshkit
+sees them, so `/v1/../admin` cannot dodge a rule.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshkit.errors import ConfigError
+from meshkit.options import option
+
+__all__ = ["MODEL_NAME", "ModelRules", "Routes", "RoutesOptions", "ScopeRule", "load_routes"]
+
+# What a model name may be (it goes into the x-model header and Envoy's route matching).
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+_SCOPE = re.compile(r"[!#-\[\]-~]+")  # a scope token (RFC 6749 3.3): printable, no space, quote or \
+_METHOD = re.compile(r"[A-Z]+")
+
+
+@dataclass(frozen=True)
+class RoutesOptions:
+    routes_file: str = option(
+        "",
+        "YAML file with scope rules (auth) and model aliases / allow-list (model-router); empty: none",
+        metavar="FILE",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeRule:
+    prefix: str
+    scope: str
+    methods: frozenset[str] = frozenset()  # empty: every method
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if path == self.prefix or self.prefix.endswith("/"):
+            return path.startswith(self.prefix)
+        return path.startswith(self.prefix) and path[len(self.prefix)] == "/"
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    aliases: dict[str, str] = field(default_factory=dict)
+    allow: frozenset[str] | None = None  # None: every (valid) model name
+
+
+@dataclass(frozen=True)
+class Routes:
+    scopes: tuple[ScopeRule, ...] = ()  # most specific first
+    models: ModelRules = field(default_factory=ModelRules)
+
+    def required_scope(self, method: str, path: str) -> str | None:
+        """The scope a request needs, or None when no rule covers it."""
+        path = path.split("?", 1)[0]
+        for rule in self.scopes:
+            if rule.matches(method, path):
+                return rule.scope
+        return None
+
+
+def load_routes(path: str) -> Routes:
+    """The routes file at `path` (empty: no rules); every problem in it is one ConfigError."""
+    if not path:
+        return Routes()
+    where = f"routes file {path}"
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read it: {exc.strerror or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{where}: not valid YAML: {exc}"]) from None
+    if doc is None:
+        return Routes()
+    problems: list[str] = []
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{where}: expected a mapping with `scopes` and/or `models`"])
+    for key in doc:
+        if key not in ("scopes", "models"):
+            problems.append(f"{where}: unknown key {key!r} (allowed: scopes, models)")
+    scopes = _scope_rules(doc.get("scopes") or [], where, problems)
+    models = _model_rules(doc.get("models") or {}, where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Routes(scopes=scopes, models=models)
+
+
+def _scope_rules(raw: Any, where: str, problems: list[str]) -> tuple[ScopeRule, ...]:
+    if not isinstance(raw, list):
+        problems.append(f"{where}: scopes: expected a list of {{path, scope, methods}}")
+        return ()
+    rules: list[ScopeRule] = []
+    for i, item in enumerate(raw):
+        at = f"{where}: scopes[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{at}: expected a mapping with path and scope")
+            continue
+        unknown = set(item) - {"path", "scope", "methods"}
+        if unknown:
+            problems.append(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        prefix, scope, methods = item.get("path"), item.get("scope"), item.get("methods") or []
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            problems.append(f"{at}: path must be a path prefix starting with /")
+            continue
+        if not isinstance(scope, str) or not _SCOPE.fullmatch(scope):
+            problems.append(f"{at}: scope must be one scope token (no spaces)")
+            continue
+        if not isinstance(methods, list) or not all(
+            isinstance(m, str) and _METHOD.fullmatch(m.upper()) for m in methods
+        ):
+            problems.append(f"{at}: methods must be a list of HTTP methods")
+            continue
+        rules.append(ScopeRule(prefix, scope, frozenset(m.upper() for m in methods)))
+    # Most specific first: the longest prefix, then method-specific before method-less.
+    return tuple(sorted(rules, key=lambda r: (-len(r.prefix), not r.methods)))
+
+
+def _model_rules(raw: Any, where: str, problems: list[str]) -> ModelRules:
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: models: expected a mapping with aliases and/or allow")
+        return ModelRules()
+    unknown = set(raw) - {"aliases", "allow"}
+    if unknown:
+        problems.append(f"{where}: models: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    aliases_raw = raw.get("aliases") or {}
+    aliases: dict[str, str] = {}
+    if not isinstance(aliases_raw, dict):
+        problems.append(f"{where}: models.aliases: expected a mapping alias -> model")
+    else:
+        for alias, target in aliases_raw.items():
+            if not (isinstance(alias, str) and MODEL_NAME.fullmatch(alias)) or not (
+                isinstance(target, str) and MODEL_NAME.fullmatch(target)
+            ):
+                problems.append(
+                    f"{where}: models.aliases: {alias!r} -> {target!r}: names must match {MODEL_NAME.pattern}"
+                )
+                continue
+            aliases[alias] = target
+    allow_raw = raw.get("allow")
+    allow: frozenset[str] | None = None
+    if allow_raw is not None:
+        if not isinstance(allow_raw, list) or not all(
+            isinstance(m, str) and MODEL_NAME.fullmatch(m) for m in allow_raw
+        ):
+            problems.append(f"{where}: models.allow: expected a list of model names ({MODEL_NAME.pattern})")
+        else:
+            allow = frozenset(allow_raw)
+            missing = sorted(t for t in aliases.values() if t not in allow)
+            if missing:
+                problems.append(f"{where}: models.aliases point at models not in allow: {', '.join(missing)}")
+    return ModelRules(aliases=aliases, allow=allow)
