@@ -133,6 +133,21 @@ def _listener(config: FrontConfig) -> dict[str, Any]:
         "@type": _HCM,
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
+        "normalize_path": Why(
+            True,
+            "Paths are normalised (RFC 3986: `/v1/../admin` is `/admin`) before any filter or route sees "
+            "them, so a scope rule on a path prefix cannot be dodged.",
+        ),
+        "merge_slashes": Why(True, "`//v1//embeddings` is `/v1/embeddings` for filters and routes alike."),
+        "path_with_escaped_slashes_action": Why(
+            "UNESCAPE_AND_REDIRECT",
+            "`%2F` in a path is redirected to `/`: a prefix rule sees the path the upstream sees.",
+        ),
+        "use_remote_address": Why(
+            True,
+            "Envoy appends the client's address to x-forwarded-for: its last entry is the peer Envoy saw "
+            "(the client_ip of auth events), whatever the client sent.",
+        ),
         "local_reply_config": Why(
             {"mappers": local_reply_mappers(config.max_body_bytes)},
             "Envoy's own 413 (body over its buffer) and 500/504 (meshkit failed, the chain fails closed) "
