@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meshkit.extproc.filters.auth import AuthFilter
 from meshkit.extproc.filters.body_hash import BodyHashFilter
 
-FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (BodyHashFilter,)}
+FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (AuthFilter, BodyHashFilter)}
 
 
 def build(names: Sequence[str], options: Mapping[type[Any], Any]) -> list[Any]:
