@@ -138,7 +138,8 @@ def _challenge(error: str | None = None, description: str = "", scope: str = "")
 
 
 def _unauthorized(message: str, error: str | None = "invalid_token") -> Reply:
-    safe = message.replace('"', "'")
+    # RFC 6750 3.1: a request without credentials gets the bare challenge, no error code.
+    safe = message.replace('"', "'") if error else ""
     return Reply.error(401, "unauthorized", message, headers=(("www-authenticate", _challenge(error, safe)),))
 
 
