@@ -5,6 +5,10 @@ Semantics, the same in Redis (`rate_limit.py`'s Lua script) and in memory (`Loca
 - A subject allowed `per_minute` requests has an emission interval `T = 60 / per_minute` seconds and a
   burst of `per_minute`: a subject that has been idle for a minute may use its whole minute's
   allowance at once, and after that is admitted one request every `T` (a steady `per_minute`).
+- Times are whole microseconds and `T` is rounded down to one (`60/7 s` is 8,571,428 µs): sums of
+  a float `T` drift (seven `60/7` add up to a bit more than 60 and the seventh of a burst was refused),
+  whole numbers do not; the rate is then at most 1 µs per `T` faster than asked. `per_minute` is 1 to
+  60,000,000.
 - The state per subject is one number, its TAT ("theoretical arrival time"): the moment at which the
   subject would have used nothing. A request at `now` moves it to `new_tat = max(tat, now) + T`, and is
   admitted when `new_tat - 60 s <= now` (at most a minute's worth of requests ahead of time). A refused
@@ -12,22 +16,20 @@ Semantics, the same in Redis (`rate_limit.py`'s Lua script) and in memory (`Loca
 - What a caller is told (`Decision`): `remaining` requests would still be admitted right now;
   `reset_after` seconds until the allowance is full again (`tat - now`: `x-ratelimit-reset`);
   `retry_after` seconds until the next request would be admitted (0 when this one was; `Retry-After`).
-- The TAT is never more than a minute (plus one `T`) ahead of `now`, whatever the limit, so a subject
+- The TAT is never more than a minute ahead of `now`, whatever the limit, so a subject
   idle for a minute holds nothing: Redis expires its key then, and `LocalLimiter` may drop it.
 - A subject whose limit changes keeps its TAT: the new limit applies from the next request on.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-WINDOW = 60.0  # seconds: burst x emission interval, whatever the limit
-# Floating-point slack when counting whole intervals (60/7 s does not divide evenly in binary).
-_EPSILON = 1e-9
+MINUTE_US = 60_000_000
+MAX_PER_MINUTE = MINUTE_US  # one per microsecond
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +45,23 @@ class Decision:
     source: str  # "redis" | "local" | "open"
 
 
-def gcra(now: float, tat: float | None, per_minute: int, source: str = "local") -> tuple[Decision, float]:
-    """Decide one request at `now` (seconds) for a subject whose stored TAT is `tat` (None: unknown or
-    idle). Returns the decision and the TAT to store (the old one when refused)."""
-    if per_minute < 1:
-        raise ValueError(f"per_minute must be 1 or more, not {per_minute}")
-    interval = WINDOW / per_minute
+def check_per_minute(per_minute: int) -> None:
+    if not 1 <= per_minute <= MAX_PER_MINUTE:
+        raise ValueError(f"per_minute must be 1 to {MAX_PER_MINUTE:,}, not {per_minute}")
+
+
+def gcra(now: int, tat: int | None, per_minute: int, source: str = "local") -> tuple[Decision, int]:
+    """Decide one request at `now` (microseconds) for a subject whose stored TAT is `tat` (None:
+    unknown or idle). Returns the decision and the TAT to store (the old one when refused)."""
+    check_per_minute(per_minute)
+    interval = MINUTE_US // per_minute
     base = now if tat is None or tat < now else tat
     new_tat = base + interval
-    allow_at = new_tat - WINDOW
+    allow_at = new_tat - interval * per_minute
     if now < allow_at:
-        return Decision(False, per_minute, 0, base - now, allow_at - now, source), base
-    remaining = min(per_minute - 1, math.floor((now - allow_at) / interval + _EPSILON))
-    return Decision(True, per_minute, remaining, new_tat - now, 0.0, source), new_tat
+        return Decision(False, per_minute, 0, (base - now) / 1e6, (allow_at - now) / 1e6, source), base
+    remaining = min(per_minute - 1, (now - allow_at) // interval)
+    return Decision(True, per_minute, remaining, (new_tat - now) / 1e6, 0.0, source), new_tat
 
 
 def share(per_minute: int, replicas: int) -> int:
@@ -65,15 +71,15 @@ def share(per_minute: int, replicas: int) -> int:
 
 class LocalLimiter:
     """GCRA in this process's memory, for at most `max_subjects` subjects: beyond that the least
-    recently seen subject is forgotten (it gets a fresh allowance if it comes back). Subjects whose TAT
-    has passed hold nothing and are dropped first when they come up for eviction."""
+    recently seen subject is forgotten (it gets a fresh allowance if it comes back). `clock` is in
+    seconds."""
 
     def __init__(self, max_subjects: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
         if max_subjects < 1:
             raise ValueError("max_subjects must be 1 or more")
         self._max = max_subjects
         self._clock = clock
-        self._tats: OrderedDict[str, float] = OrderedDict()
+        self._tats: OrderedDict[str, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -85,7 +91,7 @@ class LocalLimiter:
         self._tats.clear()
 
     def check(self, subject: str, per_minute: int) -> Decision:
-        now = self._clock()
+        now = round(self._clock() * 1e6)
         tats = self._tats
         decision, tat = gcra(now, tats.get(subject), per_minute, "local")
         if tat <= now:  # nothing held (cannot happen for an admitted request, but stay exact)

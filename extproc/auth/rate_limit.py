@@ -57,7 +57,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meshkit.errors import DependencyError
-from meshkit.extproc.auth.gcra import Decision, LocalLimiter, share
+from meshkit.extproc.auth.gcra import Decision, LocalLimiter, check_per_minute, share
 
 __all__ = ["MODES", "Decision", "RateLimiter", "RedisUnavailable", "RespError", "subject_key"]
 
@@ -71,8 +71,8 @@ SCRIPT = b"""\
 local per_minute = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local window = 60000000
-local interval = window / per_minute
+local interval = math.floor(60000000 / per_minute)
+local window = interval * per_minute
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
 local new_tat = tat + interval
@@ -80,8 +80,8 @@ local allow_at = new_tat - window
 if now < allow_at then
   return {0, 0, math.ceil(tat - now), math.ceil(allow_at - now)}
 end
-redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
-local remaining = math.floor((now - allow_at) / interval + 1e-9)
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+local remaining = math.floor((now - allow_at) / interval)
 if remaining > per_minute - 1 then remaining = per_minute - 1 end
 return {1, remaining, math.ceil(new_tat - now), 0}
 """
@@ -471,8 +471,7 @@ class RateLimiter:
     # -- the request path ------------------------------------------------------------------------------
     async def check(self, subject: str, per_minute: int) -> Decision:
         """Decide one request of `subject`, allowed `per_minute` requests per minute."""
-        if per_minute < 1:
-            raise ValueError(f"per_minute must be 1 or more, not {per_minute}")
+        check_per_minute(per_minute)
         conn = self._conn
         if self._up and conn is not None:
             key = self._keys.get(subject)
