@@ -28,9 +28,10 @@ local only (a single replica without Redis).
 The Redis client is a minimal asyncio RESP2 client for this one script (one connection, commands
 pipelined and written together once per loop turn, replies matched in order, a deadline on every
 command; any failure closes the connection and the probe opens a new one). Measured here (2 shared cores,
-asyncio loop, CPU of this process, kernel time included): redis-py 8.1's asyncio `evalsha` costs
-80-140 µs per call one at a time and 73-90 µs with 16 in flight; `check()` with this client 21-25 µs
-one at a time and 8-12 µs with 16 in flight (one write per loop turn).
+asyncio loop, CPU of this process, kernel time included, 3,000 checks a run): redis-py 8.1's asyncio
+`evalsha` 80-165 µs per call one at a time and 73-110 µs with 16 in flight; `check()` with this
+client 21-25 µs one at a time on a quiet machine (60-70 µs while others loaded it, in the same runs
+as redis-py's 143-165) and 8-19 µs with 16 in flight (one write per loop turn).
 
 Metrics (`collectors()`; plain ints on the request path, turned into families on scrape):
 
