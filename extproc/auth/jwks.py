@@ -300,7 +300,8 @@ class JwksSource:
         return data
 
     async def _fetch(self) -> bytes:
-        assert self._session is not None, "start() opens the session"
+        if self._session is None:
+            raise _LoadError("the source is not started (or closed)")
         try:
             async with self._session.get(self.location) as response:
                 if response.status != 200:

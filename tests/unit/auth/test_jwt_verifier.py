@@ -482,6 +482,9 @@ async def test_supabase_tokens(make: Callable[..., Any], server: JwksServer) -> 
         f"{b64(json.dumps({'typ': 'JWT'}).encode())}.{b64(b'{}')}.sig",  # no alg
         f"{b64(json.dumps({'alg': 7}).encode())}.{b64(b'{}')}.sig",
         "a.b.c",  # one base64 character: not decodable
+        b64(json.dumps({"alg": "HS256"}).encode() + b" extra") + ".e30.sig",
+        f"{b64(bytes([0x7B, 0xFF, 0x7D]))}.e30.sig",  # not UTF-8
+        f"{b64(b'[' * 3000)}.e30.sig",  # deep nesting
     ],
 )
 async def test_malformed(make: Callable[..., Any], token: str) -> None:
