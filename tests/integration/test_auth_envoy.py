@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy
 from meshkit.render import Api
 
-from .conftest import front, request
+from .conftest import Response, front, request
 
 pytestmark = pytest.mark.integration
 
@@ -79,14 +80,14 @@ def ingress(
 
 def post(
     proxy: Envoy, headers: dict[str, str], path: str = "/v1/embeddings", body: bytes = b'{"input": "hi"}'
-):
+) -> Response:
     return request(proxy.url(path=path), body=body, headers={"content-type": "application/json", **headers})
 
 
-def assert_error(resp, status: int, kind: str) -> dict:
+def assert_error(resp: Response, status: int, kind: str) -> dict[str, Any]:
     assert resp.status == status, (resp.status, resp.body[:300])
     assert resp.headers["content-type"] == "application/json"
-    error = resp.json()["error"]
+    error: dict[str, Any] = resp.json()["error"]
     assert error["type"] == kind
     return error
 
@@ -201,7 +202,7 @@ def test_refused_request_body_never_reaches_meshkit_over_ext_proc(
 def test_meshkit_down_means_refused(workdir: Path, upstream: Echo) -> None:
     for api in (Api.EXT_PROC, Api.EXT_AUTHZ, Api.EXT_AUTHZ_HTTP):
         dead = DeadServer()
-        with front(workdir, upstream, dead, api, filters=("auth", "body-hash")) as proxy:
+        with front(workdir, upstream, cast(Extproc, dead), api, filters=("auth", "body-hash")) as proxy:
             resp = post(proxy, {"x-api-key": GOOD})
             assert resp.status >= 400, (api, resp.status)
             assert "svc-good" not in resp.body.decode(errors="replace")

@@ -22,6 +22,7 @@ import yaml
 from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy
 from meshkit.harness.nats import NatsServer, nats_server
+from meshkit.render import Api
 
 from .conftest import front, request
 
@@ -155,7 +156,7 @@ def test_nats_absent_never_slows_requests(workdir: Path, upstream: Echo) -> None
     started = time.monotonic()
     with extproc(workdir, args, name="meshkit-no-nats") as server:
         assert time.monotonic() - started < 10  # the start does not wait for NATS
-        with front(workdir, upstream, server, "ext_authz_http", filters=("auth",)) as proxy:
+        with front(workdir, upstream, server, Api.EXT_AUTHZ_HTTP, filters=("auth",)) as proxy:
             times = _timed_calls(proxy, 200)
     # No request waits for NATS (a connect attempt alone would take its 2 s connect timeout).
     assert times[-1] < 1.0, times[-5:]
@@ -167,7 +168,7 @@ def test_frozen_nats_never_slows_requests(workdir: Path, upstream: Echo) -> None
         args = ["--filters", "auth", "--api-keys-file", str(_keys(workdir)), "--nats", frozen.url]
         with (
             extproc(workdir, args, name="meshkit-frozen-nats") as server,
-            front(workdir, upstream, server, "ext_proc", filters=("auth",)) as proxy,
+            front(workdir, upstream, server, Api.EXT_PROC, filters=("auth",)) as proxy,
         ):
             assert call(proxy, KEY) == 200
             frozen.process.signal(signal.SIGSTOP)

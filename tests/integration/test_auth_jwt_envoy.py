@@ -9,7 +9,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy
 
-from .conftest import front, request
+from .conftest import Response, front, request
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def call(proxy: Envoy, token: str):
+def call(proxy: Envoy, token: str) -> Response:
     return request(
         proxy.url(path="/v1/chat/completions"), body=b"{}", headers={"authorization": f"Bearer {token}"}
     )
@@ -172,7 +172,7 @@ def _tampered() -> str:
     return f"{header}.{forged}.{signature}"
 
 
-BAD = {
+BAD: dict[str, Callable[[], str]] = {
     "expired": lambda: hs(claims(exp=int(time.time()) - 3600)),
     "not-yet-valid": lambda: hs(claims(nbf=int(time.time()) + 3600)),
     "tampered": _tampered,
