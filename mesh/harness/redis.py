@@ -22,13 +22,37 @@ BIND_ATTEMPTS = 3
 _IN_USE = "Address already in use"
 
 
-@dataclass(frozen=True)
+@dataclass
 class RedisServer:
-    """A running redis-server on 127.0.0.1 (`--save '' --appendonly no`); `url` is for redis-py."""
+    """A running redis-server on 127.0.0.1 (`--save '' --appendonly no`); `url` is for redis-py.
+
+    A test may `kill()` it and `restart()` it on the same port (a Redis outage and its end); the
+    context manager that made it stops whichever process is current."""
 
     host: str
     port: int
     process: ManagedProcess
+    restarts: int = 0
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: clients see their connections reset."""
+        self.process.kill()
+
+    def restart(self) -> None:
+        """A new redis-server with the same command line (so the same port), ready when this returns."""
+        self.process.stop()  # idempotent: a killed one is reaped
+        self.restarts += 1
+        proc = ManagedProcess(
+            f"{self.process.name}-restarted-{self.restarts}",
+            self.process.argv,
+            log_dir=self.process.log_path.parent,
+            ready=_ready(self.port),
+            cwd=self.process.log_path.parent,
+            start_timeout=10.0,
+            stop_timeout=10.0,
+        )
+        proc.start()
+        self.process = proc
 
     @property
     def url(self) -> str:
@@ -99,10 +123,11 @@ def redis_server(workdir: Path, *, name: str = "redis", start_timeout: float = 1
         return proc, port
 
     proc, port = start_on_free_ports(make, lambda log: _IN_USE in log, BIND_ATTEMPTS)
+    server = RedisServer(host=HOST, port=port, process=proc)
     try:
-        yield RedisServer(host=HOST, port=port, process=proc)
+        yield server
     finally:
-        proc.stop()
+        server.process.stop()
 
 
 def _ready(port: int) -> Probe:

@@ -18,57 +18,20 @@ import redis.asyncio as aioredis
 
 from meshkit.errors import DependencyError
 from meshkit.extproc.auth.rate_limit import Decision, RateLimiter, subject_key
-from meshkit.harness.process import ManagedProcess, log_matches
-from meshkit.harness.redis import RedisServer, redis_ping, redis_server
+from meshkit.harness.redis import RedisServer, redis_server
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Redis:
-    """A redis-server that a test may kill and start again on the same port."""
-
-    def __init__(self, server: RedisServer, workdir: Path) -> None:
-        self.server = server
-        self.workdir = workdir
-        self.url = server.url
-        self.process = server.process
-        self._started: list[ManagedProcess] = []
-
-    def kill(self) -> None:
-        self.process.kill()
-        assert not redis_ping(self.server.host, self.server.port)
-
-    def restart(self) -> None:
-        """A new redis-server with the same command line (so the same port), through the harness."""
-        logged = log_matches(r"Ready to accept connections")
-        host, port = self.server.host, self.server.port
-        proc = ManagedProcess(
-            f"redis-restarted-{len(self._started) + 1}",
-            self.server.process.argv,
-            log_dir=self.workdir,
-            ready=lambda p: logged(p) and redis_ping(host, port),
-            cwd=self.workdir,
-            start_timeout=10.0,
-        )
-        self._started.append(proc)
-        proc.start()
-        self.process = proc
-
-    def stop_restarted(self) -> None:
-        for proc in self._started:
-            proc.stop()
+Redis = RedisServer  # the harness's: kill() and restart() on the same port
 
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[Redis]:
     with redis_server(tmp_path / "redis") as server:
-        handle = Redis(server, tmp_path / "redis")
-        try:
-            yield handle
-        finally:
-            handle.stop_restarted()
+        yield server
 
 
 @pytest.fixture
