@@ -101,6 +101,25 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+async def _cancel(task: asyncio.Task[Any], within: float = 0.5) -> None:
+    """Cancel `task` and wait for it, cancelling again until it is done (at most `within` s).
+
+    On Python 3.11 `asyncio.wait_for` loses a cancellation that arrives just as the awaited call
+    finishes (it returns or raises the call's outcome instead). nats-py's connect and reconnect loops
+    wait for each TCP connect that way and retry on OSError, so one cancel that lands on a refused
+    connection leaves them retrying forever; the next cancel, at their next await, ends them."""
+    deadline = time.monotonic() + within
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+        if time.monotonic() >= deadline:
+            break
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: a failure was already logged by _task_done
+    elif not task.done():
+        log.warning("auth events: background task %s did not stop", task.get_name())
+
+
 def _redact_url(url: str) -> str:
     """`url` without a user or password, for log lines."""
     try:
@@ -227,17 +246,13 @@ class EventPublisher:
         self._wakeup.set()
         run = self._run_task
         if run is not None and not run.done():
-            done, _ = await asyncio.wait({run}, timeout=_CLOSE_FLUSH_SECONDS)
-            if not done:
-                run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
+            await asyncio.wait({run}, timeout=_CLOSE_FLUSH_SECONDS)
+            await _cancel(run)
         if self._queue:
             self.dropped["closed"] += len(self._queue)
             self._queue.clear()
-        connect = self._connect_task
-        if connect is not None and not connect.done():
-            connect.cancel()
-            await asyncio.gather(connect, return_exceptions=True)
+        if self._connect_task is not None:
+            await _cancel(self._connect_task)
         nc, self._nc = self._nc, None
         if nc is not None:
             try:
@@ -248,6 +263,10 @@ class EventPublisher:
                 )
             except Exception:  # closing must not fail a shutdown
                 log.debug("auth events: error closing the NATS connection", exc_info=True)
+            # nats-py cancels its reconnecting task once; on Python 3.11 that cancel can be lost (below).
+            reconnecting = getattr(nc, "_reconnection_task", None)
+            if isinstance(reconnecting, asyncio.Task):
+                await _cancel(reconnecting)
         self._set_connected(False)
 
     @staticmethod
