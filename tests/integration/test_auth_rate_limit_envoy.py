@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import pytest
@@ -58,7 +58,9 @@ def keys_file(workdir: Path) -> Path:
     return path
 
 
-def limited_meshkit(workdir: Path, keys: Path, redis_url: str, mode: str = "local", name: str = "meshkit-rl"):
+def limited_meshkit(
+    workdir: Path, keys: Path, redis_url: str, mode: str = "local", name: str = "meshkit-rl"
+) -> AbstractContextManager[Extproc]:
     args = [
         "--filters", "auth", "--api-keys-file", str(keys), "--redis", redis_url,
         "--rate-limit-on-redis-down", mode, "--rate-limit-replicas", "2",
@@ -126,7 +128,7 @@ def metric(server: Extproc, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def wait_for(condition, within: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
     deadline = time.monotonic() + within
     while not condition():
         assert time.monotonic() < deadline, what
