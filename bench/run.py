@@ -1,25 +1,48 @@
-"""meshkit's benchmark (`make bench`): body-hash through one real front Envoy, side by side in one run.
+"""meshkit's benchmark (`make bench`): meshkit's filter chains through one real front Envoy, side by side.
 
-For each body size (default 1 KiB and 64 KiB POSTs) and each configuration, the same front Envoy
-(`--concurrency 1`) forwards to one shared upstream Envoy that answers 200 itself (`upstream_direct()`):
+Every configuration (a row) puts the same front Envoy (`--concurrency 1`) in front of one shared upstream
+Envoy that answers 200 itself (`upstream_direct()`); wrk POSTs an OpenAI-style embeddings request
+`{"model": "gpt-4o-mini", "input": "..."}` padded to the body size, to /v1/embeddings:
 
-    envoy-alone       FrontConfig(api=None), no filter: the ceiling
-    meshkit-extproc   `meshkit extproc` + FrontConfig(api="ext_proc")  (headers SEND + BUFFERED body)
-    meshkit-extauthz  `meshkit extproc` + FrontConfig(api="ext_authz") (one unary Check with the body)
-    meshkit-authzhttp `meshkit extproc` + FrontConfig(api="ext_authz_http") (one keep-alive HTTP/1.1 check)
-    naive-aio         bench/peers/naive_aio.py (meshkit's venv) + ext_proc: the naive baseline
-    peer-sdk          bench/peers/peer_sdk.py (envoy-extproc-sdk, own venv) + ext_proc: the peer to beat
+    envoy-alone        FrontConfig(api=None), no filter: the ceiling
+    meshkit-PATH       `meshkit extproc --filters body-hash`                        (chain body-hash)
+    key-PATH           `--filters auth,body-hash,model-router --api-keys-file F`,
+                       requests with `x-api-key`                                    (chain key)
+    hs256-PATH         the same with `--jwt-secret-file`, `Authorization: Bearer <HS256 JWT>` (hs256)
+    es256-PATH         the same with `--jwks` (a P-256 key with a kid), an ES256 JWT          (es256)
+    key-redis-PATH     key + `--redis URL --rate-limit N` with a limit that never trips    (key-redis)
+    naive-aio          bench/peers/naive_aio.py (meshkit's venv) + ext_proc: the naive baseline
+    peer-sdk           bench/peers/peer_sdk.py (envoy-extproc-sdk, own venv) + ext_proc: the peer to beat
 
-Before loading a configuration, one real POST checks that the front Envoy echoes `x-body-hash` equal
-to XXH3-128 of the body (absent for envoy-alone); a configuration that fails is reported as FAILED and
-not measured. The load is `wrk --latency` with bench/post.lua POSTing a fixed body (a 1 s warm-up run,
-then the measured run). During the measured run the CPU time (utime+stime of every thread, plus reaped
-children) of the server's whole session and of the front Envoy's is read from /proc and divided by the
-requests wrk completed. Requests Envoy let through unprocessed because the server failed or timed out
-(`failure_mode_allow`) are counted from Envoy's stats and reported as errors.
+PATH is extproc (ext_proc: headers SEND + BUFFERED body), extauthz (one unary gRPC Check with the body)
+or authzhttp (one keep-alive HTTP/1.1 check). One meshkit server per chain serves its three paths (a
+front Envoy each, one after the other). The auth chains run with `--routes-file` (POST /v1/embeddings
+needs the scope `embeddings`) on credentials minted for the run (bench/credentials.py); each JWT row
+sends one token, so meshkit verifies it once and then answers from its cache: the rows are "cached".
+The rate-limit rows share one real Redis (`meshkit.harness.redis`), whose own CPU has its own column.
 
-    .venv/bin/python bench/run.py [--sizes 1024,65536] [--configs a,b] [--duration 8] [--connections 16]
-                                  [--meshkit-args "--event-loop asyncio"] [--json build/bench.json]
+Before loading a row, real requests check that its chain ran (bench/row_checks.py): 200 and the front
+Envoy echoes `x-body-hash` equal to XXH3-128 of the body (absent for envoy-alone); for the auth chains
+also 401 without a credential, 401 for a tampered JWT, 400 for an invalid `model` (model-router), and
+`x-ratelimit-limit` plus a key in Redis for the rate-limit rows. A row that fails is FAILED, not
+measured. The load is `wrk --latency` with bench/post.lua (a 1 s warm-up run, then the measured run).
+During the measured run the CPU time (utime+stime of every thread, plus reaped children) of the server's
+whole session, the front Envoy's, the upstream's and Redis's is read from /proc and divided by the
+requests wrk completed; "bound by" names the process that kept about a whole CPU busy (the server's
+event loop and Envoy's one worker cannot use more), else "all CPUs" when the machine was full, else
+"waits" (CPU to spare: round trips). Requests Envoy let through unprocessed because the server failed or
+timed out (`failure_mode_allow`) are counted from Envoy's stats and reported as errors. With --rounds N
+every row runs N times, interleaved; the median row is reported with the rounds' range of req/s.
+Two target blocks follow: body-hash alone, and the auth chains (bench/chain_targets.py).
+
+    .venv/bin/python bench/run.py [--sizes 1024,65536] [--chain-sizes 1024] [--duration 6] [--rounds 3]
+                                  [--configs 'envoy-alone,key-*'] [--chains envoy,key,hs256]
+                                  [--paths authzhttp] [--meshkit-args "--event-loop asyncio"]
+                                  [--json build/bench.json]
+
+--sizes are the body sizes of the rows without auth, --chain-sizes those of the auth chains (1 KiB by
+default, to keep `make bench` near 10 minutes); --configs (names or globs), --chains and --paths select
+a subset (all three apply; a path filter keeps envoy-alone, naive-aio and peer-sdk).
 
 Exit status: 0 after a run (targets missed included), 1 if a meshkit row FAILED, 2 on a usage or set-up
 error (no wrk, the upstream Envoy does not start).
@@ -29,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import json
 import os
 import random
@@ -39,25 +63,29 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import xxhash
+from chain_targets import chain_checks, render_checks
+from chains import PATHS, Chain, meshkit_chains, row_label
+from credentials import Credentials, mint
+from row_checks import check_chain
+from row_checks import check_hash as check_hash
 
 from meshkit.errors import HarnessError
-from meshkit.harness.daemons import extproc
+from meshkit.harness.daemons import Extproc, extproc
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.process import ManagedProcess, log_match, log_matches
+from meshkit.harness.redis import redis_server
 from meshkit.render import Api, FrontConfig, upstream_direct
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 PEERS = BENCH / "peers"
 LUA_SCRIPT = BENCH / "post.lua"
-HASH_HEADER = "x-body-hash"
+URL_PATH = "/v1/embeddings"
+MODEL = "gpt-4o-mini"
 TIMES = "\u00d7"  # the multiplication sign of the ratio columns
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -72,24 +100,38 @@ TARGET_CPU_US = 250.0
 MOONSHOT_CPU_US = 150.0
 
 
+CHAINS: dict[str, Chain] = meshkit_chains()
+
+
 @dataclass(frozen=True)
 class Config:
     label: str
     api: Api | None  # None: Envoy alone
     server: str  # "none" | "meshkit" | "naive" | "peer"
+    chain: str  # "envoy", "naive", "peer" or a name from CHAINS
+    path: str = ""  # the PATHS key of a meshkit row
+
+    @property
+    def auth_row(self) -> bool:
+        """A row of an auth chain: measured at --chain-sizes (the others at --sizes)."""
+        return self.chain in CHAINS and CHAINS[self.chain].authenticates
+
+
+def _meshkit_configs(chains: Sequence[str]) -> list[Config]:
+    return [Config(row_label(c, p), api, "meshkit", c, p) for c in chains for p, api in PATHS.items()]
 
 
 CONFIGS: dict[str, Config] = {
     c.label: c
     for c in (
-        Config("envoy-alone", None, "none"),
-        Config("meshkit-extproc", Api.EXT_PROC, "meshkit"),
-        Config("meshkit-extauthz", Api.EXT_AUTHZ, "meshkit"),
-        Config("meshkit-authzhttp", Api.EXT_AUTHZ_HTTP, "meshkit"),
-        Config("naive-aio", Api.EXT_PROC, "naive"),
-        Config("peer-sdk", Api.EXT_PROC, "peer"),
+        Config("envoy-alone", None, "none", "envoy"),
+        *_meshkit_configs(["body-hash"]),
+        Config("naive-aio", Api.EXT_PROC, "naive", "naive"),
+        Config("peer-sdk", Api.EXT_PROC, "peer", "peer"),
+        *_meshkit_configs([c for c in CHAINS if c != "body-hash"]),
     )
 }
+CHAIN_NAMES = ("envoy", "naive", "peer", *CHAINS)
 
 
 class BenchError(Exception):
@@ -154,12 +196,12 @@ def children_cpu_seconds() -> float:
 
 
 def run_wrk(
-    wrk: str, url: str, body_file: Path, seconds: int, args: argparse.Namespace
+    wrk: str, url: str, body_file: Path, seconds: int, args: argparse.Namespace, headers_file: Path | None
 ) -> tuple[WrkResult, float]:
     """One wrk run; returns its parsed result and wrk's own CPU seconds."""
     argv = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--latency"]
     argv += ["-s", str(LUA_SCRIPT), url]
-    env = {**os.environ, "BENCH_BODY_FILE": str(body_file)}
+    env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_HEADERS_FILE": str(headers_file or "")}
     before = children_cpu_seconds()
     try:
         proc = subprocess.run(
@@ -225,35 +267,14 @@ def us_per_request(ticks: int, requests: int) -> float | None:
     return ticks / CLK_TCK / requests * 1e6 if requests else None
 
 
-# -- the check request -------------------------------------------------------------------------------
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def check_hash(url: str, body: bytes, expect_hash: bool) -> str | None:
-    """POST `body` once; None if the echoed x-body-hash is right, else why not."""
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"}
-    )
-    try:
-        with _OPENER.open(request, timeout=10) as resp:
-            status, got = resp.status, resp.headers.get(HASH_HEADER)
-            resp.read()
-    except urllib.error.HTTPError as exc:
-        return f"check request got HTTP {exc.code}"
-    except OSError as exc:
-        return f"check request failed: {exc}"
-    if status != 200:
-        return f"check request got HTTP {status}"
-    want = xxhash.xxh3_128_hexdigest(body) if expect_hash else None
-    if got != want:
-        return f"{HASH_HEADER} on the response is {got!r}, expected {want!r}"
-    return None
-
-
+# -- the request body ------------------------------------------------------------------------------
 def make_body(size: int) -> bytes:
-    """A fixed body of `size` printable bytes (the same in every run)."""
+    """An OpenAI-style embeddings request of exactly `size` bytes (at least the skeleton's), the same in
+    every run: `{"model": "gpt-4o-mini", "input": "<printable padding>"}`."""
     rng = random.Random(size)
-    return bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz0123456789", k=size))
+    head, tail = f'{{"model": "{MODEL}", "input": "'.encode(), b'"}'
+    pad = max(0, size - len(head) - len(tail))
+    return head + bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz0123456789 ", k=pad)) + tail
 
 
 # -- servers -----------------------------------------------------------------------------------------
@@ -266,26 +287,45 @@ def reference_server(name: str, python: str, script: Path, workdir: Path) -> Ite
         yield proc.pid, int(log_match(proc, r"^READY \S+:(\d+)").group(1))
 
 
-@contextlib.contextmanager
-def meshkit_server(workdir: Path, extra: Sequence[str], name: str, api: str) -> Iterator[tuple[int, int]]:
-    with extproc(workdir, extra, name=name) as server:
-        yield server.process.pid, server.port_for(api)
+@dataclass(frozen=True)
+class Shared:
+    """What every row of a run shares: the upstream, the credentials, Redis (if a row needs it)."""
+
+    upstream: Envoy
+    creds: Credentials
+    workdir: Path
+    wrk: str
+    redis_url: str | None = None
+    redis_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running ext_proc/ext_authz server: its pid and the port a front Envoy calls per API."""
+
+    pid: int
+    ports: dict[Api, int]
 
 
 def start_server(
-    stack: contextlib.ExitStack, config: Config, workdir: Path, args: argparse.Namespace
-) -> tuple[int | None, int]:
-    """Start the configuration's ext_proc/ext_authz server, if any: (pid, gRPC port)."""
-    name = f"{config.label}-server"
+    stack: contextlib.ExitStack, config: Config, shared: Shared, args: argparse.Namespace
+) -> Server | None:
+    """Start the server of `config`'s group (for a meshkit chain: one server for all three paths)."""
+    name = f"{config.chain}-server"
+    workdir = shared.workdir
     if config.server == "none":
-        return None, 0
+        return None
     if config.server == "meshkit":
-        assert config.api is not None, "a meshkit row names its API"
-        return stack.enter_context(meshkit_server(workdir, shlex.split(args.meshkit_args), name, config.api))
+        chain = CHAINS[config.chain]
+        extra = [*chain.server_args(shared.creds, shared.redis_url), *shlex.split(args.meshkit_args)]
+        server: Extproc = stack.enter_context(extproc(workdir, extra, name=name))
+        return Server(server.process.pid, {api: server.port_for(api) for api in PATHS.values()})
     if config.server == "naive":
-        return stack.enter_context(reference_server(name, sys.executable, PEERS / "naive_aio.py", workdir))
-    python = str(args.peer_venv / "bin" / "python")
-    return stack.enter_context(reference_server(name, python, PEERS / "peer_sdk.py", workdir))
+        script, python = PEERS / "naive_aio.py", sys.executable
+    else:
+        script, python = PEERS / "peer_sdk.py", str(args.peer_venv / "bin" / "python")
+    pid, port = stack.enter_context(reference_server(name, python, script, workdir))
+    return Server(pid, {Api.EXT_PROC: port})
 
 
 def prepare_peer(venv: Path) -> str | None:
@@ -318,11 +358,14 @@ class Row:
     server_cpu_us: float | None = None
     front_cpu_us: float | None = None
     upstream_cpu_us: float | None = None
+    redis_cpu_us: float | None = None  # the Redis server's own CPU (rate-limit rows only)
     wrk_cpu_us: float | None = None
+    cores: dict[str, float] = field(default_factory=dict)  # CPUs each process kept busy: what bounds it
     machine_busy: float | None = None  # share of all CPUs busy during the measured run
     other_busy: float | None = None  # ... of which not by wrk, the server or the two Envoys: noise
     steal: float | None = None  # share of all CPUs the hypervisor took away (a noisy neighbour)
     fail_open: int = 0  # requests Envoy passed unprocessed (server failed/timed out)
+    rounds_rps: list[float] = field(default_factory=list)  # every round's req/s (the spread)
 
     @property
     def rps(self) -> float | None:
@@ -338,18 +381,44 @@ class Target:
     body_file: Path
 
 
+def check_row(config: Config, target: Target, url: str, shared: Shared) -> str | None:
+    """The set-up check (bench/row_checks.py): None if the chain visibly ran, else why not."""
+    chain = CHAINS.get(config.chain)
+    headers = chain.headers(shared.creds) if chain is not None else {}
+    reason: str | None = check_hash(url, target.body, expect_hash=config.api is not None, headers=headers)
+    if reason is None and chain is not None and chain.authenticates:
+        reason = check_chain(url, target.body, chain, shared.creds, shared.redis_url)
+    return reason
+
+
+def headers_file(config: Config, shared: Shared) -> Path | None:
+    """The file of extra request headers post.lua sends for `config` (its credential), if any."""
+    chain = CHAINS.get(config.chain)
+    if chain is None or not chain.authenticates:
+        return None
+    path = shared.workdir / f"headers-{chain.name}.txt"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in chain.headers(shared.creds).items()))
+    return path
+
+
 def measure(
-    config: Config, target: Target, front: Envoy, pids: dict[str, int], wrk: str, args: argparse.Namespace
+    config: Config,
+    target: Target,
+    front: Envoy,
+    pids: dict[str, int],
+    shared: Shared,
+    args: argparse.Namespace,
 ) -> Row:
-    """Check the hash once, warm up, then one measured wrk run with CPU accounting."""
-    size, url = len(target.body), front.url("ingress", "/bench")
-    reason = check_hash(url, target.body, expect_hash=config.api is not None)
+    """Check the chain once, warm up, then one measured wrk run with CPU accounting."""
+    size, url = len(target.body), front.url("ingress", URL_PATH)
+    reason = check_row(config, target, url, shared)
     if reason is not None:
         return Row(config.label, size, "FAILED", reason)
-    run_wrk(wrk, url, target.body_file, args.warmup, args)
+    extra = headers_file(config, shared)
+    run_wrk(shared.wrk, url, target.body_file, args.warmup, args, extra)
     fail_open = front.failed_open()
     before = CpuSnapshot.take(pids)
-    result, wrk_cpu = run_wrk(wrk, url, target.body_file, args.duration, args)
+    result, wrk_cpu = run_wrk(shared.wrk, url, target.body_file, args.duration, args, extra)
     after = CpuSnapshot.take(pids)
     delta = {role: after.sessions[role] - before.sessions[role] for role in pids}
     requests = result.requests
@@ -357,7 +426,11 @@ def measure(
     row.server_cpu_us = us_per_request(delta["server"], requests) if "server" in delta else None
     row.front_cpu_us = us_per_request(delta["front"], requests)
     row.upstream_cpu_us = us_per_request(delta["upstream"], requests)
+    row.redis_cpu_us = us_per_request(delta["redis"], requests) if "redis" in delta else None
     row.wrk_cpu_us = wrk_cpu / requests * 1e6 if requests else None
+    if result.seconds > 0:
+        row.cores = {role: ticks / CLK_TCK / result.seconds for role, ticks in delta.items()}
+        row.cores["wrk"] = wrk_cpu / result.seconds
     busy, steal, total = (a - b for a, b in zip(after.machine, before.machine, strict=True))
     if total:
         row.machine_busy = busy / total
@@ -366,38 +439,65 @@ def measure(
     return row
 
 
-def run_config(
-    config: Config,
-    targets: list[Target],
-    upstream: Envoy,
-    workdir: Path,
-    wrk: str,
-    args: argparse.Namespace,
+def _failed(rows: list[Row], configs: Sequence[Config], targets: dict[str, list[Target]], why: str) -> None:
+    done = {(row.config, row.size) for row in rows}
+    for config in configs:
+        for t in targets[config.label]:
+            if (config.label, len(t.body)) not in done:
+                rows.append(Row(config.label, len(t.body), "FAILED", why))
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def run_group(
+    configs: Sequence[Config], targets: dict[str, list[Target]], shared: Shared, args: argparse.Namespace
 ) -> list[Row]:
-    """Start the server and a front Envoy for `config`, measure every body size, stop both."""
+    """Start the group's server once (a meshkit chain's serves all three paths); for each of its
+    configurations start a front Envoy, measure every body size, stop it; then stop the server."""
     rows: list[Row] = []
     try:
         with contextlib.ExitStack() as stack:
-            server_pid, server_port = start_server(stack, config, workdir, args)
-            front_config = FrontConfig(
-                upstream_ports=(upstream.listeners["upstream"][1],),
-                extproc_port=server_port,
-                api=config.api,
-                listen_port=0,
-            )
-            front = stack.enter_context(envoy(front_config.render(), workdir, name=f"{config.label}-front"))
-            pids = {"front": front.process.pid, "upstream": upstream.process.pid}
-            if server_pid is not None:
-                pids["server"] = server_pid
-            for target in targets:
-                progress(f"{config.label} @ {target.label} ...")
-                rows.append(measure(config, target, front, pids, wrk, args))
-                progress(f"  {describe(rows[-1])}")
+            server = start_server(stack, configs[0], shared, args)
+            for config in configs:
+                try:
+                    rows += run_config(config, targets[config.label], server, shared, args)
+                except (HarnessError, BenchError, OSError) as exc:
+                    progress(f"{config.label}: FAILED: {exc}\n(logs in {shared.workdir})")
+                    _failed(rows, [config], targets, _reason(exc))
     except (HarnessError, BenchError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        progress(f"{config.label}: FAILED: {exc}\n(logs in {workdir})")
-        done = {row.size for row in rows}
-        rows += [Row(config.label, len(t.body), "FAILED", reason) for t in targets if len(t.body) not in done]
+        progress(f"{configs[0].chain} server: FAILED: {exc}\n(logs in {shared.workdir})")
+        _failed(rows, configs, targets, _reason(exc))
+    return rows
+
+
+def run_config(
+    config: Config, targets: list[Target], server: Server | None, shared: Shared, args: argparse.Namespace
+) -> list[Row]:
+    """A front Envoy for `config` in front of `server`; every body size measured."""
+    rows: list[Row] = []
+    chain = CHAINS.get(config.chain)
+    with contextlib.ExitStack() as stack:
+        front_config = FrontConfig(
+            upstream_ports=(shared.upstream.listeners["upstream"][1],),
+            extproc_port=server.ports[config.api] if server is not None and config.api else 0,
+            api=config.api,
+            filters=chain.filters if chain is not None else FrontConfig.filters,
+            listen_port=0,
+        )
+        front = stack.enter_context(
+            envoy(front_config.render(), shared.workdir, name=f"{config.label}-front")
+        )
+        pids = {"front": front.process.pid, "upstream": shared.upstream.process.pid}
+        if server is not None:
+            pids["server"] = server.pid
+        if chain is not None and chain.redis and shared.redis_pid is not None:
+            pids["redis"] = shared.redis_pid
+        for target in targets:
+            progress(f"{config.label} @ {target.label} ...")
+            rows.append(measure(config, target, front, pids, shared, args))
+            progress(f"  {describe(rows[-1])}")
     return rows
 
 
@@ -408,7 +508,10 @@ def progress(message: str) -> None:
 def describe(row: Row) -> str:
     if row.wrk is None:
         return f"{row.status}: {row.reason}"
-    return f"{row.wrk.rps:,.0f} req/s, p50 {row.wrk.p50_ms:.2f} ms, errors {errors_text(row)}"
+    return (
+        f"{row.wrk.rps:,.0f} req/s, p50 {row.wrk.p50_ms:.2f} ms, server CPU "
+        f"{fmt(row.server_cpu_us, '.0f')} µs/req, errors {errors_text(row)}"
+    )
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -442,14 +545,42 @@ def ratio(value: float | None, base: float | None) -> float | None:
 HEADERS = (
     "config",
     "req/s",
+    "rounds' range",
     "p50 ms",
     "p99 ms",
     f"{TIMES} envoy-alone",
     f"{TIMES} peer",
     "server CPU µs/req",
+    "Redis CPU µs/req",
     "front-Envoy CPU µs/req",
+    "bound by",
     "errors",
 )
+
+# A process keeping this many CPUs busy is what bounds the row; all CPUs this busy: the machine does.
+SATURATED_CORES = 0.85
+MACHINE_FULL = 0.90
+
+
+def bound_text(row: Row) -> str:
+    """What bounds a measured row: the busiest process when it keeps ~a whole CPU busy (the server's
+    event loop and the front Envoy's one worker cannot use more), else all CPUs when the machine is
+    full, else waiting (round trips with CPU to spare)."""
+    if row.status != "ok" or not row.cores:
+        return "-"
+    role, cores = max(row.cores.items(), key=lambda item: item[1])
+    busy = row.machine_busy or 0.0
+    if cores >= SATURATED_CORES:
+        return f"{role} {cores:.2f} CPU" + (f", all {busy:.0%}" if busy >= MACHINE_FULL else "")
+    if busy >= MACHINE_FULL:
+        return f"all CPUs {busy:.0%} ({role} {cores:.2f})"
+    return f"waits ({role} {cores:.2f} CPU)"
+
+
+def spread_text(row: Row) -> str:
+    if row.status != "ok" or len(row.rounds_rps) < 2:
+        return "-"
+    return f"{min(row.rounds_rps):,.0f}-{max(row.rounds_rps):,.0f}"
 
 
 REASON_WIDTH = 60
@@ -466,12 +597,15 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
             [
                 row.config,
                 fmt(row.rps, ",.0f"),
+                spread_text(row),
                 fmt(wrk.p50_ms if wrk else None, ".2f"),
                 fmt(wrk.p99_ms if wrk else None, ".2f"),
                 fmt(ratio(row.rps, base), ".2f"),
                 fmt(ratio(row.rps, peer), ".2f"),
                 fmt(row.server_cpu_us, ".0f"),
+                fmt(row.redis_cpu_us, ".0f"),
                 fmt(row.front_cpu_us, ".0f"),
+                bound_text(row),
                 errors_text(row, width=REASON_WIDTH),
             ]
         )
@@ -480,7 +614,13 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
 
 def render_table(rows: list[Row]) -> str:
     cells = [list(HEADERS), *table_rows(rows)]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADERS))]
+    if all(row.redis_cpu_us is None for row in rows):  # no rate-limit row: no Redis column
+        drop = HEADERS.index("Redis CPU µs/req")
+        cells = [line[:drop] + line[drop + 1 :] for line in cells]
+    if all(len(row.rounds_rps) < 2 for row in rows):  # one round: no range
+        drop = HEADERS.index("rounds' range")
+        cells = [line[:drop] + line[drop + 1 :] for line in cells]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
 
     def line(values: list[str]) -> str:
         first = values[0].ljust(widths[0])
@@ -557,8 +697,11 @@ def noise_warnings(rows: list[Row]) -> list[str]:
     return out
 
 
-def print_report(rows: list[Row], sizes: list[int], args: argparse.Namespace) -> list[dict[str, object]]:
+def print_report(
+    rows: list[Row], sizes: list[int], args: argparse.Namespace
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     checks: list[dict[str, object]] = []
+    chain_rows: list[dict[str, object]] = []
     for size in sizes:
         sized = [row for row in rows if row.size == size]
         print(
@@ -576,30 +719,92 @@ def print_report(rows: list[Row], sizes: list[int], args: argparse.Namespace) ->
             print(warning)
         if size == TARGET_SIZE:
             checks = target_checks(sized)
-    print(f"\ntargets (meshkit's best path, {size_label(TARGET_SIZE)} bodies):")
+            if any(CONFIGS[row.config].auth_row for row in sized):
+                chain_rows = chain_checks(sized, BASELINE)
+    print(f"\ntargets, body-hash alone (meshkit's best path, {size_label(TARGET_SIZE)} bodies):")
     if not checks:
         print(f"  not evaluated: {TARGET_SIZE} is not in --sizes")
     for check in checks:
         print(f"  {check['verdict']:4}  {check['target']}: {check['shown']}")
-    return checks
+    print(f"\ntargets, auth chains ({size_label(TARGET_SIZE)} bodies; verdict on the best path for key):")
+    if chain_rows:
+        print(render_checks(chain_rows))
+    else:
+        print(f"  not evaluated: no auth-chain row at {TARGET_SIZE} (--chain-sizes)")
+    return checks, chain_rows
 
 
-def write_json(path: Path, rows: list[Row], checks: list[dict[str, object]], meta: dict[str, object]) -> None:
-    doc = {"meta": meta, "results": [asdict(row) for row in rows], "targets_1kib": checks}
+def write_json(
+    path: Path,
+    rows: list[Row],
+    checks: tuple[list[dict[str, object]], list[dict[str, object]]],
+    meta: dict[str, object],
+) -> None:
+    doc = {
+        "meta": meta,
+        "results": [asdict(row) for row in rows],
+        "targets_1kib": checks[0],
+        "chain_targets_1kib": checks[1],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nresults written to {path}")
 
 
 # -- main --------------------------------------------------------------------------------------------
+def _select(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The configurations --configs (names or globs), --chains and --paths select, in CONFIGS order."""
+    patterns = [c.strip() for c in args.configs.split(",") if c.strip()]
+    chains = [c.strip() for c in args.chains.split(",") if c.strip()]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unmatched = [p for p in patterns if not fnmatch.filter(CONFIGS, p)]
+    unknown = [c for c in chains if c not in CHAIN_NAMES] + [p for p in paths if p not in PATHS]
+    if unmatched or unknown:
+        parser.error(
+            f"--configs matches nothing for {unmatched}, unknown --chains/--paths {unknown}; configs: "
+            f"{', '.join(CONFIGS)}; chains: {', '.join(CHAIN_NAMES)}; paths: {', '.join(PATHS)}"
+        )
+    selected = [
+        label
+        for label, config in CONFIGS.items()
+        if (not patterns or any(fnmatch.fnmatchcase(label, p) for p in patterns))
+        and (not chains or config.chain in chains)
+        and (not paths or not config.path or config.path in paths)
+    ]
+    if not selected:
+        parser.error("--configs, --chains and --paths together select no configuration")
+    return selected
+
+
+def _sizes(parser: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"{flag}: expected sizes in bytes, comma-separated")
+    if not sizes or min(sizes) <= 0:
+        parser.error(f"{flag}: expected sizes in bytes (> 0), comma-separated")
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="meshkit benchmark: body-hash through a real front Envoy, side by side.",
+        description="meshkit benchmark: meshkit's filter chains through a real front Envoy, side by side.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--sizes", default="1024,65536", help="POST body sizes in bytes, comma-separated")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="configurations to run, comma-separated")
-    parser.add_argument("--duration", type=int, default=8, help="seconds of each measured wrk run")
+    parser.add_argument(
+        "--sizes", default="1024,65536", help="POST body sizes (bytes) of the rows without auth"
+    )
+    parser.add_argument(
+        "--chain-sizes", default="1024", help="POST body sizes (bytes) of the auth-chain rows"
+    )
+    parser.add_argument(
+        "--configs", default="", help="configurations (names or globs: '*-authzhttp'); empty: all"
+    )
+    parser.add_argument(
+        "--chains", default="", help=f"only these chains ({', '.join(CHAIN_NAMES)}); empty: all"
+    )
+    parser.add_argument("--paths", default="", help=f"only these paths ({', '.join(PATHS)}); empty: all")
+    parser.add_argument("--duration", type=int, default=6, help="seconds of each measured wrk run")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -609,31 +814,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="seconds of the warm-up run before each")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (-c)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (-t)")
-    parser.add_argument("--meshkit-args", default="", help="extra arguments for both meshkit rows' server")
+    parser.add_argument("--meshkit-args", default="", help="extra arguments for every meshkit server")
     parser.add_argument("--peer-venv", type=Path, default=ROOT / "build" / "peer-venv", help="peer-sdk venv")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="logs and configs (default build/bench/TIME)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in CONFIGS]
-    if unknown or not args.configs or not args.sizes or min(args.sizes) <= 0:
-        parser.error(f"bad --configs/--sizes (unknown: {unknown}; known: {', '.join(CONFIGS)})")
+    args.sizes = _sizes(parser, args.sizes, "--sizes")
+    args.chain_sizes = _sizes(parser, args.chain_sizes, "--chain-sizes")
+    args.configs = _select(parser, args)
     if min(args.duration, args.warmup, args.connections, args.threads, args.rounds) < 1:
         parser.error("--duration, --warmup, --connections, --threads and --rounds must be >= 1")
     return args
 
 
-def write_targets(workdir: Path, sizes: list[int]) -> list[Target]:
-    targets = []
+def write_targets(workdir: Path, sizes: list[int]) -> dict[int, Target]:
+    targets = {}
     for size in sizes:
         body = make_body(size)
         body_file = workdir / f"body-{size}.bin"
         body_file.write_bytes(body)
-        targets.append(Target(size_label(size), body, body_file))
+        targets[size] = Target(size_label(size), body, body_file)
     return targets
+
+
+def groups_of(labels: Sequence[str]) -> list[list[Config]]:
+    """The selected configurations in order, one group per server: a meshkit chain's rows share one."""
+    groups: list[list[Config]] = []
+    for label in labels:
+        config = CONFIGS[label]
+        if groups and config.server == "meshkit" and groups[-1][0].chain == config.chain:
+            groups[-1].append(config)
+        else:
+            groups.append([config])
+    return groups
 
 
 def run(args: argparse.Namespace, wrk: str, workdir: Path) -> list[Row]:
@@ -643,24 +858,38 @@ def run(args: argparse.Namespace, wrk: str, workdir: Path) -> list[Row]:
         if reason is not None:
             progress(f"{PEER} unavailable: {reason}")
             unavailable[PEER] = reason
-    targets = write_targets(workdir, args.sizes)
+    by_size = write_targets(workdir, sorted(set(args.sizes) | set(args.chain_sizes)))
+    targets = {
+        label: [by_size[s] for s in (args.chain_sizes if CONFIGS[label].auth_row else args.sizes)]
+        for label in args.configs
+    }
     rows: list[Row] = []
-    with envoy(upstream_direct(), workdir, name="upstream") as upstream:
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(envoy(upstream_direct(), workdir, name="upstream"))
+        redis_url = redis_pid = None
+        if any(CHAINS[CONFIGS[c].chain].redis for c in args.configs if CONFIGS[c].chain in CHAINS):
+            try:
+                redis = stack.enter_context(redis_server(workdir / "redis"))
+                redis_url, redis_pid = redis.url, redis.process.pid
+            except HarnessError as exc:  # its rows fail their check (no Redis to hold the limit)
+                progress(f"Redis did not start: {exc}")
+        shared = Shared(upstream, mint(workdir), workdir, wrk, redis_url, redis_pid)
+        selected = [c for c in args.configs if c not in unavailable]
+        for label in args.configs:
+            if label in unavailable:
+                rows += [Row(label, len(t.body), "unavailable", unavailable[label]) for t in targets[label]]
         for round_no in range(1, args.rounds + 1):
             if args.rounds > 1:
                 progress(f"round {round_no} of {args.rounds}")
-            for label in args.configs:
-                if label in unavailable:
-                    if round_no == 1:
-                        rows += [Row(label, len(t.body), "unavailable", unavailable[label]) for t in targets]
-                    continue
-                rows += run_config(CONFIGS[label], targets, upstream, workdir, wrk, args)
-    return median_rows(rows)
+            for group in groups_of(selected):
+                rows += run_group(group, targets, shared, args)
+    order = {label: i for i, label in enumerate(CONFIGS)}
+    return sorted(median_rows(rows), key=lambda row: (row.size, order[row.config]))
 
 
 def median_rows(rows: list[Row]) -> list[Row]:
     """One row per (config, size): the run with the median req/s over the rounds (a failed run wins,
-    so a failure is never hidden by a good round)."""
+    so a failure is never hidden by a good round); every round's req/s kept for the spread."""
     groups: dict[tuple[str, int], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.config, row.size), []).append(row)
@@ -668,7 +897,9 @@ def median_rows(rows: list[Row]) -> list[Row]:
     for group in groups.values():
         failed = [row for row in group if row.status != "ok"]
         ranked = sorted(group, key=lambda row: row.rps or 0.0)
-        out.append(failed[0] if failed else ranked[len(ranked) // 2])
+        chosen = failed[0] if failed else ranked[len(ranked) // 2]
+        chosen.rounds_rps = [row.rps for row in group if row.rps is not None]
+        out.append(chosen)
     return out
 
 
@@ -683,27 +914,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = os.getloadavg()
     print(
         f"meshkit bench: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-        f"configs {','.join(args.configs)}; meshkit args {args.meshkit_args!r}; logs in {workdir}"
+        f"configs {','.join(args.configs)}; auth chains' filters {','.join(CHAINS['key'].filters)}; "
+        f"meshkit args {args.meshkit_args!r}; logs in {workdir}"
     )
     try:
         rows = run(args, wrk, workdir)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    checks = print_report(rows, args.sizes, args)
+    sizes = sorted({row.size for row in rows})
+    checks = print_report(rows, sizes, args)
     if args.json is not None:
         meta = {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "rounds": args.rounds,
             "connections": args.connections,
             "threads": args.threads,
             "meshkit_args": args.meshkit_args,
+            "auth_chain_filters": CHAINS["key"].filters,
             "cpus": os.cpu_count(),
             "loadavg_before": load,
             "workdir": str(workdir),
         }
         write_json(args.json, rows, checks, meta)
-    failed = [row for row in rows if row.config in MESHKIT_ROWS and row.status == "FAILED"]
+    failed = [row for row in rows if CONFIGS[row.config].server == "meshkit" and row.status == "FAILED"]
     return 1 if failed else 0
 
 
