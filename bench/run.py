@@ -73,7 +73,7 @@ from credentials import Credentials, mint
 from row_checks import check_chain
 from row_checks import check_hash as check_hash
 
-from meshkit.errors import HarnessError
+from meshkit.errors import HarnessError, MeshkitError
 from meshkit.harness.daemons import Extproc, extproc
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.process import ManagedProcess, log_match, log_matches
@@ -451,6 +451,11 @@ def _reason(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+# What fails one row (or one chain's rows) and not the run: a server or Envoy that does not start, a
+# config meshkit refuses (ConfigError is a MeshkitError), a chain without its Redis (ValueError).
+ROW_ERRORS = (MeshkitError, BenchError, OSError, ValueError)
+
+
 def run_group(
     configs: Sequence[Config], targets: dict[str, list[Target]], shared: Shared, args: argparse.Namespace
 ) -> list[Row]:
@@ -463,10 +468,10 @@ def run_group(
             for config in configs:
                 try:
                     rows += run_config(config, targets[config.label], server, shared, args)
-                except (HarnessError, BenchError, OSError) as exc:
+                except ROW_ERRORS as exc:
                     progress(f"{config.label}: FAILED: {exc}\n(logs in {shared.workdir})")
                     _failed(rows, [config], targets, _reason(exc))
-    except (HarnessError, BenchError, OSError) as exc:
+    except ROW_ERRORS as exc:
         progress(f"{configs[0].chain} server: FAILED: {exc}\n(logs in {shared.workdir})")
         _failed(rows, configs, targets, _reason(exc))
     return rows
