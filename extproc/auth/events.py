@@ -120,6 +120,17 @@ async def _cancel(task: asyncio.Task[Any], within: float = 0.5) -> None:
         log.warning("auth events: background task %s did not stop", task.get_name())
 
 
+def _abort(nc: Client) -> None:
+    """Drop `nc`'s socket now. A server that stopped reading (SIGSTOP, a full network path) never takes
+    the bytes nats-py still has to write, so its close() waits forever and the socket would stay open;
+    nats-py has no abort, so this reaches the asyncio transport under its TCP transport."""
+    transport = getattr(nc, "_transport", None)
+    for name in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, name, None)
+        if isinstance(writer, asyncio.StreamWriter):
+            writer.transport.abort()
+
+
 def _redact_url(url: str) -> str:
     """`url` without a user or password, for log lines."""
     try:
@@ -258,8 +269,10 @@ class EventPublisher:
             try:
                 await asyncio.wait_for(self._close_connection(nc), _CLOSE_CONNECTION_SECONDS)
             except TimeoutError:
+                _abort(nc)
                 log.warning(
-                    "auth events: NATS connection not closed cleanly within %.1f s", _CLOSE_CONNECTION_SECONDS
+                    "auth events: NATS connection not closed cleanly within %.1f s: dropped",
+                    _CLOSE_CONNECTION_SECONDS,
                 )
             except Exception:  # closing must not fail a shutdown
                 log.debug("auth events: error closing the NATS connection", exc_info=True)
