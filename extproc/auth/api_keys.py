@@ -48,6 +48,7 @@ import yaml
 from prometheus_client import Counter, Gauge
 
 from meshkit.errors import ConfigError, DependencyError
+from meshkit.extproc.auth.gcra import MAX_PER_MINUTE
 from meshkit.extproc.auth.identity import AuthFailure, Identity
 
 __all__ = ["ApiKey", "ApiKeyFile", "RedisApiKeys", "digest_of", "parse_key_table"]
@@ -124,9 +125,13 @@ def _entry(raw: Any, at: str) -> ApiKey:
             raise ValueError(f"{at}: expires_at: {exc}") from None
     rate_limit = raw.get("rate_limit")
     if rate_limit is not None and (
-        isinstance(rate_limit, bool) or not isinstance(rate_limit, int) or rate_limit < 1
+        isinstance(rate_limit, bool)
+        or not isinstance(rate_limit, int)
+        or not 1 <= rate_limit <= MAX_PER_MINUTE
     ):
-        raise ValueError(f"{at}: rate_limit must be a whole number of requests per minute, 1 or more")
+        raise ValueError(
+            f"{at}: rate_limit must be a whole number of requests per minute, 1 to {MAX_PER_MINUTE:,}"
+        )
     revoked = raw.get("revoked", False)
     if not isinstance(revoked, bool):
         raise ValueError(f"{at}: revoked must be true or false")

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from meshkit.errors import ConfigError
 from meshkit.extproc.auth.api_keys import MAX_KEY_LENGTH, ApiKeyFile, RedisApiKeys, digest_of
+from meshkit.extproc.auth.gcra import MAX_PER_MINUTE
 from meshkit.extproc.auth.identity import AuthFailure, Identity
 from meshkit.extproc.filter import Exchange, Filter, Reply
 from meshkit.extproc.routes_file import Routes, RoutesOptions, load_routes
@@ -50,6 +51,13 @@ AUTH_PREFIX = "x-auth-"
 RATE_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 DOWN_MODES = ("local", "open", "closed")
+
+
+def _per_minute(value: Any) -> int:
+    number = _positive_int(value)
+    if number > MAX_PER_MINUTE:
+        raise ValueError(f"at most {MAX_PER_MINUTE:,} requests per minute (one a microsecond)")
+    return number
 
 
 def _positive_int(value: Any) -> int:
@@ -92,7 +100,7 @@ class AuthOptions:
     rate_limit: int = option(
         0,
         "requests per minute per subject (an API key's rate_limit wins); 0: none",
-        parse=_positive_int,
+        parse=_per_minute,
         metavar="N",
     )
     rate_limit_on_redis_down: str = option(
