@@ -5,7 +5,7 @@ BENCH_ARGS ?= --rounds 3
 
 .PHONY: bench test lint
 
-# Side-by-side benchmark through a real Envoy: 3 interleaved rounds, medians (about 6 minutes);
+# Side-by-side benchmark through a real Envoy: 3 interleaved rounds, medians (about 10 minutes);
 # e.g. make bench BENCH_ARGS="--rounds 1 --sizes 1024".
 bench:
 	scripts/setup
