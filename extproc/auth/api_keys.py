@@ -215,8 +215,14 @@ class ApiKeyFile:
 
     async def _load(self) -> None:
         stamp = self._stat()
-        text = await asyncio.to_thread(self.path.read_text, encoding="utf-8")
-        table = await asyncio.to_thread(parse_key_table, text, str(self.path))
+        try:
+            text = await asyncio.to_thread(self.path.read_text, encoding="utf-8")
+            table = await asyncio.to_thread(parse_key_table, text, str(self.path))
+        except (OSError, ValueError):
+            # Retry once the file changes again, judged by the stamp taken before this read: a
+            # writer that finished after the read (a half-written file) is a change, and is read.
+            self._stamp = stamp
+            raise
         self._table, self._stamp = table, stamp  # one assignment: a request sees the old or the new
         self._reloads.labels("ok").inc()
         self._keys.set(len(table))
@@ -236,8 +242,6 @@ class ApiKeyFile:
             except (OSError, ValueError) as exc:
                 self._reloads.labels("error").inc()
                 problem = _problem(exc)
-                with contextlib.suppress(OSError):
-                    self._stamp = self._stat()  # retry only once it changes again
                 if problem != self._last_problem:
                     log.warning(
                         "API key file not reloaded, keeping the last good %d keys: %s",
@@ -301,20 +305,25 @@ class RedisApiKeys:
 def _from_hash(raw: Mapping[Any, Any], digest: str) -> ApiKey | None:
     if not raw:
         return None
-    fields = {
-        (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
-        for k, v in raw.items()
-    }
-    entry: dict[str, Any] = {"sha256": digest, "subject": fields.get("subject")}
-    if "scopes" in fields:
-        entry["scopes"] = fields["scopes"].split()
-    if fields.get("expires_at"):
-        entry["expires_at"] = fields["expires_at"]
-    if fields.get("rate_limit"):
-        entry["rate_limit"] = int(fields["rate_limit"]) if fields["rate_limit"].isdigit() else -1
-    entry["revoked"] = fields.get("revoked", "0").lower() in ("1", "true", "yes")
-    try:
-        return _entry(entry, f"redis key {digest[:12]}...")
+    at = f"redis key {digest[:12]}..."
+    try:  # a bad entry (not UTF-8, a rate_limit that is no number, ...) is ignored, never a 500
+        fields = {
+            (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in raw.items()
+        }
+        entry: dict[str, Any] = {"sha256": digest, "subject": fields.get("subject")}
+        if "scopes" in fields:
+            entry["scopes"] = fields["scopes"].split()
+        if fields.get("expires_at"):
+            entry["expires_at"] = fields["expires_at"]
+        if fields.get("rate_limit"):
+            rate = fields["rate_limit"]
+            entry["rate_limit"] = int(rate) if rate.isascii() and rate.isdigit() else -1
+        entry["revoked"] = fields.get("revoked", "0").lower() in ("1", "true", "yes")
+        return _entry(entry, at)
+    except UnicodeDecodeError:
+        log.warning("API key in Redis ignored: %s: a field is not UTF-8", at)
+        return None
     except ValueError as exc:
         log.warning("API key in Redis ignored: %s", exc)
         return None
