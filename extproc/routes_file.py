@@ -11,7 +11,8 @@
       allow: [gpt-4o-mini, gpt-4o]   # optional: any other model -> 404 model_not_found
 
 Scope rules: the longest matching prefix wins; at the same prefix a rule naming the method wins over
-one without methods. A prefix matches whole path segments (`/v1/embeddings` matches `/v1/embeddings`
+one without methods (the same prefix and method in two rules is refused: the file's order would
+decide). A prefix matches whole path segments (`/v1/embeddings` matches `/v1/embeddings`
 and `/v1/embeddings/x`, not `/v1/embeddingsx`); a prefix ending in `/` matches everything under it.
 The query string is not part of the path. A path no rule matches needs no scope (a valid credential
 is enough). The rendered Envoy normalises paths (`normalize_path`, `merge_slashes`) before meshkit
@@ -90,6 +91,8 @@ def load_routes(path: str) -> Routes:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError([f"{where}: cannot read it: {exc.strerror or exc}"]) from None
+    except UnicodeError:
+        raise ConfigError([f"{where}: not UTF-8 text"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{where}: not valid YAML: {exc}"]) from None
     if doc is None:
@@ -112,6 +115,7 @@ def _scope_rules(raw: Any, where: str, problems: list[str]) -> tuple[ScopeRule, 
         problems.append(f"{where}: scopes: expected a list of {{path, scope, methods}}")
         return ()
     rules: list[ScopeRule] = []
+    first: dict[tuple[str, str], int] = {}  # (prefix, method or "") -> the rule that names it first
     for i, item in enumerate(raw):
         at = f"{where}: scopes[{i}]"
         if not isinstance(item, dict):
@@ -132,7 +136,17 @@ def _scope_rules(raw: Any, where: str, problems: list[str]) -> tuple[ScopeRule, 
         ):
             problems.append(f"{at}: methods must be a list of HTTP methods")
             continue
-        rules.append(ScopeRule(prefix, scope, frozenset(m.upper() for m in methods)))
+        rule = ScopeRule(prefix, scope, frozenset(m.upper() for m in methods))
+        # The same prefix and method twice would leave the file's order to decide, silently.
+        taken = [(m, first[(prefix, m)]) for m in sorted(rule.methods or {""}) if (prefix, m) in first]
+        if taken:
+            method, j = taken[0]
+            problems.append(
+                f"{at}: {f'{method} ' if method else ''}{prefix} is already covered by scopes[{j}]"
+            )
+            continue
+        first.update(((prefix, m), i) for m in rule.methods or {""})
+        rules.append(rule)
     # Most specific first: the longest prefix, then method-specific before method-less.
     return tuple(sorted(rules, key=lambda r: (-len(r.prefix), not r.methods)))
 
