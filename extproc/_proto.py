@@ -128,15 +128,21 @@ _MUT_SET = _tag(_number(ep.HeaderMutation, "set_headers"))
 _MUT_REMOVE = _tag(_number(ep.HeaderMutation, "remove_headers"))
 _COMMON_MUTATION = _tag(_number(ep.CommonResponse, "header_mutation"))
 _COMMON_CLEAR = _varint(_number(ep.CommonResponse, "clear_route_cache") << 3) + b"\x01"
+_COMMON_BODY = _tag(_number(ep.CommonResponse, "body_mutation"))
+_BODY_MUTATION_BODY = _tag(_number(ep.BodyMutation, "body"))
 _WRAPPER_RESPONSE = _tag(_number(ep.HeadersResponse, "response"))  # BodyResponse: the same number
 _PHASE_TAG = {phase: _tag(_number(ep.ProcessingResponse, phase.value)) for phase in Phase}
 
 
-def _encode_phase(phase: Phase, sets: dict[str, str], removes: Iterable[str], clear: bool) -> bytes:
+def _encode_phase(
+    phase: Phase, sets: dict[str, str], removes: Iterable[str], clear: bool, body: bytes | None = None
+) -> bytes:
     mutation = b"".join([_field(_MUT_SET, _header_option(k, v, _HV_RAW)) for k, v in sets.items()])
     if removes:
         mutation += b"".join(_field(_MUT_REMOVE, name.encode()) for name in sorted(removes))
     common = _field(_COMMON_MUTATION, mutation) + (_COMMON_CLEAR if clear else b"")
+    if body is not None:
+        common += _field(_COMMON_BODY, _field(_BODY_MUTATION_BODY, body))
     return _field(_PHASE_TAG[phase], _field(_WRAPPER_RESPONSE, common))
 
 
@@ -157,6 +163,15 @@ class ExtProcResponses:
                 self._static.clear()
             data = self._static[key] = _wrap(phase, _common(removes, clear)).SerializeToString()
         return data
+
+    @staticmethod
+    def body_replaced(mutation: Mutation, body: bytes) -> bytes:
+        """The request-body answer that replaces the whole (BUFFERED) body with `body`. Envoy leaves
+        content-length to the processor in that mode (BUFFERED with request headers SEND: a length
+        that does not match the new body makes Envoy answer 500), so it is set here to match."""
+        sets, removes, clear = mutation
+        sets = {**sets, "content-length": str(len(body))}
+        return _encode_phase(Phase.REQUEST_BODY, sets, set(removes) - {"content-length"}, clear, body)
 
     @staticmethod
     def trailers(phase_name: str) -> bytes:

@@ -3,7 +3,10 @@
 Envoy's ext_authz filter (gRPC `Check` or its HTTP protocol) hands over the headers and the whole
 buffered body at once. The chain's request-headers hooks run, the body size is checked, the
 request-body hooks run, all on one `Exchange`; the adapter turns the outcome into its own wire format.
-Response phases do not exist in ext_authz: a chain that needs them runs over ext_proc.
+Response phases do not exist in ext_authz: a chain that needs them runs over ext_proc. Neither does a
+body rewrite (`Exchange.replace_body`, a model alias): ext_authz's answer carries headers only, so a
+check whose chain replaced the body is refused (`BODY_REWRITE_REFUSED`, 500 JSON) rather than let the
+upstream get the old body.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import Chain
 from meshkit.extproc.filter import Exchange, Phase, Reply
 
-__all__ = ["OneShot"]
+__all__ = ["BODY_REWRITE_REFUSED", "OneShot"]
+
+BODY_REWRITE_REFUSED = Reply.error(
+    500,
+    "server_error",
+    "this request needs its body rewritten (a model alias), which ext_authz cannot do: "
+    "route it through meshkit over ext_proc, or send the model's own name",
+    "body_rewrite_needs_ext_proc",
+)
 
 
 class OneShot:
@@ -51,7 +62,12 @@ class OneShot:
         if reply := chain.check_size(exchange, len(body)):
             return reply
         exchange.body = body
-        return await chain.run(Phase.REQUEST_BODY, exchange) if self._has_body_phase else None
+        if not self._has_body_phase:
+            return None
+        reply = await chain.run(Phase.REQUEST_BODY, exchange)
+        if reply is None and exchange.take_body() is not None:
+            return chain.reject(exchange, BODY_REWRITE_REFUSED, "body-rewrite")
+        return reply
 
     def finish(self, exchange: Exchange, started: float) -> None:
         self.chain.finish(exchange, self.api)

@@ -18,6 +18,10 @@ decides, `_proto` builds. Rules:
   running total, so a body in many small chunks costs O(1) per chunk.
 - After an `ImmediateResponse` the stream keeps nothing (no chunk, no body) and runs no hook: should a
   message still arrive, it gets the same `ImmediateResponse` again.
+- A hook that replaced the body (`Exchange.replace_body`, a model alias) gets it sent back in the
+  request-body answer's `body_mutation`, with `content-length` set to its length. Only a BUFFERED body
+  can be replaced: with STREAMED chunks the earlier ones have gone upstream, so such a request is
+  refused with the same 500 JSON as over ext_authz (`body_rewrite_needs_ext_proc`).
 - EOF and cancellation end the stream quietly. No exception escapes to grpcio from here except through
   `abort`.
 
@@ -41,6 +45,7 @@ import grpc
 from meshkit.extproc import _proto
 from meshkit.extproc.apis import Api
 from meshkit.extproc.chain import Chain
+from meshkit.extproc.ext_authz import BODY_REWRITE_REFUSED
 from meshkit.extproc.filter import PHASES, Exchange, Phase, Reply
 from meshkit.extproc.grpc_server import Service
 from meshkit.logs import Throttle
@@ -105,11 +110,19 @@ class ExternalProcessor:
         ex = stream.exchange
         self.chain.new_round(ex)
         reply = await self.chain.run(phase, ex)
+        if reply is None and ex.body_replaced and (stream.streamed or answer_as is not None):
+            # STREAMED: the earlier chunks have gone upstream already; only a BUFFERED body can be replaced
+            ex.take_body()
+            reply = self.chain.reject(ex, BODY_REWRITE_REFUSED, "body-rewrite")
         if reply is not None:
             data = self._replied(stream, reply)
         elif answer_as is not None:
             ex.take_mutations()  # a TrailersResponse cannot carry header changes: the headers have gone
             data = self.responses.trailers(answer_as)
+        elif phase is Phase.REQUEST_BODY and ex.body_replaced:
+            body = ex.take_body()
+            assert body is not None
+            data = self.responses.body_replaced(ex.take_mutations(), body)
         else:
             data = self.responses.phase(phase, ex.take_mutations())
         self._histograms[phase].observe(time.perf_counter() - started)

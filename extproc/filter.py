@@ -16,8 +16,9 @@ Optional `async start()` / `close()` hold the filter's clients (Redis, NATS, a J
 ready only after every filter started, and closes them in reverse order.
 
 Filters never touch protobuf: they read `headers`/`body` and change the request through `set_header`,
-`remove_header` and `clear_route_cache` (request phases), the response through `set_response_header`
-and `remove_response_header` (response phases); the server turns that into Envoy's messages.
+`remove_header` and `clear_route_cache` (request phases) and `replace_body` (request-body phase, ext_proc
+only), the response through `set_response_header` and `remove_response_header` (response phases); the
+server turns that into Envoy's messages.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ HeaderSource = Callable[[], Mapping[str, str]] | Mapping[str, str] | None
 
 # A pending set of header changes: (sets, removes, clear_route_cache).
 Mutation = tuple[dict[str, str], set[str], bool]
-# Everything pending: request-side and response-side mutations, and the answer headers.
-Snapshot = tuple[Mutation, Mutation, dict[str, str]]
+# Everything pending: request-side and response-side mutations, the answer headers, and the body
+# (a replacement, if any, and the body as hooks see it).
+Snapshot = tuple[Mutation, Mutation, dict[str, str], tuple["bytes | None", "bytes | None"]]
 
 
 def _resolve(source: HeaderSource) -> Mapping[str, str]:
@@ -116,6 +118,7 @@ class Exchange:
         "_answer",
         "_header_source",
         "_headers",
+        "_new_body",
         "_remove",
         "_request_id",
         "_response_header_source",
@@ -142,6 +145,7 @@ class Exchange:
         self._response_remove: set[str] = set()
         self._answer: dict[str, str] = {}
         self.body: bytes | None = None
+        self._new_body: bytes | None = None
         self._response_header_source: HeaderSource = None
         self._response_headers: Mapping[str, str] | None = None
         self.response_body: bytes | None = None
@@ -245,6 +249,28 @@ class Exchange:
         """The headers `set_answer_header` collected (what the servers add to a successful answer)."""
         return self._answer
 
+    def replace_body(self, data: bytes) -> None:
+        """Send `data` upstream instead of the request body (request-body phase only). Later hooks see
+        it as `body`. Only ext_proc can carry it (the server also sets `content-length` to match);
+        ext_authz cannot change a body, so a check whose chain replaced the body is refused (500 JSON,
+        `body_rewrite_needs_ext_proc`) instead of going upstream with the old body."""
+        if self.phase is not Phase.REQUEST_BODY:
+            raise RuntimeError(f"replace_body() in {self.phase.value}: only in request_body")
+        if not isinstance(data, bytes):
+            raise TypeError(f"replace_body() takes bytes, not {type(data).__name__}")
+        self.body = data
+        self._new_body = data
+
+    @property
+    def body_replaced(self) -> bool:
+        """Whether a hook called `replace_body` and the server has not taken the new body yet."""
+        return self._new_body is not None
+
+    def take_body(self) -> bytes | None:
+        """Hand the replaced body (None: unchanged) to the server, once."""
+        data, self._new_body = self._new_body, None
+        return data
+
     def clear_route_cache(self) -> None:
         """Ask Envoy to pick the route again after this phase (needed when routing headers change).
         Over ext_authz this works only when the rendered filter config says so: a filter that calls it
@@ -272,6 +298,7 @@ class Exchange:
         self._set, self._remove, self.clear_route = {}, set(), False
         self._response_set, self._response_remove = {}, set()
         self._answer = {}
+        self._new_body = None
 
     def snapshot(self) -> Snapshot:
         """The pending changes now, to `restore()` if a hook that made more of them is abandoned."""
@@ -279,10 +306,11 @@ class Exchange:
             (dict(self._set), set(self._remove), self.clear_route),
             (dict(self._response_set), set(self._response_remove), False),
             dict(self._answer),
+            (self._new_body, self.body),
         )
 
     def restore(self, snapshot: Snapshot) -> None:
-        request, response, self._answer = snapshot
+        request, response, self._answer, (self._new_body, self.body) = snapshot
         (self._set, self._remove, self.clear_route), (self._response_set, self._response_remove, _) = (
             request,
             response,

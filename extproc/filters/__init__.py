@@ -7,8 +7,9 @@ from typing import Any
 
 from meshkit.extproc.filters.auth import AuthFilter
 from meshkit.extproc.filters.body_hash import BodyHashFilter
+from meshkit.extproc.filters.model_router import ModelRouterFilter
 
-FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (AuthFilter, BodyHashFilter)}
+FILTERS: dict[str, type[Any]] = {cls.name: cls for cls in (AuthFilter, BodyHashFilter, ModelRouterFilter)}
 
 
 def build(names: Sequence[str], options: Mapping[type[Any], Any]) -> list[Any]:

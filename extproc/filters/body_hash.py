@@ -6,20 +6,22 @@
   so formatting and key order do not split the cache; `--hash-ignore-fields` first drops top-level
   fields that do not change the answer (`user`, `metadata`, ...). A body that is not JSON is hashed as
   raw bytes, never an error; so is JSON with a duplicate key (parsers disagree on its meaning) and
-  JSON over `--canonical-json-max-bytes` (parsing is CPU on the request path).
+  JSON over `--canonical-json-max-bytes` (parsing is CPU on the request path). The body is parsed
+  by `meshkit.extproc.json_body`, once per request: model-router in the same chain reuses the parse
+  (and after a model alias, body-hash hashes the rewritten body the upstream gets).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import xxhash
 
+from meshkit.extproc import json_body
 from meshkit.extproc.filter import Exchange, Filter
 from meshkit.extproc.headers import BODY_HASH
 from meshkit.options import option, parse_size
@@ -28,8 +30,6 @@ HASHES: dict[str, Callable[[bytes], str]] = {
     "xxh3-128": lambda data: xxhash.xxh3_128_hexdigest(data),
     "sha256": lambda data: hashlib.sha256(data).hexdigest(),
 }
-_JSON_START = frozenset(b"{[")
-_WHITESPACE = b" \t\r\n"
 
 
 @dataclass(frozen=True)
@@ -53,41 +53,14 @@ class BodyHashOptions:
             raise ValueError("--hash-ignore-fields needs --canonical-json (it applies to the canonical form)")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        # Parsers disagree on {"a": 1, "a": 2} (first wins, last wins, error): hashing one reading of it
-        # could give two different requests one cache key. Such a body is hashed as raw bytes.
-        raise ValueError("duplicate key")
-    return doc
-
-
-def _not_json(token: str) -> float:
-    raise ValueError(f"{token} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} overflows")
-    return value
-
-
 def canonical_json(body: bytes, ignore: frozenset[str]) -> bytes | None:
     """The canonical form of a JSON body, or None when the body is not (unambiguous) JSON."""
-    start = body.lstrip(_WHITESPACE)[:1]
-    if not start or start[0] not in _JSON_START:
-        return None
-    try:
-        # Decoded as UTF-8 here: json.loads(bytes) would also accept UTF-16/32 and give them the UTF-8
-        # body's key. NaN/Infinity and numbers that overflow to infinity (1e400) are not JSON either.
-        doc = json.loads(
-            body.decode("utf-8"),
-            object_pairs_hook=_unique_keys,
-            parse_constant=_not_json,
-            parse_float=_finite_float,
-        )
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, duplicate keys, or nested absurdly deep
+    return canonical_of(json_body.parse(body), ignore)
+
+
+def canonical_of(doc: Any, ignore: frozenset[str]) -> bytes | None:
+    """The canonical form of a parsed body (`json_body`'s strict reading), or None for `NOT_JSON`."""
+    if not json_body.is_json(doc):
         return None
     if ignore and isinstance(doc, dict):
         doc = {k: v for k, v in doc.items() if k not in ignore}
@@ -121,7 +94,10 @@ class BodyHashFilter(Filter):
         if not body:
             exchange.remove_header(BODY_HASH)
             return
-        exchange.set_header(BODY_HASH, self.digest(body))
+        if self._canonical and len(body) <= self._canonical_max:
+            # json_body: parsed once per request, shared with model-router (and its rewritten body)
+            body = canonical_of(json_body.document(exchange), self._ignore) or body
+        exchange.set_header(BODY_HASH, self._digest(body))
 
     def digest(self, body: bytes) -> str:
         """The value this filter sets for a non-empty `body`."""
