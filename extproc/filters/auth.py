@@ -125,13 +125,24 @@ class AuthOptions:
 
 
 def _masked(url: str) -> str:
-    """`url` without its password, for the start-up line."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`url` (or a comma-separated list of them, as --nats takes) without its credentials, for the
+    start-up line: the user part too (a NATS token is `nats://TOKEN@host`) and the query (redis-py
+    reads `?password=`)."""
+    return ",".join(_masked_one(u.strip()) for u in url.split(","))
+
+
+def _masked_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<url not shown>"
+    if "@" not in parts.netloc and not parts.query:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    host = f"[{host}]" if ":" in host else host
+    netloc = ("***@" if "@" in parts.netloc else "") + host + (f":{port}" if port else "")
+    return urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
 
 
 def _challenge(error: str | None = None, description: str = "", scope: str = "") -> str:
@@ -274,7 +285,7 @@ class AuthFilter(Filter):
         if self.routes.scopes:
             on.append(f"{len(self.routes.scopes)} scope rules")
         if self._limiter is not None:
-            where = f"redis {_masked(o.redis)}" if o.redis else "in memory (no --redis)"
+            where = f"redis {_masked(o.redis)}" if o.redis else "memory (no --redis)"
             on.append(
                 f"rate limit {o.rate_limit or 'per key'}/min in {where}, on redis down: "
                 f"{o.rate_limit_on_redis_down} (replicas {o.rate_limit_replicas})"
