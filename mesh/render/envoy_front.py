@@ -92,9 +92,39 @@ def _route_timeout(config: FrontConfig) -> Why:
     )
 
 
-def _route(config: FrontConfig) -> dict[str, Any]:
+MODEL_HEADER = "x-model"  # what model-router sets and the per-model routes match
+
+
+def model_cluster(index: int) -> str:
+    """The cluster of the `index`-th model route (model names may hold `/` and `:`, so not the name)."""
+    return f"model_{index}"
+
+
+def _routes(config: FrontConfig) -> list[Any]:
+    """One route per model (`x-model` exact), in the order given, then the default route."""
+    routes: list[Any] = []
+    for i, (model, _) in enumerate(config.model_routes):
+        entry = _route(config, model_cluster(i))
+        entry["match"]["headers"] = [{"name": MODEL_HEADER, "string_match": {"exact": model}}]
+        if i == 0:
+            setters = ", ".join(config.needs.sets_headers.get(MODEL_HEADER, ())) or "a re-routing filter"
+            entry = Why(
+                entry,
+                f"A route per model (model_routes) on {MODEL_HEADER}, which {setters} sets from the "
+                "body; Envoy picks the route again after meshkit's answer (clear_route_cache). A client's "
+                f"own {MODEL_HEADER} never gets here: it is removed before meshkit's filter runs.",
+            )
+        routes.append(entry)
+    default = _route(config, "upstream")
+    if routes:
+        default = Why(default, "Every other request (no model, or a model without a route of its own).")
+    routes.append(default)
+    return routes
+
+
+def _route(config: FrontConfig, cluster: str = "upstream") -> dict[str, Any]:
     hashes = config.needs.hash_headers
-    route: dict[str, Any] = {"cluster": "upstream", "timeout": _route_timeout(config)}
+    route: dict[str, Any] = {"cluster": cluster, "timeout": _route_timeout(config)}
     entry: dict[str, Any] = {"match": {"prefix": "/"}, "route": route}
     if not hashes:
         return entry
@@ -156,7 +186,7 @@ def _listener(config: FrontConfig) -> dict[str, Any]:
         ),
         "route_config": {
             "name": "ingress",
-            "virtual_hosts": [{"name": "upstream", "domains": ["*"], "routes": [_route(config)]}],
+            "virtual_hosts": [{"name": "upstream", "domains": ["*"], "routes": _routes(config)}],
         },
         "http_filters": _http_filters(config),
     }
@@ -211,25 +241,32 @@ def _meshkit_cluster(config: FrontConfig, api: Api) -> dict[str, Any]:
     return cluster
 
 
-def _upstream_cluster(config: FrontConfig) -> dict[str, Any]:
+def _upstream_cluster(
+    config: FrontConfig, name: str = "upstream", ports: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     hashes = config.needs.hash_headers
     if hashes:
         lb = Why("RING_HASH", f"Consistent hashing on {', '.join(hashes)} (the route's hash_policy).")
     else:
         lb = Why("ROUND_ROBIN", "No filter declares a hash_header: nothing to hash on.")
     return {
-        "name": "upstream",
+        "name": name,
         **_addressing(config.upstream_host),
         "connect_timeout": duration(CONNECT_TIMEOUT),
         "per_connection_buffer_limit_bytes": envoy_buffer_limit(config.max_body_bytes),
         "lb_policy": lb,
-        "load_assignment": _endpoints("upstream", config.upstream_host, config.upstream_ports),
+        "load_assignment": _endpoints(
+            name, config.upstream_host, config.upstream_ports if ports is None else ports
+        ),
     }
 
 
 def front_tree(config: FrontConfig) -> dict[str, Any]:
     """The bootstrap, with the reasons (`Why`) still attached."""
     clusters = [_upstream_cluster(config)]
+    clusters += [
+        _upstream_cluster(config, model_cluster(i), ports) for i, (_, ports) in enumerate(config.model_routes)
+    ]
     if config.api is not None:
         clusters.insert(0, _meshkit_cluster(config, config.api))
     return {

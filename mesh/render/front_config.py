@@ -16,6 +16,7 @@ from typing import Any
 
 from meshkit.errors import ConfigError
 from meshkit.extproc.apis import Api
+from meshkit.extproc.routes_file import MODEL_NAME
 from meshkit.options import MAX_SIZE
 from meshkit.render.chain_needs import ChainNeeds, FilterRef, needs_of
 from meshkit.render.envoy_timeouts import above_filter_timeout
@@ -55,6 +56,9 @@ class FrontConfig:
     grpc_timeout: float | None = None  # ext_authz over gRPC, the whole Check; None: above filter_timeout
     http_timeout: float | None = None  # ext_authz over HTTP, the whole check; None: above filter_timeout
     route_timeout: float = 0.0  # the upstream's whole answer; 0: none (LLM answers take minutes)
+    # model -> the upstream ports serving it: a route per model on `x-model` (model-router), each to its
+    # own cluster, before the default route to `upstream_ports`
+    model_routes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -68,6 +72,11 @@ class FrontConfig:
             object.__setattr__(self, "api", api)
         object.__setattr__(self, "filters", tuple(self.filters))
         object.__setattr__(self, "upstream_ports", tuple(self.upstream_ports))
+        object.__setattr__(
+            self,
+            "model_routes",
+            tuple((model, tuple(ports)) for model, ports in dict(self.model_routes).items()),
+        )
         problems += self._problems()
         if problems:
             raise ConfigError(problems)
@@ -78,12 +87,18 @@ class FrontConfig:
             problems.append("upstream_ports: name at least one upstream")
         ports = {"listen_port": self.listen_port, "admin_port": self.admin_port}
         ports |= {f"upstream_ports[{i}]": p for i, p in enumerate(self.upstream_ports)}
+        for model, model_ports in self.model_routes:
+            if not MODEL_NAME.fullmatch(model):
+                problems.append(f"model_routes: {model!r} is not a model name ({MODEL_NAME.pattern})")
+            if not model_ports:
+                problems.append(f"model_routes[{model!r}]: name at least one upstream port")
+            ports |= {f"model_routes[{model!r}][{i}]": p for i, p in enumerate(model_ports)}
         if self.extproc_port is not None:
             ports["extproc_port"] = self.extproc_port
         problems += [f"{k}: {v} is not a port (0-65535)" for k, v in ports.items() if not 0 <= v <= 65535]
         # Envoy listens on port 0 (any free one), but connects to no such port: it would validate and
         # never reach the server.
-        called = {k: v for k, v in ports.items() if k.startswith("upstream_ports")}
+        called = {k: v for k, v in ports.items() if k.startswith(("upstream_ports", "model_routes"))}
         if self.api is not None and self.extproc_port is not None:
             called["extproc_port"] = self.extproc_port
         problems += [f"{k}: Envoy connects to it, so it cannot be 0" for k, v in called.items() if v == 0]
@@ -108,6 +123,11 @@ class FrontConfig:
             return problems + exc.problems
         if self.api is not None and not needs.names:
             problems.append("filters: name at least one filter (meshkit refuses an empty chain)")
+        if self.model_routes and self.api is not None and not needs.reroutes:
+            problems.append(
+                "model_routes: no filter of the chain re-routes (reroutes = True), so nothing sets x-model "
+                "after the route is picked: add model-router to filters"
+            )
         if self.api is not None and self.api.request_phases_only:
             problems += [
                 f"filters: {name!r} has response-phase hooks, which {self.api.value} never runs "
