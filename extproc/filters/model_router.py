@@ -15,7 +15,10 @@ Anthropic Messages):
 
 A body that is not a JSON object (no body, not JSON, an array), or an object without `model`, passes
 untouched; `x-model` and `x-stream` are removed from every request (a client never sets them; the
-rendered Envoy already strips them before meshkit's filter runs).
+rendered Envoy already strips them before meshkit's filter runs) and the route is picked again in the
+headers phase too: Envoy's header_mutation filter looks the route up (caching it) before it removes a
+client's `x-model`, so a request that model-router does not route would otherwise still follow the
+client's header.
 
 Strictness (the body is parsed by `meshkit.extproc.json_body`, once per request, shared with
 body-hash): an object-shaped body with a duplicate key gets 400 `duplicate_key` (`{"model": "a",
@@ -115,6 +118,10 @@ class ModelRouterFilter(Filter):
     def on_request_headers(self, exchange: Exchange) -> None:
         exchange.remove_header(X_MODEL)
         exchange.remove_header(X_STREAM)
+        # Envoy may have picked (and cached) the route while the client's x-model was still there: the
+        # rendered header_mutation filter looks the route up before it removes the header. Measured:
+        # without this, a body with no model went to the client's chosen x-model route.
+        exchange.clear_route_cache()
 
     def on_request_body(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         body = exchange.body

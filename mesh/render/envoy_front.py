@@ -106,19 +106,24 @@ def _routes(config: FrontConfig) -> list[Any]:
     for i, (model, _) in enumerate(config.model_routes):
         entry = _route(config, model_cluster(i))
         entry["match"]["headers"] = [{"name": MODEL_HEADER, "string_match": {"exact": model}}]
-        if i == 0:
-            setters = ", ".join(config.needs.sets_headers.get(MODEL_HEADER, ())) or "a re-routing filter"
-            entry = Why(
+        if i > 0:
+            routes.append(entry)
+            continue
+        setters = ", ".join(config.needs.sets_headers.get(MODEL_HEADER, ())) or "a re-routing filter"
+        routes.append(
+            Why(
                 entry,
                 f"A route per model (model_routes) on {MODEL_HEADER}, which {setters} sets from the "
                 "body; Envoy picks the route again after meshkit's answer (clear_route_cache). A client's "
-                f"own {MODEL_HEADER} never gets here: it is removed before meshkit's filter runs.",
+                f"own {MODEL_HEADER} is removed before meshkit's filter, and meshkit has the route picked "
+                "again in the headers phase too: header_mutation looks the route up (and Envoy caches "
+                "it) before it removes the header.",
             )
-        routes.append(entry)
+        )
     default = _route(config, "upstream")
-    if routes:
-        default = Why(default, "Every other request (no model, or a model without a route of its own).")
-    routes.append(default)
+    if not routes:
+        return [default]
+    routes.append(Why(default, "Every other request (no model, or a model without a route of its own)."))
     return routes
 
 

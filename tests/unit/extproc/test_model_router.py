@@ -113,7 +113,8 @@ async def test_other_bodies_pass_untouched_and_lose_client_headers(body: bytes) 
 async def test_headers_phase_removes_client_headers() -> None:
     ex, reply = await run([router()], None, {"x-model": "spoofed", "x-stream": "true"})
     assert reply is None
-    assert ex.take_mutations() == ({}, {"x-model", "x-stream"}, False)
+    # the route is picked again: Envoy may have cached one chosen by the client's x-model
+    assert ex.take_mutations() == ({}, {"x-model", "x-stream"}, True)
 
 
 @pytest.mark.parametrize(
