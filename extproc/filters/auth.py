@@ -395,7 +395,7 @@ class AuthFilter(Filter):
                 "subject": identity.subject if identity else None,
                 "method": identity.method if identity else None,
                 "reason": reason,
-                "path": headers.get(":path", "")[:512],
+                "path": headers.get(":path", "").split("?", 1)[0][:512],  # a query may hold secrets
                 "client_ip": forwarded.rsplit(",", 1)[-1].strip()[:64] or None,
                 "request_id": exchange.request_id,
             },
