@@ -166,7 +166,7 @@ async def test_events_arrive_on_their_subjects_with_the_callers_json_and_a_perio
         assert beat["version"] == "0.1.0"
         assert beat["events_dropped"] == 0
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(beats[1:])]
-    assert all(0.15 <= gap <= 0.6 for gap in gaps), gaps
+    assert all(0.19 <= gap <= 1.0 for gap in gaps), gaps
     assert beats[-1]["events_published"] == 2
     assert beats[-1]["uptime_s"] > beats[1]["uptime_s"]
     assert pub.published["auth.success"] == 1
@@ -201,7 +201,7 @@ async def test_nats_absent_at_start_then_appearing(tmp_path: Path, caplog: pytes
     try:
         began = time.monotonic()
         await pub.start()
-        assert time.monotonic() - began < 0.5 + 0.3
+        assert time.monotonic() - began < 0.5 + 0.4
         assert not pub.connected
 
         began = time.perf_counter()
@@ -250,7 +250,7 @@ async def test_nats_stopped_mid_run_and_restarted(tmp_path: Path, caplog: pytest
         began = time.perf_counter()
         for n in range(100, 200):
             pub.emit("auth.success", event(n))
-        assert time.perf_counter() - began < 0.01
+        assert time.perf_counter() - began < 0.05
         assert pub.queued == 50  # bounded
         assert pub.dropped["disconnected"] == 50
         assert pub.dropped["queue_full"] == 0
@@ -318,7 +318,7 @@ async def test_slow_nats_never_blocks_emit_drops_are_counted_and_it_flows_again(
             assert pub.connected
             assert pub.queued == 200
             assert pub.dropped["disconnected"] == 0
-            assert slowest < 0.005, slowest
+            assert slowest < 0.05, slowest  # a blocked emit would take as long as the freeze (seconds)
             assert total / emitted < 50e-6, (total, emitted)
             dropped = pub.dropped["queue_full"]
             for n in range(100):

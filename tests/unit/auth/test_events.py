@@ -130,7 +130,7 @@ async def test_start_without_nats_returns_within_connect_timeout_and_warns_once(
     await pub.start()
     took = time.monotonic() - began
     try:
-        assert took < 0.3 + 0.2, took
+        assert took < 0.3 + 0.4, took
         assert not pub.connected
         began = time.perf_counter()
         for _ in range(10_000):
@@ -150,6 +150,7 @@ async def test_start_without_nats_returns_within_connect_timeout_and_warns_once(
         assert time.monotonic() - began < 2.0
     assert pub.queued == 0
     assert pub.dropped["closed"] == 100
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
     pub.emit("auth.success", EVENT)  # after close(): dropped, counted, no error
     assert pub.dropped["closed"] == 101
 
@@ -162,10 +163,11 @@ async def test_close_is_idempotent_and_works_without_start() -> None:
     assert pub.dropped["closed"] == 1
 
 
-@pytest.mark.parametrize("after", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("after", [0.0, 0.2, 0.45, 0.7, 1.2])
 async def test_close_while_connecting_leaves_no_task_behind(after: float) -> None:
-    # Retries come every 0.5 s: closing on that beat is where Python 3.11's wait_for can lose a cancel.
-    pub = EventPublisher(nowhere(), connect_timeout=0.05)
+    # Retries come every 0.5 s: closing on that beat (0.3 s in start() + `after`) is where Python 3.11's
+    # wait_for can lose a cancel, which left nats-py's connect loop retrying forever.
+    pub = EventPublisher(nowhere(), connect_timeout=0.3)
     await pub.start()
     await asyncio.sleep(after)
     began = time.monotonic()
