@@ -31,6 +31,12 @@ How it stays off the request path:
   it retries (every `_RECONNECT_WAIT` s) until a server answers, also one that did not exist when
   `start()` ran; once connected, nats-py reconnects by itself, forever. `start()` waits for the
   first connection for at most `connect_timeout` and otherwise logs one warning and returns.
+- Delivery is at most once: an event already handed to nats-py when the link breaks is resent by
+  nats-py after the reconnect if it was still in its buffer, and lost if it was already written into
+  the dead TCP connection. A frozen server is found stale by client pings within ~15 s.
+- `close()`: up to 1 s to publish what is queued (only while connected; the rest counts as `closed`),
+  then up to 0.5 s to drain the connection, after which its socket is aborted. nats-py's connect and
+  reconnect tasks are cancelled until they stop (see `_cancel`: Python 3.11 can lose a cancel).
 - Logs: one line when the connection is lost, one when it comes back; failed attempts in between are
   DEBUG only. The counters are where drops are seen:
 
