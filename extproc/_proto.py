@@ -146,6 +146,21 @@ def _encode_phase(
     return _field(_PHASE_TAG[phase], _field(_WRAPPER_RESPONSE, common))
 
 
+def skip_response_headers(*, request_body: bool) -> bytes:
+    """`mode_override` bytes to append to a request-headers answer: Envoy need not send this request's
+    response headers (nothing to add to them). The other modes repeat the rendered config's (an unset
+    body mode would read as NONE); Envoy applies it only with `allow_mode_override: true`."""
+    mode = ProcessingMode(
+        request_header_mode=ProcessingMode.SEND,
+        response_header_mode=ProcessingMode.SKIP,
+        request_body_mode=ProcessingMode.BUFFERED if request_body else ProcessingMode.NONE,
+        response_body_mode=ProcessingMode.NONE,
+        request_trailer_mode=ProcessingMode.SKIP,
+        response_trailer_mode=ProcessingMode.SKIP,
+    )
+    return _serialized(ep.ProcessingResponse(mode_override=mode))
+
+
 class ExtProcResponses:
     """Serialized `ProcessingResponse`s; the ones without header values are cached."""
 

@@ -75,6 +75,15 @@ class ExternalProcessor:
         self._histograms = {phase: chain.metrics.phase(API, phase.value) for phase in PHASES}
         self._continue_body = self.responses.phase(Phase.REQUEST_BODY, _NO_MUTATION)
         self._faults = Throttle(log)
+        # A chain whose filters may add headers to the answer (answer_headers: x-ratelimit-*) is rendered
+        # with response headers SEND; a request that got none tells Envoy to skip them (one message less).
+        adds = any(getattr(f, "answer_headers", ()) for f in chain.filters)
+        hooks_response = any(p.is_response for p in chain.phases)
+        self._skip_response = (
+            _proto.skip_response_headers(request_body=Phase.REQUEST_BODY in chain.phases)
+            if adds and not hooks_response
+            else b""
+        )
         # Makes each stream's state; a seam for tests that look at what a stream keeps.
         self.stream_factory: Callable[[], _Stream] = _Stream
 
@@ -125,6 +134,8 @@ class ExternalProcessor:
             data = self.responses.body_replaced(ex.take_mutations(), body)
         else:
             data = self.responses.phase(phase, ex.take_mutations())
+            if self._skip_response and phase is Phase.REQUEST_HEADERS and not ex.answer_headers:
+                data += self._skip_response
         self._histograms[phase].observe(time.perf_counter() - started)
         return data
 

@@ -237,10 +237,13 @@ class Exchange:
         self._response_remove.add(name)
 
     def set_answer_header(self, name: str, value: str) -> None:
-        """A header for the client's answer if the request goes on (x-ratelimit-remaining), decided in a
-        request phase. A filter that calls it lists the name in `answer_headers`: over ext_authz it
+        """A header for the client's answer if the request goes on (x-ratelimit-remaining), decided in the
+        request-headers phase. A filter that calls it lists the name in `answer_headers`: over ext_authz it
         rides on the OK answer, over ext_proc it is added in the response-headers phase (which the
         rendered config then sends). A `Reply` carries its own headers instead."""
+        if self.phase is not Phase.REQUEST_HEADERS:
+            # Over ext_proc the answer's headers are skipped unless asked for in the first answer.
+            raise RuntimeError(f"set_answer_header({name!r}) in {self.phase.value}: request headers only")
         name = _checked(name, value)
         self._answer[name] = value
 

@@ -162,6 +162,13 @@ def ext_proc(config: FrontConfig) -> dict[str, Any]:
             f" response_header_mode is SEND because {_names(adders)} add headers to successful answers "
             f"({_names(list(needs.answer_headers))}): over ext_proc that is the only way to reach them."
         )
+    override: dict[str, Why] = {}
+    if needs.answer_headers and not needs.response_phase:
+        override["allow_mode_override"] = Why(
+            True,
+            "A request none of them added a header to is answered with mode_override: response "
+            "headers SKIP, so it costs no extra message.",
+        )
     return {
         "@type": _EXT_PROC,
         "grpc_service": Why(
@@ -181,6 +188,7 @@ def ext_proc(config: FrontConfig) -> dict[str, Any]:
             "answered, which is what lets a header computed from a BUFFERED body apply (with SKIP it "
             "is silently dropped)." + why_answer,
         ),
+        **override,
     }
 
 

@@ -181,22 +181,34 @@ def test_reload_metrics_count_the_broken_file(meshkit_server: Extproc, ingress: 
     assert "meshkit_auth_api_keys " in text
 
 
+def phase_count(server: Extproc, phase: str) -> float:
+    with urllib.request.urlopen(server.admin_url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(f'meshkit_extproc_phase_seconds_count{{api="ext_proc",phase="{phase}"}}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_no_response_headers_message_without_answer_headers(
+    meshkit_server: Extproc, ingress: Envoy, request: pytest.FixtureRequest
+) -> None:
+    """auth may add x-ratelimit-* to answers, so ext_proc is rendered with response headers SEND; a
+    request without a rate limit tells Envoy to skip them (mode_override): one message less."""
+    before = phase_count(meshkit_server, "response_headers"), phase_count(meshkit_server, "request_headers")
+    assert post(ingress, {"x-api-key": GOOD}).status == 200
+    after = phase_count(meshkit_server, "response_headers"), phase_count(meshkit_server, "request_headers")
+    assert after[0] == before[0]
+    if request.node.callspec.params["ingress"] == "ext_proc":
+        assert after[1] == before[1] + 1  # this request went over ext_proc (and only its headers)
+
+
 def test_refused_request_body_never_reaches_meshkit_over_ext_proc(
     meshkit_server: Extproc, ingress: Envoy
 ) -> None:
-    def body_phases() -> float:
-        with urllib.request.urlopen(meshkit_server.admin_url + "/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(
-                    'meshkit_extproc_phase_seconds_count{api="ext_proc",phase="request_body"}'
-                ):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    before = body_phases()
+    before = phase_count(meshkit_server, "request_body")
     resp = post(ingress, {"x-api-key": "mk_nobody_0123456789"}, body=b"x" * (256 << 10))
     assert resp.status == 401
-    assert body_phases() == before
+    assert phase_count(meshkit_server, "request_body") == before
 
 
 def test_meshkit_down_means_refused(workdir: Path, upstream: Echo) -> None:
