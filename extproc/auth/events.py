@@ -392,6 +392,7 @@ class EventPublisher:
             self._wakeup.clear()
             nc = self._nc
             ready = nc is not None and self._connected and nc.is_connected
+            room = False
             if ready and not was_connected:
                 next_beat = 0.0  # (re)connected: say so at once
             was_connected = ready
@@ -415,7 +416,11 @@ class EventPublisher:
             # Nothing to do until an emit, a connection change, close(), the next heartbeat, or (when
             # nats-py's buffer is full) a little later.
             timeout: float | None = None
-            if ready:
+            if ready and not room:
+                # Above the high-water mark nothing goes out, the heartbeat included: look again a
+                # little later (a due heartbeat must not make this a zero timeout: a busy loop).
+                timeout = _BACKPRESSURE_POLL
+            elif ready:
                 timeout = max(0.0, next_beat - time.monotonic())
                 if self._queue:
                     timeout = min(timeout, _BACKPRESSURE_POLL)

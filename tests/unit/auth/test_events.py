@@ -185,3 +185,59 @@ async def test_the_url_in_log_lines_has_no_password(caplog: pytest.LogCaptureFix
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert f"nats://127.0.0.1:{port}" in text
     assert "s3cret" not in text
+
+
+class _FrozenClient:
+    """Stands in for nats-py's Client on a NATS that stopped reading: connected, and its outbound
+    buffer stays above the publisher's high-water mark once it got there. `looks` counts how often the
+    publisher looked at the buffer (once or twice per turn of its loop)."""
+
+    is_connected = True
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.looks = 0
+        self.subjects: list[str] = []
+
+    @property
+    def pending_data_size(self) -> int:
+        self.looks += 1
+        return self.size
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.subjects.append(subject)
+        self.size += len(payload)
+
+
+async def test_a_full_nats_buffer_with_a_heartbeat_due_does_not_spin_the_loop() -> None:
+    # Found in review: with nats-py's buffer over half full and the heartbeat due, the task waited with
+    # a zero timeout: a busy loop taking all of the event loop's spare CPU until NATS was found stale.
+    from meshkit.extproc.auth import events
+
+    publisher = EventPublisher(nowhere(), heartbeat_interval=0.05)
+    client = _FrozenClient()
+    publisher._nc = client  # type: ignore[assignment]
+    publisher._connected = True
+    run = asyncio.create_task(publisher._run())
+    await asyncio.sleep(0.02)
+    assert client.subjects == ["meshkit.service.health"]
+    client.size = events._PENDING_HIGH + 1
+    client.looks = 0
+    cpu = time.process_time()
+    await asyncio.sleep(0.3)
+    cpu = time.process_time() - cpu
+    # Polling every 10 ms is ~30 looks; the spin made ~100,000.
+    assert client.looks < 200, client.looks
+    assert cpu < 0.1, cpu
+    publisher.emit("auth.success", EVENT)
+    await asyncio.sleep(0.05)
+    assert publisher.queued == 1  # kept back while the buffer is full
+    client.size = 0  # drained: the event and the due heartbeat go out
+    await asyncio.sleep(0.05)
+    assert publisher.queued == 0
+    assert client.subjects.count("meshkit.auth.success") == 1
+    assert client.subjects.count("meshkit.service.health") >= 2
+    publisher._closing = True
+    publisher._wakeup.set()
+    await asyncio.wait_for(run, 1.0)
