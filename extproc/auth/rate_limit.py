@@ -68,14 +68,20 @@ MODES = ("local", "open", "closed")
 
 # KEYS[1]: the subject's key; ARGV[1]: requests per minute. Times in microseconds (Redis' TIME).
 # Returns {allowed 0|1, remaining, reset_after µs, retry_after µs}.
+# A stored TAT is only believed between now and a minute ahead (what the script itself stores):
+# anything else (no key, a key of another type, `inf`, `nan`, text, a TAT far ahead after Redis'
+# clock was set back) counts as idle, and the SET that follows overwrites it. Without that one such
+# key made every check of its subject an error reply (the limiter then marked all of Redis down) or
+# refused the subject until the key expired, with a negative Retry-After.
 SCRIPT = b"""\
 local per_minute = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = math.floor(60000000 / per_minute)
 local window = interval * per_minute
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
+local tat = redis.pcall('GET', KEYS[1])
+tat = type(tat) == 'string' and tonumber(tat)
+if not tat or not (tat >= now and tat <= now + 60000000) then tat = now end
 local new_tat = tat + interval
 local allow_at = new_tat - window
 if now < allow_at then
