@@ -18,7 +18,8 @@ reply other than NOSCRIPT), the limiter marks it down at once and decides by `on
 - `open`: every request is allowed (`source="open"`);
 - `closed`: `check` raises `DependencyError("redis", ...)`: the chain answers 503.
 
-While it is down no request waits on it: a background probe (connect, `PING`, `SCRIPT LOAD`) runs every
+While it is down no request waits on it: a background probe (connect, `PING`, `SCRIPT LOAD`, the script
+on the key `key_prefix` + `probe`) runs every
 `probe_interval` seconds and, once it succeeds, requests use Redis again. An outage lasts at least one
 probe interval (so a flapping Redis logs at most two lines per interval): one line when it starts and
 one when it ends, with its duration and how many requests were decided without Redis. Redis down at
@@ -402,6 +403,10 @@ class RateLimiter:
             sha = await conn.call(b"SCRIPT", b"LOAD", SCRIPT)
             if sha != SCRIPT_SHA:
                 raise RedisUnavailable(f"SCRIPT LOAD answered {sha!r}")
+            # The script itself, on a key of its own (60,000,000/min: it lives 1 ms): a Redis that
+            # answers PING but refuses writes (a read-only replica, maxmemory reached with noeviction,
+            # an ACL without the prefix) fails here, not on the first request after every probe.
+            await conn.call(b"EVALSHA", SCRIPT_SHA, b"1", self.key_prefix.encode() + b"probe", b"60000000")
         except BaseException:
             conn.close()
             raise

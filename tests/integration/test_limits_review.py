@@ -4,6 +4,8 @@ writes (a read-only replica, maxmemory with noeviction)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,6 +37,15 @@ async def started(url: str, **kw: Any) -> RateLimiter:
     limiter = RateLimiter(url, **kw)
     await limiter.start()
     return limiter
+
+
+async def up_within(limiter: RateLimiter, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if limiter.redis_up:
+            return True
+        await asyncio.sleep(0.02)
+    return limiter.redis_up
 
 
 def key(subject: str) -> bytes:
@@ -69,5 +80,54 @@ async def test_a_foreign_or_corrupt_key_is_overwritten_not_an_outage(
             assert not d.allowed and 0 < d.retry_after <= 30.001, (subject, d)
         assert limiter.redis_up
         assert limiter.outages == 0
+    finally:
+        await limiter.close()
+
+
+async def test_a_redis_that_refuses_writes_is_one_outage_not_a_flapping_one(
+    tmp_path: Path, redis: RedisServer, inspect: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found in review: the probe (PING, SCRIPT LOAD) passed on a read-only replica and on a Redis at
+    # maxmemory with noeviction, so each probe interval brought Redis "back", the next check failed with
+    # READONLY / OOM, and it went down again: two log lines and one outage per interval for as long as
+    # it lasted, and in `local` mode the local table was cleared each time (a fresh burst per interval).
+    caplog.set_level(logging.INFO, logger="meshkit.auth.rate_limit")
+    with redis_server(tmp_path / "replica", name="replica") as replica_server:
+        replica = aioredis.from_url(replica_server.url)
+        try:
+            await replica.replicaof("127.0.0.1", redis.port)
+            limiter = await started(replica_server.url, probe_interval=0.05, replicas=1)
+            try:
+                assert not limiter.redis_up  # down at start, with the reason
+                assert "READONLY" in caplog.text
+                decisions = []
+                for _ in range(40):
+                    decisions.append(await limiter.check("a", 10))
+                    await asyncio.sleep(0.02)
+                assert limiter.outages == 1
+                assert sum(d.allowed for d in decisions) == 10  # the local share held throughout
+                assert {d.source for d in decisions} == {"local"}
+                await replica.replicaof("no", "one")  # promoted (a failover): noticed without a restart
+                assert await up_within(limiter, 3.0)
+                assert (await limiter.check("a", 10)).source == "redis"
+            finally:
+                await limiter.close()
+        finally:
+            await replica.aclose()
+
+    caplog.clear()
+    limiter = await started(redis.url, probe_interval=0.05)
+    try:
+        assert (await limiter.check("b", 10)).source == "redis"
+        await inspect.config_set("maxmemory-policy", "noeviction")
+        await inspect.config_set("maxmemory", "1")
+        for _ in range(40):
+            await limiter.check("b", 10)
+            await asyncio.sleep(0.02)
+        assert limiter.outages == 1
+        assert caplog.text.count("Redis unreachable") == 1
+        assert "OOM" in caplog.text
+        await inspect.config_set("maxmemory", "0")
+        assert await up_within(limiter, 3.0)
     finally:
         await limiter.close()
