@@ -17,12 +17,21 @@ and `/v1/embeddings/x`, not `/v1/embeddingsx`); a prefix ending in `/` matches e
 The query string is not part of the path. A path no rule matches needs no scope (a valid credential
 is enough). The rendered Envoy normalises paths (`normalize_path`, `merge_slashes`) before meshkit
 sees them, so `/v1/../admin` cannot dodge a rule.
+
+Upstreams do not all read a request the same way, so `required_scopes()` asks for the scope of every
+reading one might give it, not only the literal one: the method upper-cased (Envoy passes an HTTP/2
+`:method: post` on as it is, and Werkzeug/Flask serve it as POST), the path with `;parameters` removed
+from every segment (Tomcat and Spring serve `/v1/embeddings;x` as `/v1/embeddings`), and the path and
+the prefixes compared without case (ASP.NET Core routes `/V1/EMBEDDINGS` to `/v1/embeddings`). A
+request needs every scope those readings name: never less than the literal reading alone.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +83,52 @@ class Routes:
     models: ModelRules = field(default_factory=ModelRules)
 
     def required_scope(self, method: str, path: str) -> str | None:
-        """The scope a request needs, or None when no rule covers it."""
+        """The scope the literal reading of a request needs (the method and path exactly as sent), or
+        None when no rule covers it. What the auth filter enforces is `required_scopes()`."""
+        return _first(self.scopes, method, path.split("?", 1)[0])
+
+    def required_scopes(self, method: str, path: str) -> tuple[str, ...]:
+        """Every scope a request needs: the scope of each reading an upstream may give it (the method
+        as sent and upper-cased; the path as sent and without `;parameters`; prefixes compared with
+        and without case), in that order, without repeats. Empty when no rule covers any reading."""
+        if not self.scopes:
+            return ()
         path = path.split("?", 1)[0]
-        for rule in self.scopes:
-            if rule.matches(method, path):
-                return rule.scope
-        return None
+        methods = (method,) if method.isupper() or not method else (method, method.upper())
+        paths = (path, _PARAMS.sub("", path)) if ";" in path else (path,)
+        folded = self._folded if self._prefixes_have_case or path != path.lower() else ()
+        found: list[str] = []
+        for m in methods:
+            for p in paths:
+                for rules, candidate in ((self.scopes, p), (folded, p.lower())):
+                    scope = _first(rules, m, candidate) if rules else None
+                    if scope is not None and scope not in found:
+                        found.append(scope)
+        return tuple(found)
+
+    @cached_property
+    def _prefixes_have_case(self) -> bool:
+        return any(r.prefix != r.prefix.lower() for r in self.scopes)
+
+    @cached_property
+    def _folded(self) -> tuple[ScopeRule, ...]:
+        """The rules with lower-cased prefixes, most specific first (for the case-blind reading)."""
+        return _ordered(ScopeRule(r.prefix.lower(), r.scope, r.methods) for r in self.scopes)
+
+
+_PARAMS = re.compile(r";[^/]*")  # a path segment's `;parameters` (RFC 3986 3.3), as Tomcat strips them
+
+
+def _first(rules: tuple[ScopeRule, ...], method: str, path: str) -> str | None:
+    for rule in rules:
+        if rule.matches(method, path):
+            return rule.scope
+    return None
+
+
+def _ordered(rules: Iterable[ScopeRule]) -> tuple[ScopeRule, ...]:
+    """Most specific first: the longest prefix, then method-specific before method-less."""
+    return tuple(sorted(rules, key=lambda r: (-len(r.prefix), not r.methods)))
 
 
 def load_routes(path: str) -> Routes:
@@ -147,8 +196,7 @@ def _scope_rules(raw: Any, where: str, problems: list[str]) -> tuple[ScopeRule, 
             continue
         first.update(((prefix, m), i) for m in rule.methods or {""})
         rules.append(rule)
-    # Most specific first: the longest prefix, then method-specific before method-less.
-    return tuple(sorted(rules, key=lambda r: (-len(r.prefix), not r.methods)))
+    return _ordered(rules)
 
 
 def _model_rules(raw: Any, where: str, problems: list[str]) -> ModelRules:

@@ -9,7 +9,8 @@ Decided on the request headers alone (over ext_proc a refused request's body nev
    `--jwt-audience`): see `meshkit.extproc.auth.jwt_verifier`. API key (`--api-keys-file`,
    `--api-keys-redis`): see `meshkit.extproc.auth.api_keys`. A bad one: 401 JSON
    `{"error": {"type": "unauthorized", ...}}` with `WWW-Authenticate: Bearer ...` (RFC 6750).
-4. Scope rules from `--routes-file`: a missing scope is 403 `forbidden`.
+4. Scope rules from `--routes-file`: a missing scope is 403 `forbidden` (every reading of the method
+   and path an upstream may give counts: see `Routes.required_scopes`).
 5. Rate limit per subject (`--rate-limit` requests per minute, or the key's own `rate_limit`), in Redis
    (`--redis`) so replicas share it: over it, 429 with `Retry-After` and `x-ratelimit-*`; admitted
    answers carry `x-ratelimit-limit/remaining/reset` too. `--rate-limit-on-redis-down` chooses what
@@ -306,14 +307,16 @@ class AuthFilter(Filter):
         except _Refused as refused:
             self._event(exchange, "auth.failure", None, refused.reason)
             return refused.reply
-        scope = self.routes.required_scope(headers.get(":method", ""), headers.get(":path", ""))
-        if scope is not None and scope not in identity.scopes:
+        needed = self.routes.required_scopes(headers.get(":method", ""), headers.get(":path", ""))
+        missing = [scope for scope in needed if scope not in identity.scopes]
+        if missing:
             self._event(exchange, "auth.failure", identity, "missing_scope")
             return Reply.error(
                 403,
                 "forbidden",
-                f"this route needs the scope {scope!r}",
-                headers=(("www-authenticate", _challenge("insufficient_scope", scope=scope)),),
+                f"this route needs the scope{'s' if len(missing) > 1 else ''} "
+                + ", ".join(repr(scope) for scope in missing),
+                headers=(("www-authenticate", _challenge("insufficient_scope", scope=" ".join(missing))),),
             )
         limit = identity.rate_limit or self._default_limit
         if limit and self._limiter is not None:
