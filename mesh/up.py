@@ -1,9 +1,11 @@
 """`meshkit up`: the local stack on one machine, with real processes.
 
-Today: Envoy ingress on 127.0.0.1:10000 -> meshkit body-hash (ext_authz over HTTP by default; `--api`)
--> `meshkit echo` upstream, which answers with what it received. It prints curl lines to try and runs
-until Ctrl-C (or SIGTERM), then stops every process it started. `--check` sends the walkthrough's
-requests itself, verifies the answers and exits 0 (all good) or 1.
+Today: Envoy ingress on 127.0.0.1:10000 -> meshkit auth, body-hash, model-router (ext_authz over HTTP
+by default; `--api`) -> `meshkit echo` upstreams, which answer with what they received: pod-a and pod-b
+ring-hashed on `x-body-hash` (the default route), pod-gpt-4o for `x-model: gpt-4o`. A real Redis holds
+the rate limits. Demo credentials (API keys, an HS256 JWT) are made fresh for each run in the workdir.
+It prints curl lines to try and runs until Ctrl-C (or SIGTERM), then stops every process it started.
+`--check` sends the walkthrough's requests itself, verifies the answers and exits 0 (all good) or 1.
 """
 
 from __future__ import annotations
@@ -13,24 +15,94 @@ import contextlib
 import hashlib
 import http.client
 import json
+import secrets
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import jwt
 import xxhash
+import yaml
 
 from meshkit.errors import HarnessError, MeshkitError
 from meshkit.extproc.apis import Api
-from meshkit.harness.daemons import echo, extproc
+from meshkit.harness.daemons import Echo, Extproc, echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
+from meshkit.harness.process import ManagedProcess
+from meshkit.harness.redis import redis_server
 from meshkit.render import FrontConfig
 
 DEMO_BODY = '{"model": "text-embedding-3-small", "input": "hello mesh"}'
+CHAT_BODY = '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+CHAIN = ("auth", "body-hash", "model-router")
+ROUTED_MODEL = "gpt-4o"
+ALLOWED_MODELS = ["text-embedding-3-small", "gpt-4o-mini", "gpt-4o"]
+LIMIT = 3  # requests per minute of the demo's rate-limited key
+
+
+@dataclass(frozen=True)
+class Demo:
+    """Fresh demo credentials, and the files meshkit reads them from."""
+
+    full_key: str  # scopes embeddings + llm
+    reader_key: str  # scope llm only: refused on /v1/embeddings
+    limited_key: str  # LIMIT requests a minute
+    token: str  # an HS256 JWT, subject demo-user, scope llm
+    args: tuple[str, ...]  # meshkit extproc's flags for them
+
+
+def make_demo(workdir: Path, redis_url: str) -> Demo:
+    full, reader, limited = (f"mk_{name}_{secrets.token_hex(12)}" for name in ("full", "reader", "limited"))
+    secret = secrets.token_bytes(64)
+
+    def entry(key: str, subject: str, scopes: list[str], **extra: object) -> dict[str, object]:
+        return {
+            "sha256": hashlib.sha256(key.encode()).hexdigest(),
+            "subject": subject,
+            "scopes": scopes,
+            **extra,
+        }
+
+    keys = workdir / "demo-api-keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            [
+                entry(full, "demo-service", ["embeddings", "llm"]),
+                entry(reader, "demo-reader", ["llm"]),
+                entry(limited, "demo-limited", ["embeddings", "llm"], rate_limit=LIMIT),
+            ]
+        )
+    )
+    routes = workdir / "demo-routes.yaml"
+    routes.write_text(
+        yaml.safe_dump(
+            {
+                "scopes": [
+                    {"path": "/v1/embeddings", "scope": "embeddings"},
+                    {"path": "/v1/", "scope": "llm"},
+                ],
+                "models": {"allow": ALLOWED_MODELS},
+            }
+        )
+    )
+    secret_file = workdir / "demo-jwt-secret"
+    secret_file.write_bytes(secret)
+    secret_file.chmod(0o600)
+    now = int(time.time())
+    token = jwt.encode(
+        {"sub": "demo-user", "scope": "llm", "iat": now, "exp": now + 12 * 3600}, secret, algorithm="HS256"
+    )
+    args = (
+        "--filters", ",".join(CHAIN), "--api-keys-file", str(keys), "--routes-file", str(routes),
+        "--jwt-secret-file", str(secret_file), "--redis", redis_url,
+    )  # fmt: skip
+    return Demo(full, reader, limited, token, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Answer = tuple[int, dict[str, str], dict[str, Any]]  # status, headers, JSON body
 
 
-def _post(port: int, body: str, headers: dict[str, str] | None = None) -> Answer:
+def _post(
+    port: int, body: str, headers: dict[str, str] | None = None, path: str = "/v1/embeddings"
+) -> Answer:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(
             "POST",
-            "/v1/embeddings",
+            path,
             body=body.encode(),
             headers={"content-type": "application/json", **(headers or {})},
         )
@@ -72,48 +146,98 @@ def _post(port: int, body: str, headers: dict[str, str] | None = None) -> Answer
     return status, resp_headers, doc if isinstance(doc, dict) else {"body": doc}
 
 
-def check(port: int, max_body_bytes: int) -> list[str]:
+def check(port: int, max_body_bytes: int, demo: Demo) -> list[str]:
     """The walkthrough's requests; returns the problems found (empty: all good)."""
     problems = []
+    key = {"x-api-key": demo.full_key}
     want = xxhash.xxh3_128_hexdigest(DEMO_BODY.encode())
-    status, headers, doc = _post(port, DEMO_BODY, {"x-body-hash": "chosen-by-client"})
+    status, headers, doc = _post(
+        port, DEMO_BODY, {**key, "x-body-hash": "chosen-by-client", "x-auth-subject": "admin"}
+    )
+    got = doc.get("headers", {})
     if status != 200:
-        problems.append(f"POST answered {status}, expected 200")
-    elif doc.get("headers", {}).get("x-body-hash") != want:
-        problems.append(
-            f"upstream got x-body-hash {doc.get('headers', {}).get('x-body-hash')!r}, expected {want}"
-        )
+        problems.append(f"POST with the demo key answered {status} {doc}, expected 200")
+    elif got.get("x-body-hash") != want:
+        problems.append(f"upstream got x-body-hash {got.get('x-body-hash')!r}, expected {want}")
     elif headers.get("x-body-hash") != want:
         problems.append(f"response echoed x-body-hash {headers.get('x-body-hash')!r}, expected {want}")
     elif doc.get("body_sha256") != hashlib.sha256(DEMO_BODY.encode()).hexdigest():
         problems.append("upstream received a different body")
-    pods = {_post(port, DEMO_BODY)[2].get("upstream") for _ in range(3)}
+    elif got.get("x-auth-subject") != "demo-service" or "x-api-key" in got:
+        problems.append(f"upstream got x-auth-subject {got.get('x-auth-subject')!r} / the key: {sorted(got)}")
+    pods = {_post(port, DEMO_BODY, key)[2].get("upstream") for _ in range(3)}
     if len(pods) != 1:
         problems.append(f"the same body reached several pods: {sorted(map(str, pods))}")
-    status, _, doc = _post(port, "x" * (max_body_bytes + 1))
-    if status != 413 or doc.get("error", {}).get("type") != "request_too_large":
-        problems.append(f"oversized POST answered {status} {doc}, expected 413 request_too_large")
+    expected: list[tuple[str, Answer, int, str]] = [
+        ("no credential", _post(port, DEMO_BODY), 401, "unauthorized"),
+        ("an unknown key", _post(port, DEMO_BODY, {"x-api-key": "mk_unknown"}), 401, "unauthorized"),
+        (
+            "the reader key on /v1/embeddings",
+            _post(port, DEMO_BODY, {"x-api-key": demo.reader_key}),
+            403,
+            "forbidden",
+        ),
+        (
+            "an unknown model",
+            _post(port, '{"model": "gpt-2", "messages": []}', key, "/v1/chat/completions"),
+            404,
+            "invalid_request_error",
+        ),
+        ("an oversized POST", _post(port, "x" * (max_body_bytes + 1), key), 413, "request_too_large"),
+    ]
+    for what, (status, _, doc), want_status, want_type in expected:
+        if status != want_status or doc.get("error", {}).get("type") != want_type:
+            problems.append(f"{what} answered {status} {doc}, expected {want_status} {want_type}")
+    status, _, doc = _post(port, CHAT_BODY, {"authorization": f"Bearer {demo.token}"}, "/v1/chat/completions")
+    routed = (
+        doc.get("upstream"),
+        doc.get("headers", {}).get("x-auth-method"),
+        doc.get("headers", {}).get("x-model"),
+    )
+    if status != 200 or routed != (f"pod-{ROUTED_MODEL}", "jwt", ROUTED_MODEL):
+        problems.append(f"the JWT chat request answered {status} via {routed}, expected pod-{ROUTED_MODEL}")
+    limited = [_post(port, DEMO_BODY, {"x-api-key": demo.limited_key}) for _ in range(LIMIT + 1)]
+    statuses = [answer[0] for answer in limited]
+    if statuses != [200] * LIMIT + [429] or "retry-after" not in limited[-1][1]:
+        problems.append(f"the rate-limited key answered {statuses}, expected {LIMIT} x 200 then 429")
     return problems
 
 
-def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str, max_body_bytes: int) -> str:
+def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str, max_body_bytes: int, demo: Demo) -> str:
     url = f"http://127.0.0.1:{port}"
+    json_header = "-H 'content-type: application/json'"
+    unknown = '{"model": "gpt-2", "messages": []}'
+    status_only = "-s -o /dev/null -w '%{http_code}\\n'"
     return f"""
 meshkit local stack is up:
-  client -> Envoy {url} -> meshkit body-hash ({api}) -> echo pod-a | pod-b, ring-hashed on x-body-hash
+  client -> Envoy {url} -> meshkit {",".join(CHAIN)} ({api})
+         -> echo pod-a | pod-b (ring-hashed on x-body-hash), pod-{ROUTED_MODEL} (x-model: {ROUTED_MODEL})
+  Redis holds the rate limits. Demo credentials, fresh for this run (paste these into your shell):
+    export FULL={demo.full_key}        # scopes embeddings, llm
+    export READER={demo.reader_key}    # scope llm
+    export LIMITED={demo.limited_key}  # {LIMIT} requests a minute
+    export TOKEN={demo.token}  # a JWT (HS256), scope llm
 
-  # the upstream answers with what it received: look for "x-body-hash" (also echoed as a response header)
-  # and "upstream": the same body always lands on the same pod; change the input to move it
-  curl -si {url}/v1/embeddings -H 'content-type: application/json' -d '{DEMO_BODY}'
+  # the upstream answers with what it received: x-auth-subject, "x-body-hash" (also echoed as a response
+  # header) and "upstream": the same body always lands on the same pod; change the input to move it
+  curl -si {url}/v1/embeddings -H "x-api-key: $FULL" {json_header} -d '{DEMO_BODY}'
 
-  # a spoofed hash never survives; no body, no hash
-  curl -s {url}/v1/models -H 'x-body-hash: mine'
+  # no credential: 401; a key without the route's scope: 403
+  curl -si {url}/v1/embeddings {json_header} -d '{DEMO_BODY}'
+  curl -si {url}/v1/embeddings -H "x-api-key: $READER" {json_header} -d '{DEMO_BODY}'
+
+  # a JWT; the body's model picks the upstream (x-model), an unknown model is 404
+  curl -s {url}/v1/chat/completions -H "authorization: Bearer $TOKEN" {json_header} -d '{CHAT_BODY}'
+  curl -si {url}/v1/chat/completions -H "x-api-key: $FULL" {json_header} -d '{unknown}'
+
+  # the rate limit: the fourth within a minute gets 429 with Retry-After and x-ratelimit-*
+  for i in 1 2 3 4; do curl {status_only} {url}/v1/embeddings -H "x-api-key: $LIMITED" -d '{{}}'; done
 
   # over --max-body-bytes ({max_body_bytes} bytes): 413 with a JSON error
-  head -c {max_body_bytes + 1} /dev/zero | curl -s {url}/v1/embeddings --data-binary @-
+  head -c {max_body_bytes + 1} /dev/zero | curl -s {url}/v1/embeddings -H "x-api-key: $FULL" --data-binary @-
 
   # meshkit's metrics and readiness; Envoy's admin
-  curl -s http://127.0.0.1:{admin_port}/metrics | grep meshkit_extproc_requests_total
+  curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'meshkit_(extproc_requests|ratelimit_checks)_total'
   curl -s http://127.0.0.1:{admin_port}/readyz
   curl -s {proxy.admin_url}/stats | grep -E 'ext_(authz|proc)'
 
@@ -143,45 +267,20 @@ def run_up(args: argparse.Namespace) -> int:
     with _signals_interrupt():
         try:
             with (
+                redis_server(workdir / "redis") as redis,
                 echo(workdir, name="pod-a") as pod_a,
                 echo(workdir, name="pod-b") as pod_b,
-                extproc(workdir, ["--log-format", "json"]) as server,
+                echo(workdir, name=f"pod-{ROUTED_MODEL}") as pod_model,
             ):
+                demo = make_demo(workdir, redis.url)
+                print(f"  redis on 127.0.0.1:{redis.port}", flush=True)
                 print(
-                    f"  echo upstreams pod-a on 127.0.0.1:{pod_a.port}, pod-b on 127.0.0.1:{pod_b.port}",
+                    f"  echo upstreams pod-a on 127.0.0.1:{pod_a.port}, pod-b on 127.0.0.1:{pod_b.port}, "
+                    f"pod-{ROUTED_MODEL} on 127.0.0.1:{pod_model.port}",
                     flush=True,
                 )
-                print(
-                    f"  meshkit extproc: gRPC on 127.0.0.1:{server.grpc_port}, ext_authz HTTP on "
-                    f"127.0.0.1:{server.http_port}, admin on 127.0.0.1:{server.admin_port}",
-                    flush=True,
-                )
-                # The chain and the body limit are meshkit's defaults, which are FrontConfig's too.
-                config = FrontConfig(
-                    upstream_ports=(pod_a.port, pod_b.port),
-                    extproc_port=server.port_for(args.api),
-                    api=Api(args.api),
-                    listen_port=args.port,
-                )
-                with envoy(config.render(), workdir, name="envoy-ingress") as proxy:
-                    port = proxy.listeners["ingress"][1]  # --port 0 picks a free one
-                    if args.check:
-                        problems = check(port, config.max_body_bytes)
-                        for p in problems:
-                            print(f"FAIL: {p}", file=sys.stderr)
-                        print("check: OK" if not problems else "check: FAILED", flush=True)
-                        return 1 if problems else 0
-                    print(
-                        walkthrough(proxy, port, server.admin_port, args.api, config.max_body_bytes),
-                        flush=True,
-                    )
-                    while True:
-                        time.sleep(0.5)
-                        for proc in (pod_a.process, pod_b.process, server.process, proxy.process):
-                            if proc.returncode is not None:
-                                raise HarnessError(
-                                    f"{proc.name} exited with {proc.returncode}\n{proc.tail()}"
-                                )
+                with extproc(workdir, ["--log-format", "json", *demo.args]) as server:
+                    return _serve(args, workdir, demo, (pod_a, pod_b, pod_model), server, redis.process)
         except KeyboardInterrupt:
             pass
         except HarnessError as exc:
@@ -190,3 +289,44 @@ def run_up(args: argparse.Namespace) -> int:
             raise
     print("stopped: every process of the stack has exited", flush=True)
     return 0
+
+
+def _serve(
+    args: argparse.Namespace,
+    workdir: Path,
+    demo: Demo,
+    pods: tuple[Echo, ...],
+    server: Extproc,
+    redis: ManagedProcess,
+) -> int:
+    """Envoy in front of the running servers, then the check, or the walkthrough until Ctrl-C."""
+    pod_a, pod_b, pod_model = pods
+    print(
+        f"  meshkit extproc: gRPC on 127.0.0.1:{server.grpc_port}, ext_authz HTTP on "
+        f"127.0.0.1:{server.http_port}, admin on 127.0.0.1:{server.admin_port}",
+        flush=True,
+    )
+    # The body limit is meshkit's default, which is FrontConfig's too.
+    config = FrontConfig(
+        upstream_ports=(pod_a.port, pod_b.port),
+        extproc_port=server.port_for(args.api),
+        api=Api(args.api),
+        filters=CHAIN,
+        model_routes=((ROUTED_MODEL, (pod_model.port,)),),
+        listen_port=args.port,
+    )
+    with envoy(config.render(), workdir, name="envoy-ingress") as proxy:
+        port = proxy.listeners["ingress"][1]  # --port 0 picks a free one
+        if args.check:
+            problems = check(port, config.max_body_bytes, demo)
+            for problem in problems:
+                print(f"FAIL: {problem}", file=sys.stderr)
+            print("check: OK" if not problems else "check: FAILED", flush=True)
+            return 1 if problems else 0
+        print(walkthrough(proxy, port, server.admin_port, args.api, config.max_body_bytes, demo), flush=True)
+        watched = (*(pod.process for pod in pods), server.process, redis, proxy.process)
+        while True:
+            time.sleep(0.5)
+            for proc in watched:
+                if proc.returncode is not None:
+                    raise HarnessError(f"{proc.name} exited with {proc.returncode}\n{proc.tail()}")

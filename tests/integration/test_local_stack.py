@@ -62,11 +62,14 @@ def test_ctrl_c_stops_every_process(tmp_path: Path, sig: signal.Signals) -> None
     )
     with up:
         url = log_match(up, r"curl -si (http://127\.0\.0\.1:\d+)/v1/embeddings").group(1)
-        resp = request(f"{url}/v1/embeddings", body=b'{"input": "x"}')
+        key = log_match(up, r"export FULL=(mk_\w+)").group(1)
+        assert request(f"{url}/v1/embeddings", body=b'{"input": "x"}').status == 401  # the key is needed
+        resp = request(f"{url}/v1/embeddings", body=b'{"input": "x"}', headers={"x-api-key": key})
         assert resp.status == 200
         assert re.fullmatch(r"[0-9a-f]{32}", resp.upstream_headers["x-body-hash"])
+        assert resp.upstream_headers["x-auth-subject"] == "demo-service"
         children = children_of(up.pid)
-        assert len(children) == 4  # echo pod-a and pod-b, meshkit extproc, Envoy
+        assert len(children) == 6  # Redis, echo pod-a, pod-b and pod-gpt-4o, meshkit extproc, Envoy
         up.signal(sig)  # like Ctrl-C in a terminal: to the leader only
         assert up.wait(30) == 0
         assert "every process of the stack has exited" in up.log_text()
