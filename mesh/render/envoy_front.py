@@ -274,10 +274,36 @@ def front_tree(config: FrontConfig) -> dict[str, Any]:
     ]
     if config.api is not None:
         clusters.insert(0, _meshkit_cluster(config, config.api))
-    return {
+    tree: dict[str, Any] = {
         "admin": {"address": socket_address(config.admin_address, config.admin_port)},
         "static_resources": {"listeners": [_listener(config)], "clusters": clusters},
     }
+    inline = _inline_headers(config)
+    if inline is not None:
+        tree["inline_headers"] = inline
+    return tree
+
+
+# Not inline, ever: a cookie's repeats are joined with "; ", Host is :authority.
+_NOT_INLINED = frozenset({"cookie", "host"})
+
+
+def _inline_headers(config: FrontConfig) -> Why | None:
+    """The headers filters read, registered as Envoy inline headers: a repeated one is then one header
+    with the values joined by commas, as every path shows it to meshkit (ext_authz joins them itself;
+    ext_proc would otherwise send each, and meshkit keep the last)."""
+    if config.api is None:
+        return None
+    names = sorted(h for h in config.needs.reads_headers if h not in _NOT_INLINED and not h.startswith(":"))
+    if not names:
+        return None
+    return Why(
+        [{"inline_header_name": h, "inline_header_type": "REQUEST_HEADER"} for h in names],
+        f"The headers filters read ({', '.join(names)}) arrive at meshkit the same way on every API: a "
+        "repeated one as one value, joined with commas. ext_authz joins repeats itself; ext_proc sends "
+        "each, and meshkit keeps the last: `x-api-key: junk` + `x-api-key: <good key>` passed over "
+        "ext_proc alone (ext_authz refused the joined value), and the upstream got both.",
+    )
 
 
 def front_document(config: FrontConfig) -> dict[str, Any]:
