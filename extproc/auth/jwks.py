@@ -16,7 +16,8 @@ a dict lookup. What it accepts from a JWKS, and why:
   signature still decides).
 - Bounded: a document above `MAX_DOCUMENT_BYTES` or with more than `MAX_KEYS` entries is refused
   whole; a document with no usable key is refused (it could verify nothing: most likely the wrong
-  URL). Every fetch has a timeout.
+  URL). Every fetch has a timeout, and follows no redirect: the keys come from the URL configured,
+  not from another host it points to. No log line or error quotes the URL's user part or query.
 
 Each skipped entry is logged once (per kid and reason, not on every refresh). A failed refresh keeps
 the last good set, logs once per outage (and once when it ends) and is counted.
@@ -37,7 +38,7 @@ import os
 import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import jwt
@@ -303,7 +304,10 @@ class JwksSource:
         if self._session is None:
             raise _LoadError("the source is not started (or closed)")
         try:
-            async with self._session.get(self.location) as response:
+            # No redirects: a key set comes from the URL configured, not from wherever it points.
+            async with self._session.get(self.location, allow_redirects=False) as response:
+                if 300 <= response.status < 400:
+                    raise _LoadError(_redirect(response.status, self.location, response.headers))
                 if response.status != 200:
                     raise _LoadError(f"HTTP {response.status}")
                 if (response.content_length or 0) > MAX_DOCUMENT_BYTES:
@@ -317,7 +321,7 @@ class JwksSource:
         except TimeoutError:
             raise _LoadError(f"no answer within {self.fetch_timeout} s") from None
         except aiohttp.ClientError as e:
-            raise _LoadError(f"{type(e).__name__}: {e}") from None
+            raise _LoadError(_client_error(e)) from None
 
     def _parse(self, document: bytes) -> tuple[dict[str | None, JwksKey], frozenset[str]]:
         try:
@@ -418,6 +422,26 @@ def _display(url: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _redirect(status: int, location: str, headers: Any) -> str:
+    target = headers.get("Location", "")
+    try:
+        shown = _display(urljoin(location, target)) if target else "nowhere"
+    except ValueError:
+        shown = "an invalid URL"
+    return f"HTTP {status}, a redirect to {shown}: not followed (configure the URL of the key set itself)"
+
+
+def _client_error(e: aiohttp.ClientError) -> str:
+    """What went wrong, without the URL: aiohttp's messages quote it whole, and its query or user part
+    may hold a credential (a redirect loop's TooManyRedirects did)."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        reason = e.os_error.strerror or type(e.os_error).__name__
+        return f"{type(e).__name__}: cannot connect to {e.host}:{e.port} ({reason})"
+    if isinstance(e, aiohttp.ClientResponseError):
+        return f"{type(e).__name__}: HTTP {e.status}"
+    return type(e).__name__
 
 
 def _kids(keys: dict[str | None, JwksKey]) -> str:
