@@ -52,16 +52,17 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from meshkit.errors import DependencyError
+from meshkit.errors import ConfigError, DependencyError
 from meshkit.extproc.auth.gcra import Decision, LocalLimiter, check_per_minute, share
 
-__all__ = ["MODES", "Decision", "RateLimiter", "RedisUnavailable", "RespError", "subject_key"]
+__all__ = ["MODES", "Decision", "RateLimiter", "RedisTarget", "RedisUnavailable", "RespError", "subject_key"]
 
 log = logging.getLogger("meshkit.auth.rate_limit")
 
@@ -165,6 +166,64 @@ def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int] | None:
     raise RedisUnavailable(f"not a RESP reply: {bytes(buf[pos : pos + 16])!r}")
 
 
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where a Redis URL points. `parse` takes `redis://[[user]:password@]host[:port][/db]`,
+    `rediss://...` (TLS) and `unix:///path/to/redis.sock`, with `?db=`, `?password=` and `?username=`
+    as redis-py reads them (other query keys are redis-py's client options: ignored here)."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None  # a unix socket
+    tls: bool = False
+    username: str = "default"
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        """ValueError, never naming the password, for a URL that cannot be right."""
+        try:
+            parts = urlsplit(url.strip())
+            port = parts.port
+        except ValueError as exc:  # a bad port or a bracketed host that is not an IPv6 address
+            raise ValueError(f"not a valid Redis URL ({exc})") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"unsupported Redis URL scheme {parts.scheme!r}: expected redis://host:port/db, "
+                "rediss:// (TLS) or unix:///path/to/socket"
+            )
+        query = parse_qs(parts.query)
+
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        db_text = one("db") if scheme == "unix" else (one("db") or parts.path.strip("/"))
+        db = 0
+        if db_text:
+            if not db_text.isdigit() or not db_text.isascii():
+                raise ValueError(
+                    f"the Redis database must be a number (redis://host:port/0), not {db_text!r}"
+                )
+            db = int(db_text)
+        password = unquote(parts.password) if parts.password is not None else one("password")
+        username = (unquote(parts.username) if parts.username else None) or one("username") or "default"
+        if scheme == "unix":
+            if not parts.path:
+                raise ValueError("a unix:// Redis URL needs the socket's path: unix:///path/to/redis.sock")
+            return cls(path=parts.path, username=username, password=password, db=db)
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port or 6379,
+            tls=scheme == "rediss",
+            username=username,
+            password=password,
+            db=db,
+        )
+
+
 class RespConnection(asyncio.Protocol):
     """One connection: `request(payload)` queues a command and returns a future of its reply. Commands
     queued in one loop turn are written together; replies resolve futures in order. A command without
@@ -185,29 +244,26 @@ class RespConnection(asyncio.Protocol):
         self.on_fail: Callable[[str], None] | None = None  # called once, when the connection fails
 
     @classmethod
-    async def open(cls, url: str, deadline: float) -> RespConnection:
-        """Connect to a `redis://[user:password@]host[:port][/db]` (or `rediss://`) URL, authenticate
-        and select the database, each step within `deadline` seconds."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (redis:// or rediss://)")
+    async def open(cls, url: str | RedisTarget, deadline: float) -> RespConnection:
+        """Connect to a Redis URL (see `RedisTarget.parse`), authenticate and select the database,
+        each step within `deadline` seconds."""
+        target = url if isinstance(url, RedisTarget) else RedisTarget.parse(url)
         loop = asyncio.get_running_loop()
         conn = cls(deadline)
-        context = ssl.create_default_context() if parts.scheme == "rediss" else None
         try:
             async with asyncio.timeout(deadline):
-                await loop.create_connection(
-                    lambda: conn, parts.hostname or "127.0.0.1", parts.port or 6379, ssl=context
-                )
+                if target.path is not None:
+                    await loop.create_unix_connection(lambda: conn, target.path)
+                else:
+                    context = ssl.create_default_context() if target.tls else None
+                    await loop.create_connection(lambda: conn, target.host, target.port, ssl=context)
         except (OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"connect: {exc or type(exc).__name__}") from exc
         try:
-            if parts.password is not None:
-                user = unquote(parts.username or "default").encode()
-                await conn.call(b"AUTH", user, unquote(parts.password).encode())
-            db = parts.path.strip("/")
-            if db and db != "0":
-                await conn.call(b"SELECT", db.encode())
+            if target.password is not None:
+                await conn.call(b"AUTH", target.username.encode(), target.password.encode())
+            if target.db:
+                await conn.call(b"SELECT", b"%d" % target.db)
         except BaseException:
             conn.close()
             raise
@@ -338,6 +394,15 @@ class RateLimiter:
         if redis_timeout <= 0 or probe_interval <= 0:
             raise ValueError("redis_timeout and probe_interval must be positive")
         self.redis_url = redis_url
+        # A URL that cannot be right is a ConfigError from start() (the daemon's "invalid
+        # configuration", exit 2), not a ValueError traceback nor SELECT garbage taken for an outage.
+        self._target: RedisTarget | None = None
+        self._bad_url: str | None = None
+        if redis_url is not None:
+            try:
+                self._target = RedisTarget.parse(redis_url)
+            except ValueError as exc:
+                self._bad_url = f"--redis: {exc}"
         self.on_redis_down = on_redis_down if redis_url is not None else "local"
         self.replicas = replicas
         self.key_prefix = key_prefix
@@ -364,6 +429,8 @@ class RateLimiter:
     async def start(self) -> None:
         """Connect and load the script. Redis down now is not fatal: the limiter starts down (one
         outage) and the probe connects once Redis answers."""
+        if self._bad_url is not None:
+            raise ConfigError([self._bad_url])
         if self.redis_url is None or self._probe is not None:
             return
         self._went_down = asyncio.Event()
@@ -395,8 +462,8 @@ class RateLimiter:
             conn.close()
 
     async def _connect(self) -> RespConnection:
-        assert self.redis_url is not None
-        conn = await RespConnection.open(self.redis_url, self.redis_timeout)
+        assert self._target is not None
+        conn = await RespConnection.open(self._target, self.redis_timeout)
         try:
             if await conn.call(b"PING") != b"PONG":
                 raise RedisUnavailable("PING not answered PONG")
