@@ -241,3 +241,27 @@ async def test_a_full_nats_buffer_with_a_heartbeat_due_does_not_spin_the_loop() 
     publisher._closing = True
     publisher._wakeup.set()
     await asyncio.wait_for(run, 1.0)
+
+
+async def test_events_that_do_not_serialise_are_dropped_one_by_one_and_the_task_keeps_going(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = EventPublisher(nowhere(), heartbeat_interval=60)
+    client = _FrozenClient()
+    publisher._nc = client  # type: ignore[assignment]
+    publisher._connected = True
+    run = asyncio.create_task(publisher._run())
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    publisher.emit("auth.failure", {**EVENT, "path": loop})  # circular: ValueError
+    publisher.emit("auth.failure", {**EVENT, (1, 2): "tuple key"})  # type: ignore[dict-item]
+    publisher.emit("auth.failure", {**EVENT, "when": object(), "raw": b"\xff"})  # default=str
+    publisher.emit("auth.success", EVENT)
+    await asyncio.sleep(0.05)
+    assert publisher.dropped["error"] == 2
+    assert client.subjects.count("meshkit.auth.failure") == 1
+    assert client.subjects.count("meshkit.auth.success") == 1
+    assert not run.done()
+    publisher._closing = True
+    publisher._wakeup.set()
+    await asyncio.wait_for(run, 1.0)
