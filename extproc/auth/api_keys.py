@@ -108,8 +108,16 @@ def _entry(raw: Any, at: str) -> ApiKey:
     if not _HEX64.fullmatch(digest):
         raise ValueError(f"{at}: sha256 must be 64 hex digits (the key's SHA-256, never the key)")
     subject = raw.get("subject")
-    if not isinstance(subject, str) or not subject or len(subject) > 256 or not subject.isprintable():
-        raise ValueError(f"{at}: subject must be a printable string of 1-256 characters")
+    if (
+        not isinstance(subject, str)
+        or not subject
+        or len(subject) > 256
+        or not subject.isprintable()
+        or subject != subject.strip()  # x-auth-subject reaches the upstream trimmed
+    ):
+        raise ValueError(
+            f"{at}: subject must be a printable string of 1-256 characters, no space at either end"
+        )
     scopes_raw = raw.get("scopes") or []
     if isinstance(scopes_raw, str):
         scopes_raw = scopes_raw.split()

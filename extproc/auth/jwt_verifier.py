@@ -23,7 +23,8 @@ The header is checked here before PyJWT sees the token, so the rules do not depe
     must contain the configured audience (`wrong_audience`). Neither is checked when not configured
     (a token's `aud` is then not refused either).
   - `sub` is required: a non-empty string of at most 256 characters without control characters
-    (it becomes the `x-auth-subject` header): else `no_subject`.
+    nor white space at either end (it becomes the `x-auth-subject` header, which HTTP trims: `" admin"`
+    would reach the upstream as `admin`): else `no_subject`.
   Numbers must be finite JSON numbers (not booleans, not `Infinity`): else `malformed`.
 - Tokens over `MAX_TOKEN_LENGTH` (8 KiB) are refused unread: `too_long`.
 
@@ -297,7 +298,8 @@ class JwtVerifier:
             not isinstance(sub, str)
             or not 0 < len(sub) <= MAX_SUBJECT_LENGTH
             or _SUBJECT_UNSAFE.search(sub)
-            or not sub.strip()
+            or sub != sub.strip()  # the upstream reads x-auth-subject trimmed: another subject
+            or not sub
         ):
             raise AuthFailure(
                 "no_subject", f"the token needs a sub claim: a string of 1-{MAX_SUBJECT_LENGTH} characters"

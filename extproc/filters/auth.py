@@ -11,7 +11,8 @@ Decided on the request headers alone (over ext_proc a refused request's body nev
    `{"error": {"type": "unauthorized", ...}}` with `WWW-Authenticate: Bearer ...` (RFC 6750).
 4. Scope rules from `--routes-file`: a missing scope is 403 `forbidden` (every reading of the method
    and path an upstream may give counts: see `Routes.required_scopes`).
-5. Rate limit per subject (`--rate-limit` requests per minute, or the key's own `rate_limit`), in Redis
+5. Rate limit per subject (`--rate-limit` requests per minute, or the key's own `rate_limit`; JWT
+   subjects and API-key subjects are counted apart, see `_limit_subject`), in Redis
    (`--redis`) so replicas share it: over it, 429 with `Retry-After` and `x-ratelimit-*`; admitted
    answers carry `x-ratelimit-limit/remaining/reset` too. `--rate-limit-on-redis-down` chooses what
    happens without Redis: `local` (each replica its share), `open`, `closed` (503).
@@ -320,7 +321,7 @@ class AuthFilter(Filter):
             )
         limit = identity.rate_limit or self._default_limit
         if limit and self._limiter is not None:
-            decision = await self._limiter.check(identity.subject, limit)
+            decision = await self._limiter.check(_limit_subject(identity), limit)
             rate = _rate_headers(decision)
             if not decision.allowed:
                 self._event(exchange, "auth.failure", identity, "rate_limited")
@@ -403,6 +404,15 @@ class AuthFilter(Filter):
                 "request_id": exchange.request_id,
             },
         )
+
+
+def _limit_subject(identity: Identity) -> str:
+    """The rate limiter's subject: the identity's subject within its method's namespace. A JWT's `sub`
+    is the issuer's to choose, an API key's subject the key file's (or Redis'): a token minted with
+    `sub: billing-service` must not spend the budget of the service whose keys carry that subject
+    (nor the other way round), and one bucket under two different limits (a key's rate_limit, the
+    default for JWTs) would follow neither. Several keys of one subject still share their limit."""
+    return f"{identity.method}:{identity.subject}"
 
 
 def _rate_headers(decision: Any) -> tuple[tuple[str, str], ...]:
