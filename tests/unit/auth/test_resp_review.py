@@ -230,12 +230,20 @@ async def test_a_bad_redis_url_is_a_configuration_error_without_the_password(url
 async def test_a_unix_socket(tmp_path: Any) -> None:
     path = str(tmp_path / "r.sock")
 
+    served: list[asyncio.StreamWriter] = []
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(writer)
         while await reader.read(65536):
             writer.write(b"+PONG\r\n")
+        writer.close()
 
     server = await asyncio.start_unix_server(answer, path)
     conn = await RespConnection.open(f"unix://{path}", 1.0)
     assert await conn.call(b"PING") == b"PONG"
     conn.close()
     server.close()
+    await server.wait_closed()
+    for writer in served:  # the server side of the connection, closed before the loop ends
+        writer.close()
+        await writer.wait_closed()

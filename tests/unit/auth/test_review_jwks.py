@@ -16,11 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshkit.errors import DependencyError
 from meshkit.extproc.auth.jwks import JwksSource
 
-# An earlier test in tests/unit/auth leaves an asyncio StreamWriter of a closed loop behind (pytest
-# prints it at the session's end too); when the cycle collector happens to run during one of these
-# tests, pytest blames it on them. Everything these tests open is closed in them.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 SECRET = "s3cr3t-query-value"
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
