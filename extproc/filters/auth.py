@@ -62,6 +62,12 @@ def _per_minute(value: Any) -> int:
     return number
 
 
+def _event_prefix(value: Any) -> str:
+    from meshkit.extproc.auth.events import validate_prefix  # nats-py only when auth is configured
+
+    return validate_prefix(str(value))
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a whole number, 0 or more")
@@ -117,7 +123,9 @@ class AuthOptions:
     nats: str = option(
         "", "NATS URL for auth events and the heartbeat; empty: off", metavar="URL", secret=True
     )
-    event_prefix: str = option("meshkit", "subject prefix of the events (<prefix>.auth.success, ...)")
+    event_prefix: str = option(
+        "meshkit", "subject prefix of the events (<prefix>.auth.success, ...)", parse=_event_prefix
+    )
 
     def __post_init__(self) -> None:
         if self.api_keys_redis and not self.redis:

@@ -504,6 +504,9 @@ def test_option_problems(keys_file: Path) -> None:
     with pytest.raises(ConfigError) as info:
         resolved(env={}, flags={"redis": "redis://:pw-in-flag@h:1"}, config={"rate_limit": "lots"})
     assert "pw-in-flag" not in str(info.value)
+    for prefix in ("a.>", "a.*", "a..b", "a b", ""):  # NATS wildcards and separators: a config error
+        with pytest.raises(ConfigError, match="--event-prefix"):
+            resolved(env={}, flags={"event_prefix": prefix})
 
 
 def test_cli_without_a_credential_source_is_one_error_line() -> None:
