@@ -89,12 +89,15 @@ class Routes:
 
     def required_scopes(self, method: str, path: str) -> tuple[str, ...]:
         """Every scope a request needs: the scope of each reading an upstream may give it (the method
-        as sent and upper-cased; the path as sent and without `;parameters`; prefixes compared with
-        and without case), in that order, without repeats. Empty when no rule covers any reading."""
+        as sent and upper-cased, and HEAD also as GET; the path as sent and without `;parameters`;
+        prefixes compared with and without case), in that order, without repeats. Empty when no rule
+        covers any reading."""
         if not self.scopes:
             return ()
         path = path.split("?", 1)[0]
         methods = (method,) if method.isupper() or not method else (method, method.upper())
+        if method.upper() == "HEAD":  # frameworks answer HEAD with the GET handler: a GET rule holds too
+            methods = (*methods, "GET")
         paths = (path, _PARAMS.sub("", path)) if ";" in path else (path,)
         folded = self._folded if self._prefixes_have_case or path != path.lower() else ()
         found: list[str] = []

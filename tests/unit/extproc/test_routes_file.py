@@ -206,3 +206,13 @@ def test_the_same_prefix_for_different_methods_is_fine(tmp_path: Path) -> None:
     }
     routes = routes_from(tmp_path, doc)
     assert [routes.required_scope(m, "/v1/x") for m in ("POST", "GET", "PUT")] == ["w", "r", "other"]
+
+
+def test_a_get_rule_holds_for_head_too() -> None:
+    """Most frameworks serve HEAD with the GET handler: HEAD must not dodge a GET-only rule."""
+    from meshkit.extproc.routes_file import Routes, ScopeRule
+
+    routes = Routes(scopes=(ScopeRule("/v1/files", "files", frozenset({"GET"})), ScopeRule("/v1/", "llm")))
+    assert set(routes.required_scopes("HEAD", "/v1/files/1")) == {"files", "llm"}
+    assert routes.required_scopes("GET", "/v1/files/1") == ("files",)
+    assert routes.required_scopes("POST", "/v1/files/1") == ("llm",)
