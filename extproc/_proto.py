@@ -220,6 +220,16 @@ def _empty(phase_name: str) -> bytes:
 
 
 _TRAILERS = {name: _empty(name) for name in ("request_trailers", "response_trailers")}
+# "Go on" for each response phase, unchanged: the answer to Envoy's own reply (a 400 it made before the
+# filter chain saw the request), which reaches meshkit's response phases without request headers.
+_RESPONSE_UNCHANGED = {
+    name: _empty(name) for name in ("response_headers", "response_body", "response_trailers")
+}
+
+
+def response_unchanged(phase_name: str) -> bytes | None:
+    """The empty answer to a response-phase message, or None for another kind."""
+    return _RESPONSE_UNCHANGED.get(phase_name)
 
 
 # -- ext_authz -----------------------------------------------------------------------------------

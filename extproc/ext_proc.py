@@ -152,7 +152,10 @@ class ExternalProcessor:
         if kind is None:
             return "a ProcessingRequest without a request phase"
         if not stream.started:
-            return f"{kind} before request_headers"
+            # Envoy's own reply to a request it refused before any filter ran (a `#` in the path: 400)
+            # still passes the response phases: it goes on to the client unchanged.
+            unchanged = _proto.response_unchanged(kind)
+            return unchanged if unchanged is not None else f"{kind} before request_headers"
         if stream.replied is not None:
             return stream.replied
         if kind == "request_body":

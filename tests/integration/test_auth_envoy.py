@@ -230,3 +230,10 @@ class DeadServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
+
+
+def test_envoys_own_400_is_not_turned_into_a_500(ingress: Envoy) -> None:
+    """Envoy refuses a `#` in the path itself (400) before any filter runs, and over ext_proc still
+    passes that reply through meshkit's response phase: it must reach the client as Envoy's 400."""
+    resp = post(ingress, {"x-api-key": GOOD}, path="/v1/embeddings#fragment")
+    assert resp.status == 400, (resp.status, resp.body[:200])

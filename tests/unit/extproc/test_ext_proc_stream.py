@@ -187,11 +187,9 @@ async def test_many_small_chunks_are_counted_in_constant_time_each() -> None:
     [
         body(b"early"),
         body(b"early", end_of_stream=False),
-        ep.ProcessingRequest(response_headers=ep.HttpHeaders()),
-        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"x", end_of_stream=True)),
         trailers(),
     ],
-    ids=["request_body", "request_body-chunk", "response_headers", "response_body", "request_trailers"],
+    ids=["request_body", "request_body-chunk", "request_trailers"],
 )
 async def test_a_message_before_request_headers_is_invalid_argument(first: ep.ProcessingRequest) -> None:
     seen: list[dict[str, str]] = []
@@ -214,6 +212,42 @@ async def test_a_message_before_request_headers_is_invalid_argument(first: ep.Pr
     assert seen == []  # no hook ran on a request without headers
     assert proc.chain.metrics.errors == {"protocol": 1}
     assert proc.chain.metrics.requests == {}  # not counted as a request either
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        ep.ProcessingRequest(response_headers=ep.HttpHeaders(end_of_stream=False)),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"x", end_of_stream=True)),
+    ],
+    ids=["response_headers", "response_body"],
+)
+async def test_envoys_own_reply_passes_the_response_phases_unchanged(first: ep.ProcessingRequest) -> None:
+    """Envoy refuses some requests before any filter runs (a `#` in the path: its own 400) and still
+    sends that reply through ext_proc's response phases, without request headers: it goes on to the
+    client unchanged (not a protocol fault, which Envoy would turn into a 500), and no hook runs."""
+    seen: list[str] = []
+
+    class Peek(Filter):
+        name: ClassVar[str] = "peek"
+        Options: ClassVar[type[Any]] = dict
+
+        def on_response_headers(self, exchange: Exchange) -> None:
+            seen.append("response_headers")
+
+        def on_response_body(self, exchange: Exchange) -> None:
+            seen.append("response_body")
+
+    proc = servicer(filters=[Peek({})])
+    context = FakeContext(wire(first))
+    await proc.process(None, context)
+    kind = first.WhichOneof("request")
+    (answer,) = context.written
+    assert answer.WhichOneof("response") == kind
+    assert answer == ep.ProcessingResponse(**{kind: getattr(answer, kind)})
+    assert not getattr(answer, kind).HasField("response")  # no change at all
+    assert seen == []
+    assert proc.chain.metrics.errors == {}
 
 
 # -- defect 1 (the stream side; tests/integration/test_ext_proc_envoy.py drives real Envoy) -----
