@@ -30,11 +30,14 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshkit.errors import ConfigError
 from meshkit.extproc.auth.api_keys import MAX_KEY_LENGTH, ApiKeyFile, RedisApiKeys, digest_of
@@ -202,7 +205,9 @@ class AuthFilter(Filter):
         self._jwks: Any = None  # JwksSource
         self._limiter: Any = None  # RateLimiter
         self._events: Any = None  # EventPublisher
-        self._collectors: list[Any] = []
+        self._collectors: list[Any] = [_DecisionsCollector(self)]
+        # (credential method or "none", reason) -> requests: why requests were refused, and how many passed
+        self.decisions: dict[tuple[str, str], int] = {}
         if not (options.jwt_secret_file or options.jwks or options.api_keys_file or options.api_keys_redis):
             raise ConfigError(
                 [
@@ -396,6 +401,8 @@ class AuthFilter(Filter):
         return identity
 
     def _event(self, exchange: Exchange, kind: str, identity: Identity | None, reason: str) -> None:
+        key = (identity.method if identity else "none", reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1  # a dict: prometheus' Counter costs ~10 µs
         if self._events is None:
             return
         headers = exchange.headers
@@ -448,3 +455,20 @@ class _Refused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reply = reply
+
+
+class _DecisionsCollector(Collector):
+    """`meshkit_auth_decisions_total{method,reason}`: every request the filter decided, by credential
+    method (`jwt`, `api-key`, `none` when none was valid) and reason (`ok`, `unknown_key`, `expired`,
+    `missing_scope`, `rate_limited`, ...): the same reasons as the events, without NATS."""
+
+    def __init__(self, auth: AuthFilter) -> None:
+        self._auth = auth
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "meshkit_auth_decisions", "Requests decided by the auth filter", labels=["method", "reason"]
+        )
+        for (method, reason), count in sorted(self._auth.decisions.items()):
+            family.add_metric([method, reason], count)
+        yield family

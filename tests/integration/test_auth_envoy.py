@@ -179,6 +179,10 @@ def test_reload_metrics_count_the_broken_file(meshkit_server: Extproc, ingress: 
         text = resp.read().decode()
     assert 'meshkit_auth_api_keys_reloads_total{result="ok"}' in text
     assert "meshkit_auth_api_keys " in text
+    # every decision by credential method and reason (the earlier tests made some of each)
+    assert 'meshkit_auth_decisions_total{method="api-key",reason="ok"}' in text
+    assert 'meshkit_auth_decisions_total{method="none",reason="unknown_key"}' in text
+    assert 'meshkit_auth_decisions_total{method="api-key",reason="missing_scope"}' in text
 
 
 def phase_count(server: Extproc, phase: str) -> float:
