@@ -24,8 +24,13 @@ Strictness (the body is parsed by `meshkit.extproc.json_body`, once per request,
 body-hash): an object-shaped body with a duplicate key gets 400 `duplicate_key` (`{"model": "a",
 "model": "b"}`: the router would read one model and the upstream's parser possibly the other). With an
 allow-list, an object-shaped body that is not strict JSON (invalid UTF-8, NaN, a syntax error) gets 400
-`invalid_json`: a lenient upstream parser might read a model from it that was never checked. Without an
-allow-list such a body passes untouched (to the default route), like any other body that is not JSON.
+`invalid_json`: a lenient upstream parser might read a model from it that was never checked; so does
+a JSON object in another encoding than plain UTF-8 (a BOM, UTF-16/32: Python's `json.loads(bytes)`
+reads them), and a body with a `content-encoding` (meshkit sees the compressed bytes, an upstream that
+inflates them a model) gets 415 `unsupported_content_encoding`. A top-level key that is `model` but
+for case (`MODEL`: Go's encoding/json reads it as `model`) is a `duplicate_key` next to `model`, and
+400 `invalid_model` alone with an allow-list. Without an allow-list such bodies pass untouched (to the
+default route), like any other body that is not JSON.
 
 Fails closed (`fail_open = False`): the allow-list is a guard. Were meshkit down and the request let
 through, it would go to the default route with no model check at all; the rendered config answers 500
@@ -63,6 +68,7 @@ __all__ = ["X_MODEL", "X_STREAM", "ModelRouterFilter", "ModelRouterOptions", "re
 
 X_MODEL = "x-model"
 X_STREAM = "x-stream"
+CONTENT_ENCODING = "content-encoding"
 _OBJECT_START = ord("{")
 _WHITESPACE = b" \t\r\n"
 
@@ -95,6 +101,7 @@ class _Route:
 class ModelRouterFilter(Filter):
     name: ClassVar[str] = "model-router"
     Options: ClassVar[type[ModelRouterOptions]] = ModelRouterOptions
+    reads_headers: ClassVar[frozenset[str]] = frozenset({CONTENT_ENCODING})  # with an allow-list
     sets_headers: ClassVar[frozenset[str]] = frozenset({X_MODEL, X_STREAM})
     reroutes: ClassVar[bool] = True
     fail_open: ClassVar[bool] = False  # the allow-list is a guard (see the module docstring)
@@ -125,7 +132,11 @@ class ModelRouterFilter(Filter):
 
     def on_request_body(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         body = exchange.body
-        if not body or body.lstrip(_WHITESPACE)[:1] != b"{":
+        if not body:
+            return None
+        if self._allow is not None and (refused := _unchecked(exchange, body)) is not None:
+            return refused
+        if body.lstrip(_WHITESPACE)[:1] != b"{":
             return None  # not a JSON object: nothing to route on (no parse at all)
         if len(body) >= json_body.THREAD_BYTES and not json_body.is_cached(exchange):
             return self._route_large(exchange)
@@ -153,7 +164,15 @@ class ModelRouterFilter(Filter):
         """What to do with a parsed body (`json_body.parse`): route it, refuse it, or leave it alone."""
         if not json_body.is_json(doc):
             return self._not_json(doc)
-        if not isinstance(doc, dict) or "model" not in doc:
+        if not isinstance(doc, dict):
+            return None
+        if len(doc) > 1 or "model" not in doc:
+            # Go's encoding/json (and other case-insensitive binders) read `MODEL`/`Model` as `model`,
+            # the last one winning: the router would route one model and the upstream serve another.
+            variant = next((k for k in doc if k != "model" and k.casefold() == "model"), None)
+            if variant is not None:
+                return self._case_variant(variant, "model" in doc)
+        if "model" not in doc:
             return None
         model = doc["model"]
         if not isinstance(model, str):
@@ -184,6 +203,17 @@ class ModelRouterFilter(Filter):
             return _invalid("invalid_json", f"the body is not strict JSON ({doc.reason})")
         return None
 
+    def _case_variant(self, key: str, with_model: bool) -> Reply | None:
+        if with_model:
+            return _invalid(
+                "duplicate_key",
+                f"the body has the keys 'model' and {_shown(key)}: parsers that ignore case disagree "
+                "on which one counts",
+            )
+        if self._allow is not None:
+            return _invalid("invalid_model", f"the model is named by the key 'model', not {_shown(key)}")
+        return None
+
     # -- applying it ---------------------------------------------------------------------------------
     @staticmethod
     def _aliased_doc(exchange: Exchange, route: _Route) -> dict[str, Any]:
@@ -202,6 +232,27 @@ class ModelRouterFilter(Filter):
         exchange.set_header(X_MODEL, route.model)
         exchange.set_header(X_STREAM, "true" if route.stream else "false")
         exchange.clear_route_cache()
+
+
+def _unchecked(exchange: Exchange, body: bytes) -> Reply | None:
+    """With an allow-list: a body meshkit cannot read as it is but an upstream may. A compressed one
+    (Envoy hands over the bytes as sent; an upstream that inflates request bodies reads its model), or
+    JSON in another encoding than plain UTF-8 (a BOM, UTF-16/32: Python's `json.loads(bytes)`, so
+    Starlette/FastAPI, and the parsers that skip a BOM read a model the strict UTF-8 parse never saw)."""
+    encoding = (exchange.header(CONTENT_ENCODING) or "").strip().lower()
+    if encoding and encoding != "identity":
+        return _invalid(
+            "unsupported_content_encoding",
+            f"a request body with content-encoding {_shown(encoding)} cannot be checked against the "
+            "allowed models: send it uncompressed",
+            status=415,
+        )
+    encoding = json.detect_encoding(body[:4])  # what json.loads(bytes) goes by: BOMs, then NULs
+    if encoding != "utf-8" and body[:64].decode(encoding, "ignore").lstrip(" \t\r\n\ufeff")[:1] == "{":
+        return _invalid(
+            "invalid_json", f"the body is not strict JSON (a JSON object in {encoding}, not plain UTF-8)"
+        )
+    return None
 
 
 def _refuse_aliases_over_http(options: Mapping[type[Any], Any], routes_file: str) -> None:
