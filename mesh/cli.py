@@ -34,6 +34,10 @@ class Command:
 DAEMONS: dict[str, tuple[str, str]] = {
     "extproc": ("meshkit.extproc.daemon", "the ext_proc / ext_authz server: one filter chain, three APIs"),
     "echo": ("meshkit.echo", "a small HTTP upstream that answers with what it received (JSON)"),
+    "dev-upstream": (
+        "meshkit.sidecars.dev_upstream",
+        "an OpenAI-compatible stand-in provider: embeddings, chat (SSE), /stats, fail/slow switches",
+    ),
 }
 
 

@@ -3,16 +3,20 @@
 One launcher, `daemon()`, for any of them: it passes port 0 for every listener it is told about, waits
 for the one ready line every daemon prints (`meshkit.daemon.parse_ready`) and yields the bound
 addresses by name. Tests use them the way a user runs them: a real process that can be SIGTERMed or
-SIGKILLed mid-run. `extproc()` and `echo()` are that launcher with each daemon's listeners.
+SIGKILLed mid-run. `extproc()`, `echo()` and `dev_upstream()` are that launcher with each daemon's
+listeners.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshkit.daemon import parse_ready
 from meshkit.errors import HarnessError
@@ -65,6 +69,43 @@ class Echo(RunningDaemon):
         return self.port_of("http")
 
 
+@dataclass(frozen=True)
+class DevUpstream(RunningDaemon):
+    """A running `meshkit dev-upstream`: the OpenAI-compatible stand-in provider."""
+
+    @property
+    def port(self) -> int:
+        return self.port_of("http")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What `openai.OpenAI(base_url=...)` takes."""
+        return f"{self.url}/v1"
+
+    def _call(self, path: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = None if doc is None else json.dumps(doc).encode()
+        method = "GET" if body is None else "POST"
+        req = urllib.request.Request(f"{self.url}{path}", data=body, method=method)  # noqa: S310 - loopback
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback URL we built
+            answer: dict[str, Any] = json.loads(resp.read())
+        return answer
+
+    def stats(self) -> dict[str, Any]:
+        """`GET /stats`: calls per endpoint, embedding items, ..."""
+        return self._call("/stats")
+
+    def reset_stats(self) -> dict[str, Any]:
+        return self._call("/stats/reset", {})
+
+    def control(self, **switches: Any) -> dict[str, Any]:
+        """`POST /control` with `switches` (`fail={"status": 429, "count": 2}`, `delay_ms=200`, ...)."""
+        return self._call("/control", switches)
+
+
 def meshkit_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshkit", *args]
 
@@ -112,3 +153,12 @@ def echo(workdir: Path, args: Sequence[str] = (), *, name: str = "echo") -> Iter
     """`meshkit echo`: an upstream that answers with what it received (`--name` is `name`)."""
     with daemon("echo", workdir, ["--name", name, *args], name=name) as running:
         yield Echo(running.process, running.command, running.addresses)
+
+
+@contextmanager
+def dev_upstream(
+    workdir: Path, args: Sequence[str] = (), *, name: str = "dev-upstream"
+) -> Iterator[DevUpstream]:
+    """`meshkit dev-upstream` (the OpenAI-compatible stand-in provider) on free loopback ports."""
+    with daemon("dev-upstream", workdir, args, name=name) as running:
+        yield DevUpstream(running.process, running.command, running.addresses)
