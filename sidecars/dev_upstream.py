@@ -31,8 +31,11 @@ Endpoints
   `--reject-unknown-models` (then 404 `model_not_found`, as OpenAI).
 - `GET /stats`: `calls`, `rejected` (400/404/413 answered) and `injected_failures` per endpoint
   (`embeddings`, `chat_completions`, `models`), `embedding_items` (items answered), `embedding_batches`
-  (the item count of each answered embedding call, the last 1000), `prompt_tokens`,
-  `completion_tokens`, `streams_completed`, `streams_abandoned` (the client left mid-stream).
+  (the item count of each answered embedding call, the last 1000), `embedding_calls` (the last 100
+  answered embedding calls as `{"model", "dimensions", "input": [items]}`, strings cut at 256
+  characters and token arrays at 64 tokens: what a cache in front asked for), `prompt_tokens`,
+  `completion_tokens` (chat: the words of every message; the answer's tokens), `streams_completed`,
+  `streams_abandoned` (the client left mid-stream).
   `POST /stats/reset` zeroes them and answers with the zeroed stats.
 - `GET /control`: the switches now; `POST /control` with a JSON object changes them (all-or-nothing:
   one bad key, 400 and nothing changed) and answers with the switches:
@@ -98,6 +101,8 @@ DEFAULT_MODELS = (
 )
 ENDPOINTS = ("embeddings", "chat_completions", "models")
 BATCHES_KEPT = 1000
+CALLS_KEPT = 100
+KEPT_CHARS, KEPT_TOKENS = 256, 64  # of each item in /stats embedding_calls
 FINGERPRINT = "fp_meshkit_dev"
 
 
@@ -227,6 +232,7 @@ class Stats:
     injected_failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDPOINTS, 0))
     embedding_items: int = 0
     embedding_batches: deque[int] = field(default_factory=lambda: deque(maxlen=BATCHES_KEPT))
+    embedding_calls: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=CALLS_KEPT))
     prompt_tokens: int = 0
     completion_tokens: int = 0
     streams_completed: int = 0
@@ -235,6 +241,7 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
         doc["embedding_batches"] = list(self.embedding_batches)
+        doc["embedding_calls"] = list(self.embedding_calls)
         return doc
 
 
@@ -370,6 +377,8 @@ async def embeddings(request: web.Request, upstream: Upstream) -> web.Response:
     tokens = sum(count_tokens(item) for item in req.items)
     upstream.stats.embedding_items += len(req.items)
     upstream.stats.embedding_batches.append(len(req.items))
+    kept = [item[:KEPT_CHARS] if isinstance(item, str) else list(item[:KEPT_TOKENS]) for item in req.items]
+    upstream.stats.embedding_calls.append({"model": req.model, "dimensions": dimensions, "input": kept})
     upstream.stats.prompt_tokens += tokens
     upstream.items.inc(len(req.items))
     return _json(

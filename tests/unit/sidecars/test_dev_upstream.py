@@ -195,3 +195,20 @@ def test_control_switches() -> None:
 def test_bad_switches(doc: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
         apply_control(Switches(), Switches(), doc)
+
+
+# -- options ----------------------------------------------------------------------------------------
+def test_flags_parse_and_bad_values_are_reported_together() -> None:
+    from meshkit.cli import load_daemon
+    from meshkit.errors import ConfigError
+    from meshkit.options import resolve
+    from meshkit.sidecars.dev_upstream import DevUpstreamOptions
+
+    sections = load_daemon("dev-upstream").all_sections()
+    flags = {"delay_ms": "5", "fail_rate": "0.25", "models": "a,b", "reject_unknown_models": True}
+    options = resolve(sections, command="dev-upstream", flags=flags, env={})[DevUpstreamOptions]
+    assert (options.delay_ms, options.fail_rate, options.models) == (5, 0.25, ("a", "b"))
+    assert options.reject_unknown_models
+    with pytest.raises(ConfigError) as raised:
+        resolve(sections, command="dev-upstream", flags={"delay_ms": "-1", "fail_rate": "2"}, env={})
+    assert len(raised.value.problems) == 2
