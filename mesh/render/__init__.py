@@ -12,7 +12,8 @@ config shares with `meshkit extproc` are read from its options (`meshkit_default
     envoy_timeouts        Envoy-side timeouts, always above meshkit's --filter-timeout
     envoy_direct          the benchmark's upstream: Envoy answering 200 itself
     nats_config           nats-server config (origin with JetStream, leaf)
-    varnish_vcl           backend declarations inserted into a VCL program
+    varnish_vcl           backend declarations inserted into a VCL program; meshkit's cache VCL
+                          (mesh/varnish/meshkit.vcl) with its settings block set
     command               `meshkit render`
 """
 
@@ -25,7 +26,7 @@ from meshkit.render.envoy_meshkit_filter import processing_mode
 from meshkit.render.envoy_timeouts import above_filter_timeout, duration
 from meshkit.render.front_config import FrontConfig
 from meshkit.render.nats_config import nats_server_config
-from meshkit.render.varnish_vcl import vcl_with_backends
+from meshkit.render.varnish_vcl import meshkit_vcl, vcl_with_backends
 
 __all__ = [
     "Api",
@@ -33,6 +34,7 @@ __all__ = [
     "FrontConfig",
     "above_filter_timeout",
     "duration",
+    "meshkit_vcl",
     "nats_server_config",
     "needs_of",
     "processing_mode",

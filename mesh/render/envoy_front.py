@@ -2,8 +2,9 @@
 
     admin
     listener "ingress"      buffer limit from --max-body-bytes; HTTP connection manager with
-                            local-reply mappers (meshkit's JSON for Envoy's own 413/500/504), the route
-                            (hash_policy and the response echo for each hash_header), the filters:
+                            local-reply mappers (meshkit's JSON for Envoy's own 413/500/504), the routes
+                            (first a 405 for client PURGE; per model; the default with hash_policy and
+                            the response echo for each hash_header), the filters:
                             header_mutation (removes what filters set), meshkit's filter, router
     cluster meshkit_extproc HTTP/2 for the gRPC APIs; HTTP/1.1 with an idle timeout below meshkit's
                             keep-alive for ext_authz over HTTP
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from meshkit.errors import error_body
 from meshkit.extproc.apis import Api
 from meshkit.extproc.ext_authz_http import KEEPALIVE_SECONDS
 from meshkit.extproc.limits import envoy_buffer_limit
@@ -100,9 +102,33 @@ def model_cluster(index: int) -> str:
     return f"model_{index}"
 
 
+PURGE_REFUSED = error_body(
+    "method_not_allowed", "PURGE is not accepted here: cache purges go through the purge broadcaster"
+)
+
+
+def purge_refusal() -> Why:
+    """The first route: a client's PURGE gets 405 from Envoy itself, never reaching a cache pod."""
+    return Why(
+        {
+            "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "PURGE"}}]},
+            "direct_response": {"status": 405, "body": {"inline_string": PURGE_REFUSED.decode()}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        },
+        "A client's PURGE is refused here (405): behind Envoy every client reaches a Varnish pod from "
+        "Envoy's address, so the pods' PURGE ACL would let anyone purge through the ingress. Only the "
+        "purge broadcaster sends PURGE, straight to the pods.",
+    )
+
+
 def _routes(config: FrontConfig) -> list[Any]:
-    """One route per model (`x-model` exact), in the order given, then the default route."""
-    routes: list[Any] = []
+    """The PURGE refusal, one route per model (`x-model` exact) in the order given, the default route."""
+    routes: list[Any] = [purge_refusal()]
     for i, (model, _) in enumerate(config.model_routes):
         entry = _route(config, model_cluster(i))
         entry["match"]["headers"] = [{"name": MODEL_HEADER, "string_match": {"exact": model}}]
@@ -121,8 +147,8 @@ def _routes(config: FrontConfig) -> list[Any]:
             )
         )
     default = _route(config, "upstream")
-    if not routes:
-        return [default]
+    if not config.model_routes:
+        return [*routes, default]
     routes.append(Why(default, "Every other request (no model, or a model without a route of its own)."))
     return routes
 

@@ -5,14 +5,26 @@ entry right after the program's `vcl 4.x;` line (VCL requires that line first). 
 hosts when the VCL compiles, so an unresolvable name fails the whole program: pass addresses. Names and
 hosts are checked here, since they are written into the program text. `varnishd -C -f FILE` compiles
 the result without starting a server (tests/mesh).
+
+`meshkit_vcl(backend=..., purgers=..., ttl=..., grace=..., max_body_bytes=...)` is meshkit's own cache
+VCL (`meshkit/varnish/meshkit.vcl`, shipped with the package) with its settings block rewritten: the
+file runs as is with its defaults (backend 127.0.0.1:8080, PURGE from loopback, TTL 1 h, grace 24 h,
+bodies up to 1 MiB cached); this is the checked way to change them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from importlib import resources
 
-__all__ = ["vcl_with_backends"]
+__all__ = ["MESHKIT_VCL", "meshkit_vcl", "vcl_with_backends"]
+
+MESHKIT_VCL = "varnish/meshkit.vcl"  # inside the meshkit package
+_SETTINGS = re.compile(
+    r"^# ==== meshkit settings: begin ====\n.*?^# ==== meshkit settings: end ====\n", re.S | re.M
+)
 
 _VCL_VERSION = re.compile(r"^\s*vcl\s+\d+\.\d+\s*;[^\n]*\n?", re.MULTILINE)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -37,3 +49,93 @@ def vcl_with_backends(vcl_text: str, backends: Mapping[str, tuple[str, int]] | N
     )
     head = match.group(0) if match.group(0).endswith("\n") else match.group(0) + "\n"
     return vcl_text[: match.start()] + head + declarations + vcl_text[match.end() :]
+
+
+def _duration(name: str, seconds: float) -> str:
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"{name}: {seconds} must be 0 or more seconds")
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _acl_entry(source: str) -> str:
+    """An ACL line for an address or a network (`10.0.0.0/8`), checked (ValueError otherwise)."""
+    try:
+        network = ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        raise ValueError(f"purgers: {source!r} is not an address or a network") from None
+    if network.num_addresses == 1:
+        return f'    "{network.network_address}";'
+    return f'    "{network.network_address}"/{network.prefixlen};'
+
+
+def meshkit_vcl(
+    *,
+    backend: tuple[str, int] = ("127.0.0.1", 8080),
+    purgers: Iterable[str] = ("127.0.0.1", "::1"),
+    ttl: float = 3600,
+    grace: float = 86400,
+    max_body_bytes: int = 1 << 20,
+    first_byte_timeout: float = 300,
+) -> str:
+    """meshkit's cache VCL with its settings block set from these values (ValueError listing bad ones).
+
+    `backend`: what Varnish fetches from; `purgers`: the client addresses or networks PURGE is accepted
+    from (an empty list: from nowhere); `ttl`/`grace`: seconds, when the backend's Cache-Control says
+    nothing; `max_body_bytes`: POST bodies up to this size are cached, bigger ones pass whole."""
+    host, port = backend
+    problems: list[str] = []
+    if not _HOST.fullmatch(host):
+        problems.append(f"backend: host {host!r}")
+    if not 0 < int(port) <= 65535:
+        problems.append(f"backend: port {port!r}")
+    if max_body_bytes < 0:
+        problems.append(f"max_body_bytes: {max_body_bytes} must be 0 or more")
+    acl: list[str] = []
+    for source in purgers:
+        try:
+            acl.append(_acl_entry(source))
+        except ValueError as exc:
+            problems.append(str(exc))
+    durations: dict[str, str] = {}
+    for name, value in (("ttl", ttl), ("grace", grace), ("first_byte_timeout", first_byte_timeout)):
+        try:
+            durations[name] = _duration(name, value)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    entries = "".join(f"{line}\n" for line in acl)  # none: an empty ACL, PURGE from nowhere
+    settings = f"""# ==== meshkit settings: begin ====
+backend default {{
+    .host = "{host}";
+    .port = "{int(port)}";
+    .first_byte_timeout = {durations["first_byte_timeout"]};
+    .between_bytes_timeout = {durations["first_byte_timeout"]};
+}}
+
+acl meshkit_purgers {{
+{entries}}}
+
+sub meshkit_settings_recv {{
+    # POST bodies up to this many bytes are buffered and cached; bigger ones pass whole.
+    set req.http.X-Meshkit-Body-Limit = "{int(max_body_bytes)}";
+}}
+
+sub meshkit_default_ttl {{
+    set beresp.ttl = {durations["ttl"]};
+}}
+
+sub meshkit_default_grace {{
+    set beresp.grace = {durations["grace"]};
+}}
+# ==== meshkit settings: end ====
+"""
+    text = shipped_vcl()
+    if len(_SETTINGS.findall(text)) != 1:
+        raise ValueError(f"{MESHKIT_VCL}: the settings block is missing or repeated")
+    return _SETTINGS.sub(lambda _: settings, text)
+
+
+def shipped_vcl() -> str:
+    """The VCL file as shipped (its own default settings)."""
+    return resources.files("meshkit").joinpath(MESHKIT_VCL).read_text()

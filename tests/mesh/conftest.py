@@ -45,10 +45,15 @@ def meshkit_filter(doc: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def routes_after_refusals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routes to upstreams: every route but Envoy's own answers (the client PURGE refusal first)."""
+    found: list[dict[str, Any]] = hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
+    return [r for r in found if "direct_response" not in r]
+
+
 def route_entry(doc: dict[str, Any]) -> dict[str, Any]:
-    (entry,) = hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
-    result: dict[str, Any] = entry
-    return result
+    (entry,) = routes_after_refusals(doc)
+    return entry
 
 
 def cluster(doc: dict[str, Any], name: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -573,3 +574,35 @@ def test_replace_checks_again() -> None:
     with pytest.raises(ConfigError):
         config.replace(api=Api.EXT_AUTHZ, filters=(UsageFilter,))
     assert dataclasses.replace(config) == config
+
+
+@pytest.mark.parametrize("api", [*APIS, None])
+def test_client_purge_is_refused_first_with_405_json(api: Api | None, tmp_path: Path) -> None:
+    # Behind Envoy every client reaches the Varnish pods from Envoy's address: their PURGE ACL cannot
+    # tell a client from the broadcaster, so the ingress answers PURGE itself, before any other route.
+    config = FrontConfig(
+        upstream_ports=(8080,),
+        extproc_port=50051,
+        api=api,
+        filters=("model-router", "body-hash"),
+        model_routes=(("m", (8081,)),),
+    )
+    text = config.render()
+    validate(text, tmp_path)
+    first = hcm(yaml.safe_load(text))["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert first["match"] == {
+        "prefix": "/",
+        "headers": [{"name": ":method", "string_match": {"exact": "PURGE"}}],
+    }
+    assert first["direct_response"]["status"] == 405
+    error = json.loads(first["direct_response"]["body"]["inline_string"])["error"]
+    assert error["type"] == "method_not_allowed"
+    assert first["response_headers_to_add"][0]["header"] == {
+        "key": "content-type",
+        "value": "application/json",
+    }
+    assert "PURGE ACL would let anyone purge" in comment_above(text, first_route_line(text))
+
+
+def first_route_line(text: str) -> str:
+    return next(line.strip() for line in text.splitlines() if line.strip().startswith("- match:"))

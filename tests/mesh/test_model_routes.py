@@ -12,7 +12,7 @@ from meshkit.errors import ConfigError
 from meshkit.extproc.apis import Api
 from meshkit.render import FrontConfig
 
-from .conftest import cluster, hcm, meshkit_filter, validate
+from .conftest import cluster, hcm, meshkit_filter, routes_after_refusals, validate
 
 APIS = [Api.EXT_PROC, Api.EXT_AUTHZ, Api.EXT_AUTHZ_HTTP]
 MODELS = (("gpt-4o", (8081,)), ("org/llama-3:8b", (8082, 8083)))
@@ -25,8 +25,7 @@ def config(api: Api | None = Api.EXT_PROC, **kw: Any) -> FrontConfig:
 
 
 def routes(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
-    return found
+    return routes_after_refusals(doc)
 
 
 def ports_of(doc: dict[str, Any], name: str) -> list[int]:

@@ -8,13 +8,15 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshkit.errors import HarnessError
 from meshkit.harness.nats import nats_server_binary
 from meshkit.harness.varnish import varnishd_binary
-from meshkit.render import nats_server_config, vcl_with_backends
+from meshkit.render import meshkit_vcl, nats_server_config, vcl_with_backends
+from meshkit.render.varnish_vcl import shipped_vcl
 
 
 def _require(find_binary: Callable[[], str]) -> str:
@@ -136,3 +138,64 @@ def test_vcl_backend_values_are_checked() -> None:
         vcl_with_backends(VCL, {"origin": ('127.0.0.1"; } evil {', 80)})
     with pytest.raises(ValueError, match="port"):
         vcl_with_backends(VCL, {"origin": ("127.0.0.1", 0)})
+
+
+# -- meshkit's cache VCL (mesh/varnish/meshkit.vcl) ------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[2] / "mesh" / "varnish" / "meshkit.vcl"
+BEGIN, END = "# ==== meshkit settings: begin ====\n", "# ==== meshkit settings: end ====\n"
+
+
+def split_settings(vcl: str) -> tuple[str, str, str]:
+    """(before, the settings block, after)."""
+    head, rest = vcl.split(BEGIN)
+    settings, tail = rest.split(END)
+    return head, settings, tail
+
+
+def test_the_shipped_cache_vcl_compiles_as_is(readable_dir: Path) -> None:
+    result = varnish_compile(SHIPPED.read_text(), readable_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_meshkit_vcl_defaults_are_the_shipped_file() -> None:
+    # The file runs as is, and the renderer's defaults are the file's own: one set of defaults.
+    assert meshkit_vcl() == shipped_vcl() == SHIPPED.read_text()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"backend": ("10.1.2.3", 9000), "purgers": ("10.0.0.0/8", "fd00::/8", "192.0.2.7"), "ttl": 60},
+        {"backend": ("::1", 8081), "purgers": (), "ttl": 0.5, "grace": 0, "max_body_bytes": 0},
+        {"backend": ("localhost", 8080), "grace": 7 * 86400, "max_body_bytes": 64 << 20},
+    ],
+)
+def test_meshkit_vcl_settings_compile(kw: dict[str, Any], readable_dir: Path) -> None:
+    vcl = meshkit_vcl(**kw)
+    result = varnish_compile(vcl, readable_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    head, settings, tail = split_settings(vcl)
+    host, port = kw["backend"]
+    assert f'.host = "{host}";' in settings and f'.port = "{port}";' in settings
+    for source in kw.get("purgers", ()):
+        address, _, bits = source.partition("/")
+        assert (f'"{address}"/{bits};' if bits else f'"{address}";') in settings
+    if "ttl" in kw:
+        assert f"set beresp.ttl = {kw['ttl']:g}s;" in settings
+    if "grace" in kw:
+        assert f"set beresp.grace = {kw['grace']:g}s;" in settings
+    if "max_body_bytes" in kw:
+        assert f'X-Meshkit-Body-Limit = "{kw["max_body_bytes"]}";' in settings
+    shipped_head, _, shipped_tail = split_settings(SHIPPED.read_text())
+    assert (head, tail) == (shipped_head, shipped_tail)  # only the settings block differs
+
+
+def test_meshkit_vcl_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="host") as excinfo:
+        meshkit_vcl(backend=('a"; } evil {', 80), purgers=("everyone",), ttl=-1, grace=float("nan"))
+    for part in ("host", "'everyone' is not an address", "ttl", "grace"):
+        assert part in str(excinfo.value)
+    with pytest.raises(ValueError, match="port"):
+        meshkit_vcl(backend=("127.0.0.1", 70000))
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        meshkit_vcl(max_body_bytes=-1)

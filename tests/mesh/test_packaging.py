@@ -36,7 +36,7 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (wheel,) = wheels.glob("meshkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    # Configs are built in code (meshkit.render), so the package is its modules plus py.typed.
+    # Configs are built in code (meshkit.render): the package is its modules, py.typed and the cache VCL.
     assert "meshkit/render/__init__.py" in names
     modules = {f"meshkit/{p.relative_to(ROOT / 'mesh')}" for p in (ROOT / "mesh").rglob("*.py")}
     modules |= {
@@ -44,3 +44,4 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
     }
     assert modules <= names, sorted(modules - names)
     assert "meshkit/py.typed" in names
+    assert "meshkit/varnish/meshkit.vcl" in names  # the cache VCL ships as package data

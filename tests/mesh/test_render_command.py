@@ -16,7 +16,7 @@ from meshkit.extproc.filter import Exchange, Filter
 from meshkit.extproc.filters import FILTERS
 from meshkit.render import command
 
-from .conftest import cluster, meshkit_filter, validate
+from .conftest import cluster, meshkit_filter, routes_after_refusals, validate
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -120,9 +120,7 @@ def test_route_timeout_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert "timeout: 0s" in run(capsys)  # none by default
     text = run(capsys, "--route-timeout", "900")
     validate(text, tmp_path)
-    (entry,) = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"
-    ]["route_config"]["virtual_hosts"][0]["routes"]
+    (entry,) = routes_after_refusals(yaml.safe_load(text))
     assert entry["route"]["timeout"] == "900s"
     with pytest.raises(ConfigError, match="--route-timeout"):
         command.run(parse("--route-timeout", "later"))
