@@ -230,6 +230,9 @@ def test_error_statuses_are_not_cached(stack: Stack, status: int) -> None:
     assert [a.status for a in answers] == [status, status]
     assert caches(answers) == ["MISS", "MISS"]
     assert stack.calls() - before == 2
+    for answer in answers:  # the hit-for-miss fetch is a POST with the whole body too
+        assert answer.json()["method"] == "POST"
+        assert answer.json()["body_sha256"] == hashlib.sha256(data).hexdigest()
     good = post(stack.url(), data)  # the same key answered well later is cached
     assert good.status == 200 and caches([good, post(stack.url(), data)]) == ["MISS", "HIT"]
 
@@ -307,6 +310,26 @@ def test_backend_max_age_with_default_grace_serves_stale_while_revalidating(stac
     assert stack.calls() == before + 1  # one background fetch revalidated it
     fresh = post(stack.url(), data)
     assert fresh.headers["x-cache"] == "HIT" and fresh.body != first.body
+    # the background fetch was a POST with the whole body (the cached request body)
+    assert fresh.json()["method"] == "POST"
+    assert fresh.json()["body_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_5xx_on_revalidation_keeps_the_stale_object(stack: Stack) -> None:
+    data = body()
+    first = post(stack.url(), data, {"x-echo-header": "Cache-Control: max-age=1"})
+    time.sleep(1.3)
+    before = stack.calls()
+    # the background fetch this request starts copies its headers: the upstream answers it 503
+    stale = post(stack.url(), data, {"x-echo-status": "503", "x-echo-header": "Cache-Control: max-age=1"})
+    assert stale.status == 200 and stale.headers["x-cache"] == "HIT" and stale.body == first.body
+    deadline = time.monotonic() + 5
+    while stack.calls() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stack.calls() == before + 1
+    time.sleep(0.2)
+    again = post(stack.url(), data)  # the 503 was abandoned: the stale object is still served
+    assert again.status == 200 and again.body == first.body
 
 
 def test_backend_stale_while_revalidate_sets_the_grace(stack: Stack) -> None:
