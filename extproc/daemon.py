@@ -21,7 +21,14 @@ from meshkit.extproc.filters import FILTERS, build, option_groups, option_sectio
 from meshkit.extproc.grpc_server import GrpcServer
 from meshkit.extproc.limits import grpc_message_limit
 from meshkit.extproc.metrics import Metrics
-from meshkit.options import option, parse_host_port, parse_seconds, parse_size, parse_str_tuple
+from meshkit.options import (
+    option,
+    parse_host_port,
+    parse_non_negative_int,
+    parse_seconds,
+    parse_size,
+    parse_str_tuple,
+)
 
 
 def _parse_filters(value: Any) -> tuple[str, ...]:
@@ -34,16 +41,6 @@ def _parse_filters(value: Any) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError("a filter is named twice")
     return names
-
-
-def _non_negative(value: Any) -> int:
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise ValueError("expected a whole number, 0 or more") from None
-    if number < 0:
-        raise ValueError("expected a whole number, 0 or more")
-    return number
 
 
 def _parse_filter_timeout(value: Any) -> float:
@@ -78,7 +75,7 @@ class ExtprocOptions:
         "most open connections on --http-listen; beyond it the connection whose request began longest ago "
         "and has not arrived whole is closed first, then the least recently used idle one "
         "(0: half the file-descriptor limit, at most 8192)",
-        parse=_non_negative,
+        parse=parse_non_negative_int,
         metavar="N",
     )
     max_body_bytes: int = option(

@@ -125,6 +125,19 @@ def _parse_int(value: Any) -> int:
         raise ValueError("expected an integer") from None
 
 
+def parse_non_negative_int(value: Any) -> int:
+    """A whole number, 0 or more (`8`, `"8"`; not `true`, `-1`, `1.5`)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number, 0 or more")
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ValueError("expected a whole number, 0 or more") from None
+    if number < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return number
+
+
 def parse_str_tuple(value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     return tuple(str(item).strip() for item in items if str(item).strip())

@@ -75,7 +75,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from meshkit.daemon import Daemon, Lifecycle, Resolved
-from meshkit.options import option, parse_host_port, parse_size
+from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_size
 from meshkit.sidecars.fake_model import chat_answer, count_tokens, vector
 from meshkit.sidecars.openai_shapes import (
     MAX_DIMENSIONS,
@@ -106,18 +106,6 @@ KEPT_CHARS, KEPT_TOKENS = 256, 64  # of each item in /stats embedding_calls
 FINGERPRINT = "fp_meshkit_dev"
 
 
-def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number, 0 or more")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a whole number, 0 or more") from None
-    if number < 0:
-        raise ValueError("expected a whole number, 0 or more")
-    return number
-
-
 def _fraction(value: Any) -> float:
     try:
         number = float(value)
@@ -141,9 +129,14 @@ class DevUpstreamOptions:
     )
     models: tuple[str, ...] = option(DEFAULT_MODELS, "model names listed by GET /v1/models", metavar="A,B")
     reject_unknown_models: bool = option(False, "answer 404 model_not_found for a model not in --models")
-    delay_ms: int = option(0, "milliseconds every model call waits", parse=_non_negative_int, metavar="MS")
+    delay_ms: int = option(
+        0, "milliseconds every model call waits", parse=parse_non_negative_int, metavar="MS"
+    )
     stream_delay_ms: int = option(
-        0, "milliseconds between two SSE events of a streamed answer", parse=_non_negative_int, metavar="MS"
+        0,
+        "milliseconds between two SSE events of a streamed answer",
+        parse=parse_non_negative_int,
+        metavar="MS",
     )
     fail_rate: float = option(
         0.0, "fraction of model calls that answer 500 (0 to 1)", parse=_fraction, metavar="FRACTION"

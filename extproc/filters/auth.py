@@ -45,7 +45,7 @@ from meshkit.extproc.auth.gcra import MAX_PER_MINUTE
 from meshkit.extproc.auth.identity import AuthFailure, Identity
 from meshkit.extproc.filter import Exchange, Filter, Reply
 from meshkit.extproc.routes_file import Routes, RoutesOptions, load_routes
-from meshkit.options import option, parse_seconds
+from meshkit.options import option, parse_non_negative_int, parse_seconds
 
 __all__ = ["AuthFilter", "AuthOptions"]
 
@@ -59,7 +59,7 @@ DOWN_MODES = ("local", "open", "closed")
 
 
 def _per_minute(value: Any) -> int:
-    number = _positive_int(value)
+    number = parse_non_negative_int(value)
     if number > MAX_PER_MINUTE:
         raise ValueError(f"at most {MAX_PER_MINUTE:,} requests per minute (one a microsecond)")
     return number
@@ -69,18 +69,6 @@ def _event_prefix(value: Any) -> str:
     from meshkit.extproc.auth.events import validate_prefix  # nats-py only when auth is configured
 
     return validate_prefix(str(value))
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number, 0 or more")
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise ValueError("expected a whole number, 0 or more") from None
-    if number < 0:
-        raise ValueError("expected a whole number, 0 or more")
-    return number
 
 
 @dataclass(frozen=True)
@@ -120,7 +108,7 @@ class AuthOptions:
     rate_limit_replicas: int = option(
         1,
         "replicas sharing the limit: the share each enforces while Redis is down",
-        parse=_positive_int,
+        parse=parse_non_negative_int,
         metavar="N",
     )
     nats: str = option(
