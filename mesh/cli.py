@@ -38,6 +38,10 @@ DAEMONS: dict[str, tuple[str, str]] = {
         "meshkit.sidecars.dev_upstream",
         "an OpenAI-compatible stand-in provider: embeddings, chat (SSE), /stats, fail/slow switches",
     ),
+    "purge-broadcaster": (
+        "meshkit.sidecars.purge_broadcaster",
+        "fans a PURGE out to every Varnish pod and answers once all did (static targets only)",
+    ),
 }
 
 

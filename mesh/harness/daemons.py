@@ -3,8 +3,8 @@
 One launcher, `daemon()`, for any of them: it passes port 0 for every listener it is told about, waits
 for the one ready line every daemon prints (`meshkit.daemon.parse_ready`) and yields the bound
 addresses by name. Tests use them the way a user runs them: a real process that can be SIGTERMed or
-SIGKILLed mid-run. `extproc()`, `echo()` and `dev_upstream()` are that launcher with each daemon's
-listeners.
+SIGKILLed mid-run. `extproc()`, `echo()`, `dev_upstream()` and `purge_broadcaster()` are that launcher
+with each daemon's listeners.
 """
 
 from __future__ import annotations
@@ -162,3 +162,25 @@ def dev_upstream(
     """`meshkit dev-upstream` (the OpenAI-compatible stand-in provider) on free loopback ports."""
     with daemon("dev-upstream", workdir, args, name=name) as running:
         yield DevUpstream(running.process, running.command, running.addresses)
+
+
+@dataclass(frozen=True)
+class PurgeBroadcaster(RunningDaemon):
+    """A running `meshkit purge-broadcaster`: PURGE in on `url`, fanned out to its `--targets`."""
+
+    @property
+    def port(self) -> int:
+        return self.port_of("http")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextmanager
+def purge_broadcaster(
+    workdir: Path, targets: Sequence[str], args: Sequence[str] = (), *, name: str = "purge-broadcaster"
+) -> Iterator[PurgeBroadcaster]:
+    """`meshkit purge-broadcaster --targets HOST:PORT,...` on free loopback ports with extra `args`."""
+    with daemon("purge-broadcaster", workdir, ["--targets", ",".join(targets), *args], name=name) as running:
+        yield PurgeBroadcaster(running.process, running.command, running.addresses)

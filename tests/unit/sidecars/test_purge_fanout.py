@@ -1,0 +1,44 @@
+"""The purge broadcaster's validation mirrors meshkit.vcl's, and its target list parses strictly."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshkit.sidecars.purge_fanout import BadPurge, Purge, parse_targets
+
+
+def test_the_three_kinds_and_their_headers() -> None:
+    assert Purge.parse("/v1/x?a=1", [], []).headers() == {}
+    assert Purge.parse("/", ["true"], []).headers() == {"X-Purge-All": "true"}
+    keys = Purge.parse("/", [], ["  a  b.c ", "d_e-f"])
+    assert keys.keys == ("a", "b.c", "d_e-f") and keys.headers() == {"Surrogate-Key": "a b.c d_e-f"}
+    assert Purge.from_json(keys.to_json()) == keys
+
+
+@pytest.mark.parametrize(
+    ("path", "purge_all", "keys"),
+    [
+        ("/", [], [".*"]),
+        ("/", [], ["a|b"]),
+        ("/", [], ["x\ty"]),
+        ("/", [], ['"x"']),
+        ("/", [], [""]),
+        ("/", ["yes"], []),
+        ("/", ["true", "true"], []),
+        ("/", ["true"], ["k"]),
+        ("/a b", [], []),
+        ("/a<b>", [], []),
+        ("a", [], []),
+    ],
+)
+def test_what_the_vcl_refuses_is_refused(path: str, purge_all: list[str], keys: list[str]) -> None:
+    with pytest.raises(BadPurge):
+        Purge.parse(path, purge_all, keys)
+
+
+def test_targets() -> None:
+    assert parse_targets("10.0.0.7:6081, 10.0.0.8:6081,,10.0.0.7:6081") == ("10.0.0.7:6081", "10.0.0.8:6081")
+    assert parse_targets("") == ()
+    for bad in ("dns:varnish:6081", "k8s:ns/svc:6081", "host", "h:0", "h:99999"):
+        with pytest.raises(ValueError):
+            parse_targets(bad)
