@@ -2,7 +2,7 @@
 of them have answered.
 
     meshkit purge-broadcaster --listen 127.0.0.1:6090 --targets 10.0.0.7:6081,10.0.0.8:6081 \\
-        [--token-file /run/secrets/purge-token]
+        [--token-file /run/secrets/purge-token] [--redis redis://127.0.0.1:6379/0]
     curl -X PURGE localhost:6090/v1/embeddings                       # that URL, every body variant
     curl -X PURGE localhost:6090/ -H 'X-Purge-All: true'             # everything
     curl -X PURGE localhost:6090/ -H 'Surrogate-Key: team-a v1.2'    # objects tagged so
@@ -20,20 +20,35 @@ API (the `--listen` port)
     for one that failed, `"error"` (the target's own message, or why there was no answer) and
     `"attempts"` when more than one was made;
   - 503 `{"error": ..., "targets": []}` when there are no targets.
+  With `--redis`, each failed target's entry also says `"pending": true` when the purge was queued in
+  the purge log for it (not for a 400: the target's VCL refuses it, a replay would too).
+- `GET /purges`: `{"pending": {"HOST:PORT": [{"id", "at", "purge": {"path", "purge_all", "keys"}}]}}`,
+  oldest first (empty without `--redis`).
 - `--token-file F`: every request needs `Authorization: Bearer <the file's content, stripped>`
   (compared in constant time), else 401 JSON with `WWW-Authenticate: Bearer`. Read once at start.
-- Any other method: 405 JSON (`Allow: PURGE`). A request body over
+- Any other method: 405 JSON (`Allow: PURGE`; `GET, PURGE` on `/purges`). A request body over
   `--max-body-bytes`: 413 JSON. Errors are `{"error": {"type", "message"}}` like the VCL's.
 - Admin port (`--admin-listen`): `/healthz`, `/readyz`, `/metrics` with
   `meshkit_purge_requests_total{result=ok|failed|bad_request|unauthorized|no_targets|...}`,
   `meshkit_purge_target_failures_total{target}`, `meshkit_purge_fanout_seconds` (a histogram of the
-  whole fan-out).
+  whole fan-out), and with `--redis` `meshkit_purge_replays_total{target,result=ok|failed|dropped}`,
+  `meshkit_purge_pending`, `meshkit_purge_log_errors_total`.
 - SIGTERM: the shared lifecycle (`meshkit.daemon`): readiness off, in-flight fan-outs get
-  `--drain-timeout`, then the HTTP session closes.
+  `--drain-timeout`, then the replay loop, Redis and the HTTP session close.
 
-NOT DONE in this slice: the purge log (a purge a target missed is neither kept nor replayed yet:
-the 502 is all a caller gets, and `GET /purges` does not exist); `dns:NAME:PORT` and
-`k8s:NAMESPACE/SERVICE:PORT` targets (refused at start: static `HOST:PORT` lists only).
+Purge log (`--redis URL`, `meshkit.sidecars.purge_log`): a purge a target missed (no answer, 5xx,
+403) is kept in Redis, a list per target in order, and survives a broadcaster restart. A loop probes
+every configured target with pending purges every `--replay-interval` seconds (one attempt each) and
+replays them oldest first, removing each once the target answered 200. New purges are still sent to
+such a target directly (a 200 is a 200), so a replayed ban may land after a newer one: bans commute,
+the cost is at most an extra miss. Redis down: the purge is still fanned out and answered (the 502
+says `"pending": false`), logged and counted; Redis unreachable at start: the daemon does not start
+(one line, exit 1).
+
+NOT DONE in this slice: `dns:NAME:PORT` and `k8s:NAMESPACE/SERVICE:PORT` targets (refused at start:
+static `HOST:PORT` lists only); telling a restarted pod that kept no cache (needs nothing) from one
+that was merely unreachable (both get the pending purges: harmless, a ban on an empty cache);
+Redis in `/readyz`; pending purges of a target no longer in `--targets` are listed, never replayed.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_seconds, parse_size
 from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, RetryPolicy, deliver, parse_targets
+from meshkit.sidecars.purge_log import PurgeLog, Replayer, ReplayMetrics
 
 log = logging.getLogger("meshkit.purge_broadcaster")
 
@@ -93,6 +109,19 @@ class PurgeBroadcasterOptions:
     max_body_bytes: int = option(
         64 << 10, "largest request body accepted (bigger: 413)", parse=parse_size, metavar="BYTES"
     )
+    redis: str = option(
+        "",
+        "Redis URL of the purge log: missed purges kept and replayed (empty: no log)",
+        metavar="URL",
+        secret=True,
+    )
+    redis_prefix: str = option("meshkit:purge-log", "prefix of the purge log's Redis keys")
+    replay_interval: float = option(
+        1.0,
+        "seconds between two probes of the targets with pending purges",
+        parse=parse_seconds,
+        metavar="SECONDS",
+    )
 
 
 @dataclass
@@ -131,10 +160,33 @@ class Broadcaster:
     token: bytes | None
     metrics: Metrics
     session: aiohttp.ClientSession | None = None
+    purge_log: PurgeLog | None = None
+    log_errors: Counter | None = None
+
+    def client(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "the HTTP session starts before the listener"
+        return self.session
+
+    async def keep(self, failed: list[Delivery], purge: Purge) -> set[str]:
+        """Queue `purge` for each failed target that may take it later (no answer, 5xx, 403); the
+        targets it was queued for."""
+        kept: set[str] = set()
+        if self.purge_log is None:
+            return kept
+        for d in failed:
+            if d.status == 400:  # the target's VCL refuses it: a replay would too
+                continue
+            try:
+                await self.purge_log.append(d.target, purge)
+                kept.add(d.target)
+            except Exception as exc:  # Redis down: the 502 still says which target missed it
+                if self.log_errors is not None:
+                    self.log_errors.inc()
+                log.error("purge log: could not keep %s for %s: %r", purge.path, d.target, exc)
+        return kept
 
     async def fan_out(self, purge: Purge) -> list[Delivery]:
-        assert self.session is not None, "the HTTP session starts before the listener"
-        session = self.session
+        session = self.client()
         return list(await asyncio.gather(*(deliver(session, t, purge, self.policy) for t in self.targets)))
 
 
@@ -164,9 +216,13 @@ async def _purge(request: web.Request) -> web.Response:
         return _error(
             401, "unauthorized", "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
         )
+    if request.method == "GET" and request.path == "/purges":
+        pending = await b.purge_log.pending() if b.purge_log is not None else {}
+        return web.json_response({"pending": pending})
     if request.method != "PURGE":
         counted.labels("method_not_allowed").inc()
-        return _error(405, "method_not_allowed", f"{request.method}: only PURGE", headers={"Allow": "PURGE"})
+        allow = "GET, PURGE" if request.path == "/purges" else "PURGE"
+        return _error(405, "method_not_allowed", f"{request.method}: only {allow}", headers={"Allow": allow})
     try:
         await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -191,6 +247,7 @@ async def _purge(request: web.Request) -> web.Response:
     for d in failed:
         b.metrics.target_failures.labels(d.target).inc()
     counted.labels("failed" if failed else "ok").inc()
+    kept = await b.keep(failed, purge)
     if failed:
         log.warning(
             "purge %s: %d of %d targets failed: %s",
@@ -199,7 +256,8 @@ async def _purge(request: web.Request) -> web.Response:
             len(deliveries),
             ", ".join(f"{d.target} ({d.error})" for d in failed),
         )
-    return web.json_response({"targets": [d.as_json() for d in deliveries]}, status=502 if failed else 200)
+    listed = [d.as_json() | ({"pending": d.target in kept} if not d.ok else {}) for d in deliveries]
+    return web.json_response({"targets": listed}, status=502 if failed else 200)
 
 
 def purge_broadcaster_app(broadcaster: Broadcaster, *, max_body_bytes: int = 64 << 10) -> web.Application:
@@ -236,6 +294,17 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
             await b.session.close()
 
     await life.start("http client", open_session, close_session)
+    if opts.redis:
+        purge_log = PurgeLog(opts.redis, opts.redis_prefix)
+        replay_metrics = ReplayMetrics.create(life.registry)
+        b.purge_log, b.log_errors = purge_log, replay_metrics.errors
+        await life.start("redis (purge log)", purge_log.start, purge_log.close)
+        replayer = Replayer(purge_log, opts.targets, b.client, policy, opts.replay_interval, replay_metrics)
+
+        async def start_replayer() -> None:
+            replayer.start()
+
+        await life.start("purge log replay", start_replayer, replayer.stop)
     if not opts.targets:
         log.warning("no --targets: every PURGE answers 503")
     await life.serve_app("http", opts.listen, purge_broadcaster_app(b, max_body_bytes=opts.max_body_bytes))

@@ -1,0 +1,176 @@
+"""The purge broadcaster's purge log: purges a target missed, kept in Redis until that target takes them.
+
+Layout (prefix `--redis-prefix`, default `meshkit:purge-log`):
+- `<prefix>:targets`: a set of the targets that have pending purges;
+- `<prefix>:pending:<HOST:PORT>`: a list, oldest first, of JSON entries
+  `{"id", "at" (unix seconds), "purge": {"path", "purge_all", "keys"}}`.
+Redis keeps them across a broadcaster restart (and several broadcasters may share one log: an entry is
+removed only by the one that saw it at the head, by its id, atomically).
+
+`Replayer` is the background loop: every `interval` seconds each configured target with pending purges
+is sent its oldest one (one attempt); on a 200 it is removed and the next one follows at once; on
+anything else the target waits for the next round. A 400 (the target's VCL refuses it; cannot change)
+is dropped with a log line rather than blocking everything behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from meshkit.sidecars.purge_fanout import Purge, RetryPolicy, deliver
+
+log = logging.getLogger("meshkit.purge_log")
+
+# Remove the head entry only if it is still the one replayed (another broadcaster may have taken it),
+# and forget the target once its list is empty.
+_POP_HEAD = """
+if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+return redis.call('LLEN', KEYS[1])
+"""
+
+
+class PurgeLog:
+    def __init__(self, url: str, prefix: str = "meshkit:purge-log") -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self._prefix = prefix
+        self._pop = self._redis.register_script(_POP_HEAD)
+
+    @property
+    def _targets_key(self) -> str:
+        return f"{self._prefix}:targets"
+
+    def _list_key(self, target: str) -> str:
+        return f"{self._prefix}:pending:{target}"
+
+    async def start(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def append(self, target: str, purge: Purge) -> None:
+        entry = json.dumps(
+            {"id": uuid.uuid4().hex, "at": round(time.time(), 3), "purge": json.loads(purge.to_json())}
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self._list_key(target), entry)
+            pipe.sadd(self._targets_key, target)
+            await pipe.execute()
+
+    async def targets(self) -> list[str]:
+        members = await self._redis.smembers(self._targets_key)
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+    async def head(self, target: str) -> tuple[bytes | str, Purge] | None:
+        raw = await self._redis.lindex(self._list_key(target), 0)
+        if raw is None:
+            return None
+        return raw, Purge.from_json(json.dumps(json.loads(raw)["purge"]))
+
+    async def pop(self, target: str, raw: bytes | str) -> int:
+        """Remove `raw` if it is still `target`'s oldest entry; what is left."""
+        left = await self._pop(keys=[self._list_key(target), self._targets_key], args=[raw, target])
+        return int(left)
+
+    async def pending(self) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for target in await self.targets():
+            entries = await self._redis.lrange(self._list_key(target), 0, -1)
+            if entries:
+                found[target] = [json.loads(e) for e in entries]
+        return found
+
+
+@dataclass
+class ReplayMetrics:
+    replays: Counter
+    pending: Gauge
+    errors: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> ReplayMetrics:
+        return cls(
+            Counter(
+                "meshkit_purge_replays",
+                "Pending purges replayed to a target, by result (ok, failed, dropped)",
+                ["target", "result"],
+                registry=registry,
+            ),
+            Gauge(
+                "meshkit_purge_pending",
+                "Purges pending in the purge log (last replay round)",
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_purge_log_errors", "Purge log (Redis) operations that failed", registry=registry
+            ),
+        )
+
+
+class Replayer:
+    """The loop that replays pending purges to the configured `targets`."""
+
+    def __init__(
+        self,
+        purge_log: PurgeLog,
+        targets: Sequence[str],
+        session: Callable[[], aiohttp.ClientSession],
+        policy: RetryPolicy,
+        interval: float,
+        metrics: ReplayMetrics,
+    ) -> None:
+        self._log, self._targets, self._session = purge_log, set(targets), session
+        self._policy = RetryPolicy(attempts=1, timeout=policy.timeout, backoff=0.0)  # the next round retries
+        self._interval, self._metrics = interval, metrics
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="purge-log-replay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.replay_round()
+            except Exception as exc:  # Redis down: try again next round
+                self._metrics.errors.inc()
+                log.warning("purge log: replay round failed: %r", exc)
+            await asyncio.sleep(self._interval)
+
+    async def replay_round(self) -> None:
+        targets = [t for t in await self._log.targets() if t in self._targets]
+        await asyncio.gather(*(self._replay(t) for t in targets))
+        self._metrics.pending.set(sum(len(v) for v in (await self._log.pending()).values()))
+
+    async def _replay(self, target: str) -> None:
+        while (head := await self._log.head(target)) is not None:
+            raw, purge = head
+            delivery = await deliver(self._session(), target, purge, self._policy)
+            if delivery.ok or delivery.status == 400:
+                result = "ok" if delivery.ok else "dropped"
+                if not delivery.ok:
+                    log.error("purge log: %s refused %s (%s): dropped", target, purge, delivery.error)
+                self._metrics.replays.labels(target, result).inc()
+                left = await self._log.pop(target, raw)
+                log.info("purge log: replayed %s to %s (%s), %d left", purge.path, target, result, left)
+                continue
+            self._metrics.replays.labels(target, "failed").inc()
+            return
