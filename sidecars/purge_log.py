@@ -28,6 +28,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from meshkit.errors import DependencyError
 from meshkit.sidecars.purge_fanout import Purge, RetryPolicy, deliver
 
 log = logging.getLogger("meshkit.purge_log")
@@ -57,7 +58,10 @@ class PurgeLog:
         return f"{self._prefix}:pending:{target}"
 
     async def start(self) -> None:
-        await self._redis.ping()
+        try:
+            await self._redis.ping()
+        except (aioredis.RedisError, OSError) as exc:
+            raise DependencyError("redis", f"the purge log (--redis) is unreachable: {exc}") from None
 
     async def close(self) -> None:
         await self._redis.aclose()
