@@ -42,6 +42,10 @@ DAEMONS: dict[str, tuple[str, str]] = {
         "meshkit.sidecars.purge_broadcaster",
         "fans a PURGE out to every Varnish pod and answers once all did (static targets only)",
     ),
+    "embedding-cache": (
+        "meshkit.sidecars.embedding_cache",
+        "an OpenAI-compatible /v1/embeddings that caches each input item (file:// store)",
+    ),
 }
 
 

@@ -3,8 +3,8 @@
 One launcher, `daemon()`, for any of them: it passes port 0 for every listener it is told about, waits
 for the one ready line every daemon prints (`meshkit.daemon.parse_ready`) and yields the bound
 addresses by name. Tests use them the way a user runs them: a real process that can be SIGTERMed or
-SIGKILLed mid-run. `extproc()`, `echo()`, `dev_upstream()` and `purge_broadcaster()` are that launcher
-with each daemon's listeners.
+SIGKILLed mid-run. `extproc()`, `echo()`, `dev_upstream()`, `purge_broadcaster()` and
+`embedding_cache()` are that launcher with each daemon's listeners.
 """
 
 from __future__ import annotations
@@ -184,3 +184,31 @@ def purge_broadcaster(
     """`meshkit purge-broadcaster --targets HOST:PORT,...` on free loopback ports with extra `args`."""
     with daemon("purge-broadcaster", workdir, ["--targets", ",".join(targets), *args], name=name) as running:
         yield PurgeBroadcaster(running.process, running.command, running.addresses)
+
+
+@dataclass(frozen=True)
+class EmbeddingCache(RunningDaemon):
+    """A running `meshkit embedding-cache`: OpenAI's `/v1/embeddings`, each item cached."""
+
+    @property
+    def port(self) -> int:
+        return self.port_of("http")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What `openai.OpenAI(base_url=...)` takes."""
+        return f"{self.url}/v1"
+
+
+@contextmanager
+def embedding_cache(
+    workdir: Path, upstream: str, store: str, args: Sequence[str] = (), *, name: str = "embedding-cache"
+) -> Iterator[EmbeddingCache]:
+    """`meshkit embedding-cache --upstream URL --store URL` on free loopback ports with extra `args`."""
+    argv = ["--upstream", upstream, "--store", store, *args]
+    with daemon("embedding-cache", workdir, argv, name=name) as running:
+        yield EmbeddingCache(running.process, running.command, running.addresses)

@@ -1,0 +1,290 @@
+"""`meshkit embedding-cache` as a real process in front of a real `meshkit dev-upstream`, driven by the
+official `openai` client (no retries) and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from meshkit.harness.daemons import DevUpstream, EmbeddingCache, dev_upstream, embedding_cache
+from meshkit.sidecars.fake_model import vector
+from meshkit.sidecars.openai_shapes import Item
+
+from .conftest import request
+
+pytestmark = pytest.mark.integration
+
+MODEL = "text-embedding-3-small"
+DEFAULT_DIMENSIONS = 1536
+
+
+@pytest.fixture(scope="module")
+def provider(workdir: Path) -> Iterator[DevUpstream]:
+    with dev_upstream(workdir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vectors")
+
+
+@pytest.fixture(scope="module")
+def cache(workdir: Path, provider: DevUpstream, store_dir: Path) -> Iterator[EmbeddingCache]:
+    with embedding_cache(workdir, provider.base_url, store_dir.as_uri()) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def fresh(provider: DevUpstream) -> None:
+    provider.control(reset=True)
+    provider.reset_stats()
+
+
+@pytest.fixture
+def client(cache: EmbeddingCache) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cache.base_url, api_key="x", max_retries=0, timeout=30)
+
+
+def _unique(*texts: str) -> list[str]:
+    """Texts no other test has asked for (the store is shared by the module)."""
+    tag = uuid.uuid4().hex[:8]
+    return [f"{text} {tag}" for text in texts]
+
+
+def _f32(values: list[float]) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def _embed(client: openai.OpenAI, **kwargs: Any) -> tuple[str | None, list[list[float]], Any]:
+    """(x-cache, the vectors in index order, the parsed answer)."""
+    raw = client.embeddings.with_raw_response.create(model=MODEL, **kwargs)
+    answer = raw.parse()
+    assert [d.index for d in answer.data] == list(range(len(answer.data)))
+    return raw.headers.get("x-cache"), [d.embedding for d in answer.data], answer
+
+
+def _expected(items: list[Item], dimensions: int = DEFAULT_DIMENSIONS) -> list[bytes]:
+    return [_f32(vector(MODEL, dimensions, item)) for item in items]
+
+
+def _upstream_inputs(provider: DevUpstream) -> list[list[Any]]:
+    return [call["input"] for call in provider.stats()["embedding_calls"]]
+
+
+# -- miss, then hit -------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["string", "strings", "token-array", "token-arrays"])
+def test_miss_then_hit_in_every_input_form(client: openai.OpenAI, provider: DevUpstream, form: str) -> None:
+    seed = int(uuid.uuid4().hex[:6], 16)
+    given: Any
+    items: list[Item]
+    if form == "string":
+        given = _unique("the quick brown fox")[0]
+        items = [given]
+    elif form == "strings":
+        given = _unique("one", "two words", "three more words")
+        items = list(given)
+    elif form == "token-array":
+        given = [seed, 7, 42]
+        items = [tuple(given)]
+    else:
+        given = [[seed, 1], [seed, 2], [seed, 3, 4]]
+        items = [tuple(t) for t in given]
+
+    result, vectors, answer = _embed(client, input=given)
+    assert result == "miss"
+    assert answer.object == "list" and answer.model == MODEL
+    assert all(d.object == "embedding" for d in answer.data)
+    assert answer.usage.prompt_tokens > 0
+    assert [_f32(v) for v in vectors] == _expected(items)
+    assert _upstream_inputs(provider) == [[i if isinstance(i, str) else list(i) for i in items]]
+
+    result, vectors, answer = _embed(client, input=given)
+    assert result == "hit"
+    assert [_f32(v) for v in vectors] == _expected(items)
+    assert answer.usage.prompt_tokens == 0 and answer.usage.total_tokens == 0
+    assert provider.stats()["calls"]["embeddings"] == 1  # the hit did not reach it
+
+
+def test_string_and_token_array_are_distinct_keys(client: openai.OpenAI, provider: DevUpstream) -> None:
+    token = int(uuid.uuid4().hex[:6], 16)
+    assert _embed(client, input=[str(token)])[0] == "miss"
+    result, vectors, _ = _embed(client, input=[token])
+    assert result == "miss"
+    assert [_f32(v) for v in vectors] == _expected([(token,)])
+
+
+def test_dimensions_are_part_of_the_key(client: openai.OpenAI, provider: DevUpstream) -> None:
+    texts = _unique("short vectors")
+    assert _embed(client, input=texts)[0] == "miss"
+    result, vectors, _ = _embed(client, input=texts, dimensions=64)
+    assert result == "miss"
+    assert [_f32(v) for v in vectors] == _expected(list(texts), 64)
+    assert _embed(client, input=texts, dimensions=64)[0] == "hit"
+    assert provider.stats()["embedding_calls"][-1]["dimensions"] == 64
+
+
+# -- partial ---------------------------------------------------------------------------------------
+def test_half_cached_batch_is_partial_in_order_one_upstream_call(
+    client: openai.OpenAI, provider: DevUpstream
+) -> None:
+    a, b, x, y = _unique("alpha", "beta", "x-ray", "yankee")
+    assert _embed(client, input=[a, b])[0] == "miss"
+    provider.reset_stats()
+    result, vectors, answer = _embed(client, input=[x, a, y, b])
+    assert result == "partial"
+    assert [_f32(v) for v in vectors] == _expected([x, a, y, b])
+    assert _upstream_inputs(provider) == [[x, y]]  # only the missing items, in one call
+    assert answer.usage.prompt_tokens == 4  # the upstream's usage for x and y only (2 words each)
+    assert _embed(client, input=[x, a, y, b])[0] == "hit"
+
+
+def test_repeated_item_in_one_request_asked_once(client: openai.OpenAI, provider: DevUpstream) -> None:
+    (a,) = _unique("again")
+    result, vectors, _ = _embed(client, input=[a, a, a])
+    assert result == "miss"
+    assert [_f32(v) for v in vectors] == _expected([a, a, a])
+    assert _upstream_inputs(provider) == [[a]]
+
+
+# -- encodings ---------------------------------------------------------------------------------------
+def test_base64_and_float_answers_agree(cache: EmbeddingCache, provider: DevUpstream) -> None:
+    texts = _unique("encode me", "and me")
+    answers = {}
+    for fmt in ("float", "base64", "float"):
+        body = json.dumps({"model": MODEL, "input": texts, "encoding_format": fmt}).encode()
+        resp = request(f"{cache.url}/v1/embeddings", body=body, headers={"content-type": "application/json"})
+        assert resp.status == 200, resp.body
+        data = resp.json()["data"]
+        if fmt == "float":
+            assert all(isinstance(d["embedding"], list) for d in data)
+            answers[fmt] = [_f32(d["embedding"]) for d in data]
+        else:
+            answers[fmt] = [base64.b64decode(d["embedding"]) for d in data]
+    assert answers["float"] == answers["base64"] == _expected(list(texts))
+    assert provider.stats()["calls"]["embeddings"] == 1
+
+
+# -- the file:// store across a restart ---------------------------------------------------------------
+def test_file_store_survives_a_restart(workdir: Path, provider: DevUpstream, tmp_path: Path) -> None:
+    texts = _unique("persist", "me")
+    store = (tmp_path / "store").as_uri()
+    for expected in ("miss", "hit"):
+        with embedding_cache(workdir, provider.base_url, store, name="embedding-cache-restart") as server:
+            c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
+            result, vectors, _ = _embed(c, input=texts)
+            assert result == expected
+            assert [_f32(v) for v in vectors] == _expected(list(texts))
+    assert provider.stats()["calls"]["embeddings"] == 1
+    assert list((tmp_path / "store" / MODEL).glob("*/*"))  # <dir>/<model>/<hash[:2]>/<hash>
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_upstream_429_passed_through_not_cached(client: openai.OpenAI, provider: DevUpstream) -> None:
+    texts = _unique("limited")
+    provider.control(fail={"status": 429, "count": 1, "retry_after": 3})
+    with pytest.raises(openai.RateLimitError) as caught:
+        _embed(client, input=texts)
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers.get("retry-after") == "3"
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "rate_limit_exceeded"
+    assert body["type"] == "requests"
+    result, vectors, _ = _embed(client, input=texts)  # the switch cleared: the upstream is asked again
+    assert result == "miss"
+    assert [_f32(v) for v in vectors] == _expected(list(texts))
+    assert provider.stats()["calls"]["embeddings"] == 2
+
+
+def test_upstream_500_passed_through(client: openai.OpenAI, provider: DevUpstream) -> None:
+    provider.control(fail={"status": 503, "count": 1})
+    with pytest.raises(openai.InternalServerError) as caught:
+        _embed(client, input=_unique("down"))
+    assert caught.value.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (json.dumps({"model": MODEL, "input": ""}).encode(), "input"),
+        (json.dumps({"model": MODEL, "input": ["a", 1]}).encode(), "input"),
+        (json.dumps({"input": "x"}).encode(), "model"),
+        (json.dumps({"model": MODEL, "input": "x", "encoding_format": "int8"}).encode(), "encoding_format"),
+        (json.dumps({"model": MODEL, "input": "x", "temperature": 1}).encode(), "temperature"),
+    ],
+    ids=["bad-json", "empty", "mixed", "no-model", "encoding", "unknown-field"],
+)
+def test_bad_input_is_400(
+    cache: EmbeddingCache, provider: DevUpstream, body: bytes, param: str | None
+) -> None:
+    resp = request(f"{cache.url}/v1/embeddings", body=body, headers={"content-type": "application/json"})
+    assert resp.status == 400
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert provider.stats()["calls"]["embeddings"] == 0
+
+
+def test_bad_input_through_the_client(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=MODEL, input=[])
+
+
+def test_unknown_path_is_404_openai_style(cache: EmbeddingCache) -> None:
+    resp = request(f"{cache.url}/v1/chat/completions", body=b"{}")
+    assert resp.status == 404
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unreachable_upstream_is_502(workdir: Path, tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    upstream = f"http://127.0.0.1:{port}/v1"
+    with embedding_cache(workdir, upstream, tmp_path.as_uri(), name="embedding-cache-nowhere") as server:
+        c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as caught:
+            c.embeddings.create(model=MODEL, input="x")
+        assert caught.value.status_code == 502
+
+
+# -- coalescing ----------------------------------------------------------------------------------------
+def test_identical_concurrent_misses_coalesce(cache: EmbeddingCache, provider: DevUpstream) -> None:
+    texts = _unique("together", "at once")
+    provider.control(delay_ms=400)
+
+    def one(_: int) -> tuple[str | None, list[bytes]]:
+        c = openai.OpenAI(base_url=cache.base_url, api_key="x", max_retries=0, timeout=30)
+        result, vectors, _answer = _embed(c, input=texts)
+        return result, [_f32(v) for v in vectors]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    assert provider.stats()["calls"]["embeddings"] == 1
+    assert all(vectors == _expected(list(texts)) for _, vectors in answers)
+    assert all(result == "miss" for result, _ in answers)
+
+
+# -- the shared lifecycle ----------------------------------------------------------------------------
+def test_admin_endpoints(cache: EmbeddingCache, client: openai.OpenAI) -> None:
+    _embed(client, input=_unique("counted"))
+    assert request(f"{cache.admin_url}/healthz", method="GET").status == 200
+    assert request(f"{cache.admin_url}/readyz", method="GET").status == 200
+    metrics = request(f"{cache.admin_url}/metrics", method="GET").body.decode()
+    for name in (
+        'meshkit_embedding_cache_items_total{result="miss"}',
+        'meshkit_embedding_cache_upstream_calls_total{status="200"}',
+        "meshkit_embedding_cache_upstream_seconds_count",
+        "meshkit_embedding_cache_stored_bytes_total",
+    ):
+        assert name in metrics, name
