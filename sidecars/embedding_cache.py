@@ -23,7 +23,8 @@ Caching
   `dimensions` and `user`), are stored, and merged back in input order. Identical items within one
   request are asked for once.
 - Identical concurrent misses coalesce: an item already being fetched by another request is waited
-  for (a dict of in-flight futures by key), not asked for again.
+  for (a dict of in-flight futures by key), not asked for again. (A request whose store read ended just
+  before another request's fetch of the same item finished may still ask the upstream again.)
 - `x-cache`: `hit` when every item came from the store, `miss` when none did, `partial` otherwise (an
   item waited for from another request's upstream call counts as a miss).
 - `usage`: what the upstream reported for the call this request made (its `prompt_tokens` and

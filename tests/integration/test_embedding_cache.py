@@ -288,3 +288,29 @@ def test_admin_endpoints(cache: EmbeddingCache, client: openai.OpenAI) -> None:
         "meshkit_embedding_cache_stored_bytes_total",
     ):
         assert name in metrics, name
+
+
+def test_upstream_timeout_is_504_not_cached(workdir: Path, provider: DevUpstream, tmp_path: Path) -> None:
+    texts = _unique("slow")
+    store = tmp_path.as_uri()
+    args = ["--upstream-timeout", "0.2"]
+    with embedding_cache(workdir, provider.base_url, store, args, name="embedding-cache-timeout") as server:
+        c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
+        provider.control(delay_ms=1000)
+        with pytest.raises(openai.InternalServerError) as caught:
+            c.embeddings.create(model=MODEL, input=texts)
+        assert caught.value.status_code == 504
+        provider.control(delay_ms=0)
+        assert _embed(c, input=texts)[0] == "miss"  # the timed-out call left nothing behind
+
+
+def test_body_over_the_limit_is_413(workdir: Path, provider: DevUpstream, tmp_path: Path) -> None:
+    args = ["--max-body-bytes", "1024"]
+    with embedding_cache(
+        workdir, provider.base_url, tmp_path.as_uri(), args, name="embedding-cache-413"
+    ) as s:
+        body = json.dumps({"model": MODEL, "input": "x" * 4096}).encode()
+        resp = request(f"{s.url}/v1/embeddings", body=body, headers={"content-type": "application/json"})
+        assert resp.status == 413
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert provider.stats()["calls"]["embeddings"] == 0
