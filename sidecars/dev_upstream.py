@@ -77,6 +77,7 @@ from prometheus_client import CollectorRegistry, Counter
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_size
 from meshkit.sidecars.fake_model import chat_answer, count_tokens, vector
+from meshkit.sidecars.openai_http import json_error, openai_errors
 from meshkit.sidecars.openai_shapes import (
     MAX_DIMENSIONS,
     ChatRequest,
@@ -302,10 +303,6 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     )
 
 
-def _error(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-
-
 def _failure_response(status: int, message: str | None, retry_after: int | None) -> web.Response:
     if status == 429:
         kind, code = "requests", "rate_limit_exceeded"
@@ -317,7 +314,7 @@ def _failure_response(status: int, message: str | None, retry_after: int | None)
         kind, code = "invalid_request_error", None
         message = message or f"Failed on purpose with {status} (meshkit dev-upstream fail switch)."
     headers = {} if retry_after is None else {"retry-after": str(retry_after)}
-    return _error(status, error_body(message, kind, None, code), headers)
+    return json_error(status, error_body(message, kind, None, code), headers)
 
 
 Handler = Callable[[web.Request, Upstream], Awaitable[web.StreamResponse]]
@@ -341,7 +338,7 @@ def _model_call(endpoint: str, handler: Handler) -> Callable[[web.Request], Awai
                 response = await handler(request, upstream)
             except InvalidRequest as exc:
                 upstream.stats.rejected[endpoint] += 1
-                response = _error(exc.status, exc.body())
+                response = json_error(exc.status, exc.body())
         upstream.requests.labels(endpoint, str(response.status)).inc()
         return response
 
@@ -488,33 +485,13 @@ async def control(request: web.Request) -> web.Response:
     return _json(upstream.switches.as_dict())
 
 
-# -- errors as OpenAI's body, whatever raised them -------------------------------------------------
-@web.middleware
-async def openai_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except InvalidRequest as exc:
-        return _error(exc.status, exc.body())
-    except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413
-        if exc.status == 404:
-            message = f"Invalid URL ({request.method} {request.path})"
-        elif exc.status == 405:
-            message = f"Method {request.method} is not allowed on {request.path}"
-        else:
-            message = exc.reason
-        return _error(exc.status, error_body(message, "invalid_request_error"))
-    except Exception:
-        log.exception("dev-upstream: unexpected error answering %s %s", request.method, request.path)
-        return _error(500, error_body("The server had an error processing your request.", "server_error"))
-
-
 def dev_upstream_app(
     options: DevUpstreamOptions | None = None, *, registry: CollectorRegistry | None = None
 ) -> web.Application:
     options = options or DevUpstreamOptions()
-    app = web.Application(client_max_size=options.max_body_bytes, middlewares=[openai_errors])
+    app = web.Application(
+        client_max_size=options.max_body_bytes, middlewares=[openai_errors("dev-upstream", log)]
+    )
     app[UPSTREAM] = Upstream(options, registry or CollectorRegistry())
     app.router.add_post("/v1/embeddings", _model_call("embeddings", embeddings))
     app.router.add_post("/v1/chat/completions", _model_call("chat_completions", chat_completions))

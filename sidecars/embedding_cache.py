@@ -65,7 +65,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_seconds, parse_size
+from meshkit.sidecars.openai_http import json_error, openai_errors
 from meshkit.sidecars.openai_shapes import (
     EmbeddingRequest,
     InvalidRequest,
@@ -384,10 +385,6 @@ def _read_upstream_answer(body: bytes, count: int) -> tuple[list[bytes], int, in
 CACHE = web.AppKey("cache", Cache)
 
 
-def _error(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-
-
 async def embeddings(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     try:
@@ -408,7 +405,7 @@ async def embeddings(request: web.Request) -> web.Response:
         answer, result = await cache.embed(req, user, request.headers.get("authorization"))
     except UpstreamError as exc:
         cache.metrics.requests.labels("error").inc()
-        return _error(exc.status, exc.body, exc.headers)
+        return json_error(exc.status, exc.body, exc.headers)
     cache.metrics.requests.labels(result).inc()
     return web.Response(
         body=json.dumps(answer).encode(), content_type="application/json", headers={"x-cache": result}
@@ -418,29 +415,8 @@ async def embeddings(request: web.Request) -> web.Response:
 MAX_BODY = web.AppKey("max_body", int)
 
 
-@web.middleware
-async def openai_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except InvalidRequest as exc:
-        return _error(exc.status, exc.body())
-    except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413
-        if exc.status == 404:
-            message = f"Invalid URL ({request.method} {request.path})"
-        elif exc.status == 405:
-            message = f"Method {request.method} is not allowed on {request.path}"
-        else:
-            message = exc.reason
-        return _error(exc.status, error_body(message, "invalid_request_error"))
-    except Exception:
-        log.exception("embedding-cache: unexpected error answering %s %s", request.method, request.path)
-        return _error(500, error_body("The server had an error processing your request.", "server_error"))
-
-
 def embedding_cache_app(cache: Cache, *, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[openai_errors])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[openai_errors("embedding-cache", log)])
     app[CACHE] = cache
     app[MAX_BODY] = max_body_bytes
     app.router.add_post("/v1/embeddings", embeddings)
