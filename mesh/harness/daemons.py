@@ -62,29 +62,37 @@ class Extproc(RunningDaemon):
 
 
 @dataclass(frozen=True)
-class Echo(RunningDaemon):
+class HttpDaemon(RunningDaemon):
+    """A daemon that answers HTTP on its `http` listener."""
+
     @property
     def port(self) -> int:
         """The HTTP port it answers on."""
-        return self.port_of("http")
-
-
-@dataclass(frozen=True)
-class DevUpstream(RunningDaemon):
-    """A running `meshkit dev-upstream`: the OpenAI-compatible stand-in provider."""
-
-    @property
-    def port(self) -> int:
         return self.port_of("http")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+
+@dataclass(frozen=True)
+class OpenAICompatible(HttpDaemon):
+    """A daemon that serves OpenAI's API under `/v1`."""
+
     @property
     def base_url(self) -> str:
         """What `openai.OpenAI(base_url=...)` takes."""
         return f"{self.url}/v1"
+
+
+@dataclass(frozen=True)
+class Echo(HttpDaemon):
+    """A running `meshkit echo`: answers with what it received."""
+
+
+@dataclass(frozen=True)
+class DevUpstream(OpenAICompatible):
+    """A running `meshkit dev-upstream`: the OpenAI-compatible stand-in provider."""
 
     def _call(self, path: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
         body = None if doc is None else json.dumps(doc).encode()
@@ -165,16 +173,8 @@ def dev_upstream(
 
 
 @dataclass(frozen=True)
-class PurgeBroadcaster(RunningDaemon):
+class PurgeBroadcaster(HttpDaemon):
     """A running `meshkit purge-broadcaster`: PURGE in on `url`, fanned out to its `--targets`."""
-
-    @property
-    def port(self) -> int:
-        return self.port_of("http")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @contextmanager
@@ -187,21 +187,8 @@ def purge_broadcaster(
 
 
 @dataclass(frozen=True)
-class EmbeddingCache(RunningDaemon):
+class EmbeddingCache(OpenAICompatible):
     """A running `meshkit embedding-cache`: OpenAI's `/v1/embeddings`, each item cached."""
-
-    @property
-    def port(self) -> int:
-        return self.port_of("http")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        """What `openai.OpenAI(base_url=...)` takes."""
-        return f"{self.url}/v1"
 
 
 @contextmanager

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from meshkit.extproc.auth.rate_limit import RateLimiter
 from meshkit.harness.daemons import Echo, Extproc, echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
+from meshkit.harness.redis import RedisServer, redis_server
 from meshkit.render import Api, FrontConfig
 
 pytestmark = pytest.mark.integration
@@ -91,6 +94,27 @@ def ingress(
     """A front Envoy to meshkit over ext_proc, ext_authz (gRPC), ext_authz (HTTP): each test runs on all."""
     with front(workdir, upstream, meshkit_server, request.param) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (it may kill() and restart() it on the same port)."""
+    with redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+async def inspect(redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A redis-py client on `redis`, to look at what meshkit stored."""
+    client = aioredis.from_url(redis.url)
+    yield client
+    await client.aclose()
+
+
+async def started_limiter(url: str, **kw: Any) -> RateLimiter:
+    limiter = RateLimiter(url, **kw)
+    await limiter.start()
+    return limiter
 
 
 @pytest.hookimpl(wrapper=True)

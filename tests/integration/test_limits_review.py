@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,26 +15,9 @@ import redis.asyncio as aioredis
 from meshkit.extproc.auth.rate_limit import RateLimiter, subject_key
 from meshkit.harness.redis import RedisServer, redis_server
 
+from .conftest import started_limiter as started
+
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_server(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-async def inspect(redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis.url)
-    yield client
-    await client.aclose()
-
-
-async def started(url: str, **kw: Any) -> RateLimiter:
-    limiter = RateLimiter(url, **kw)
-    await limiter.start()
-    return limiter
 
 
 async def up_within(limiter: RateLimiter, seconds: float) -> bool:

@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,9 @@ import redis.asyncio as aioredis
 
 from meshkit.errors import DependencyError
 from meshkit.extproc.auth.rate_limit import Decision, RateLimiter, subject_key
-from meshkit.harness.redis import RedisServer, redis_server
+from meshkit.harness.redis import RedisServer
+
+from .conftest import started_limiter as started
 
 pytestmark = pytest.mark.integration
 
@@ -26,25 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 Redis = RedisServer  # the harness's: kill() and restart() on the same port
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
-    with redis_server(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-async def inspect(redis: Redis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis.url)
-    yield client
-    await client.aclose()
-
-
-async def started(url: str, **kw: Any) -> RateLimiter:
-    limiter = RateLimiter(url, **kw)
-    await limiter.start()
-    return limiter
 
 
 def metrics(limiter: RateLimiter) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
