@@ -1,0 +1,77 @@
+"""The JetStream stream that holds every conversation's tokens (default `CHAT`), as one shared config.
+
+The bridge creates it when it is missing (`ensure_stream`); the SSE adapter only reads it (replay from a
+sequence, then live). Its limits, and why:
+
+- subjects `chat.*.tokens` (one per conversation; `chat.deadletter` is deliberately outside it);
+- file storage, one replica by default (a supercluster raises `replicas`);
+- `max_age` 24 h: a conversation can be resumed for a day; after that `event: reset` says what is left;
+- `max_bytes` 1 GiB, discard old: a full stream drops its oldest tokens (resumes then get `reset`),
+  never refuses new ones;
+- `max_msgs_per_subject` 100,000: one runaway conversation cannot push every other out;
+- `max_msg_size` 64 KiB: a token message is small; a bigger one is a bug upstream;
+- `duplicate_window` 2 min: two bridges (or one retrying) publishing the same
+  `Nats-Msg-Id = <conversation_id>:<sequence>` store it once.
+
+`ensure_stream` never weakens an existing stream an operator tuned: when the stream exists it is left
+as is (its subjects are checked, since a stream without `chat.*.tokens` would silently store nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from meshkit.edge.token_contract import DEFAULT_STREAM, STREAM_SUBJECTS
+
+__all__ = ["StreamLimits", "ensure_stream", "stream_config"]
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_age: float = 24 * 3600.0
+    max_bytes: int = 1 << 30
+    max_msgs_per_subject: int = 100_000
+    max_msg_size: int = 64 * 1024
+    duplicate_window: float = 120.0
+    replicas: int = 1
+
+
+def stream_config(name: str = DEFAULT_STREAM, limits: StreamLimits | None = None) -> StreamConfig:
+    """The config `ensure_stream` creates (see the module docstring)."""
+    limits = limits or StreamLimits()
+    return StreamConfig(
+        name=name,
+        subjects=[STREAM_SUBJECTS],
+        storage=StorageType.FILE,
+        num_replicas=limits.replicas,
+        max_age=limits.max_age,
+        max_bytes=limits.max_bytes,
+        max_msgs_per_subject=limits.max_msgs_per_subject,
+        max_msg_size=limits.max_msg_size,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=limits.duplicate_window,
+    )
+
+
+async def ensure_stream(
+    js: JetStreamContext, name: str = DEFAULT_STREAM, limits: StreamLimits | None = None
+) -> StreamConfig:
+    """The stream's config, creating it first when it does not exist.
+
+    A `ValueError` when a stream of that name exists without the subjects `chat.*.tokens`.
+    """
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        info = await js.add_stream(stream_config(name, limits))
+    subjects = info.config.subjects or []
+    if STREAM_SUBJECTS not in subjects:
+        raise ValueError(
+            f"JetStream stream {name!r} exists with subjects {subjects}, not {STREAM_SUBJECTS!r}: "
+            "it would store no tokens (use another --stream name or fix the stream)"
+        )
+    return info.config
