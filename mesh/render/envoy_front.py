@@ -126,9 +126,30 @@ def purge_refusal() -> Why:
     )
 
 
+def path_cluster(index: int) -> str:
+    """The cluster of the `index`-th path route."""
+    return f"path_{index}"
+
+
+def _path_routes(config: FrontConfig) -> list[Any]:
+    routes: list[Any] = []
+    for i, (path, _) in enumerate(config.path_routes):
+        entry = _route(config, path_cluster(i))
+        entry["match"] = {"path_separated_prefix": path}
+        if i == 0:
+            entry = Why(
+                entry,
+                f"A route per path (path_routes): {path} and everything under it (not {path}x) to its own "
+                "pods, hashed like the default route; before the model routes, so the cache tier "
+                "answers a cacheable path whatever its model.",
+            )
+        routes.append(entry)
+    return routes
+
+
 def _routes(config: FrontConfig) -> list[Any]:
-    """The PURGE refusal, one route per model (`x-model` exact) in the order given, the default route."""
-    routes: list[Any] = [purge_refusal()]
+    """The PURGE refusal, one route per path, one per model (`x-model` exact), the default route."""
+    routes: list[Any] = [purge_refusal(), *_path_routes(config)]
     for i, (model, _) in enumerate(config.model_routes):
         entry = _route(config, model_cluster(i))
         entry["match"]["headers"] = [{"name": MODEL_HEADER, "string_match": {"exact": model}}]
@@ -147,9 +168,9 @@ def _routes(config: FrontConfig) -> list[Any]:
             )
         )
     default = _route(config, "upstream")
-    if not config.model_routes:
+    if not config.model_routes and not config.path_routes:
         return [*routes, default]
-    routes.append(Why(default, "Every other request (no model, or a model without a route of its own)."))
+    routes.append(Why(default, "Every other request (no route of its own above)."))
     return routes
 
 
@@ -295,6 +316,9 @@ def _upstream_cluster(
 def front_tree(config: FrontConfig) -> dict[str, Any]:
     """The bootstrap, with the reasons (`Why`) still attached."""
     clusters = [_upstream_cluster(config)]
+    clusters += [
+        _upstream_cluster(config, path_cluster(i), ports) for i, (_, ports) in enumerate(config.path_routes)
+    ]
     clusters += [
         _upstream_cluster(config, model_cluster(i), ports) for i, (_, ports) in enumerate(config.model_routes)
     ]

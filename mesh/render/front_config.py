@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,11 @@ from meshkit.render.meshkit_defaults import (
     default_port,
 )
 
-__all__ = ["FrontConfig"]
+__all__ = ["ROUTE_PATH", "FrontConfig"]
+
+# A route path: segments of URL-safe characters, no trailing slash, no dot segments (Envoy normalises
+# those away before routing, so a route on one would never match).
+ROUTE_PATH = re.compile(r"(/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,10 @@ class FrontConfig:
     # model -> the upstream ports serving it: a route per model on `x-model` (model-router), each to its
     # own cluster, before the default route to `upstream_ports`
     model_routes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # path -> the upstream ports serving it (the path and everything under it): a route per path, before
+    # the model routes, each to its own cluster ring-hashed like the default (the cache tier:
+    # ("/v1/embeddings", (varnish_a, varnish_b)))
+    path_routes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -77,6 +86,11 @@ class FrontConfig:
             "model_routes",
             tuple((model, tuple(ports)) for model, ports in dict(self.model_routes).items()),
         )
+        object.__setattr__(
+            self,
+            "path_routes",
+            tuple((path, tuple(ports)) for path, ports in dict(self.path_routes).items()),
+        )
         problems += self._problems()
         if problems:
             raise ConfigError(problems)
@@ -93,12 +107,22 @@ class FrontConfig:
             if not model_ports:
                 problems.append(f"model_routes[{model!r}]: name at least one upstream port")
             ports |= {f"model_routes[{model!r}][{i}]": p for i, p in enumerate(model_ports)}
+        for path, path_ports in self.path_routes:
+            if not ROUTE_PATH.fullmatch(path):
+                problems.append(
+                    f"path_routes: {path!r} is not a path such as /v1/embeddings ({ROUTE_PATH.pattern})"
+                )
+            if not path_ports:
+                problems.append(f"path_routes[{path!r}]: name at least one upstream port")
+            ports |= {f"path_routes[{path!r}][{i}]": p for i, p in enumerate(path_ports)}
         if self.extproc_port is not None:
             ports["extproc_port"] = self.extproc_port
         problems += [f"{k}: {v} is not a port (0-65535)" for k, v in ports.items() if not 0 <= v <= 65535]
         # Envoy listens on port 0 (any free one), but connects to no such port: it would validate and
         # never reach the server.
-        called = {k: v for k, v in ports.items() if k.startswith(("upstream_ports", "model_routes"))}
+        called = {
+            k: v for k, v in ports.items() if k.startswith(("upstream_ports", "model_routes", "path_routes"))
+        }
         if self.api is not None and self.extproc_port is not None:
             called["extproc_port"] = self.extproc_port
         problems += [f"{k}: Envoy connects to it, so it cannot be 0" for k, v in called.items() if v == 0]
