@@ -137,12 +137,15 @@ def _path_routes(config: FrontConfig) -> list[Any]:
         entry = _route(config, path_cluster(i))
         entry["match"] = {"path_separated_prefix": path}
         if i == 0:
-            entry = Why(
-                entry,
-                f"A route per path (path_routes): {path} and everything under it (not {path}x) to its own "
-                "pods, hashed like the default route; before the model routes, so the cache tier "
-                "answers a cacheable path whatever its model.",
+            routes.append(
+                Why(
+                    entry,
+                    f"A route per path (path_routes): {path} and everything under it (not {path}x) to its "
+                    "own pods, hashed like the default route; before the model routes, so the cache tier "
+                    "answers a cacheable path whatever its model.",
+                )
             )
+            continue
         routes.append(entry)
     return routes
 
