@@ -2,17 +2,25 @@
 
 - `/healthz`: 200 while the process runs its loop (liveness).
 - `/readyz`: 200 only while the daemon takes traffic; 503 from the moment SIGTERM arrives, so load
-  balancers stop sending before the daemon stops accepting.
+  balancers stop sending before the daemon stops accepting. A daemon whose readiness depends on
+  something it cannot see by itself (a dependency that went away) sets `Readiness.check`: an async
+  function asked on each `/readyz` while the daemon is otherwise ready, answering `(ready, reason,
+  details)`; the details join the JSON body. The check bounds and caches its own probes (a probe storm
+  must cost nothing); one that raises is a 503 naming the exception, never a traceback.
 - `/metrics`: Prometheus text format from the daemon's registry.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+# A readiness check: (ready, reason, details for the /readyz body).
+ReadyCheck = Callable[[], Awaitable[tuple[bool, str, dict[str, str]]]]
 
 
 @dataclass
@@ -20,6 +28,18 @@ class Readiness:
     ready: bool = False
     reason: str = "starting"
     details: dict[str, str] = field(default_factory=dict)
+    check: ReadyCheck | None = None  # asked while `ready` (see the module docstring)
+
+    async def current(self) -> tuple[bool, str, dict[str, str]]:
+        """(ready, reason, details) now: the lifecycle's state, then the check's word while ready."""
+        ready, reason, details = self.ready, self.reason, dict(self.details)
+        if ready and self.check is not None:
+            try:
+                ready, reason, more = await self.check()
+            except Exception as exc:  # a broken check: not ready, said in one line
+                ready, reason, more = False, f"readiness check failed: {type(exc).__name__}: {exc}", {}
+            details.update(more)
+        return ready, reason, details
 
     def set(self, ready: bool, reason: str) -> None:
         self.ready, self.reason = ready, reason
@@ -34,14 +54,10 @@ def admin_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicat
         return _json(200, {"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        status = 200 if readiness.ready else 503
+        ready, reason, details = await readiness.current()
         return _json(
-            status,
-            {
-                "status": "ready" if readiness.ready else "not_ready",
-                "reason": readiness.reason,
-                **readiness.details,
-            },
+            200 if ready else 503,
+            {"status": "ready" if ready else "not_ready", "reason": reason, **details},
         )
 
     async def metrics(_: web.Request) -> web.Response:

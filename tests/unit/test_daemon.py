@@ -387,3 +387,47 @@ async def test_a_second_signal_during_a_slow_close_abandons_it_but_not_the_close
         await asyncio.wait_for(task, 5)
     assert events == ["close first"]
     assert "closing slow abandoned" in captured.getvalue()
+
+
+async def test_a_readiness_check_decides_readyz_while_ready_and_joins_the_body(
+    captured: io.StringIO,
+) -> None:
+    """`Readiness.check` (a dependency the daemon probes): asked only while the lifecycle says ready,
+    its details join the body; a check that raises is a 503 in one line; draining wins over it."""
+    state: dict[str, Any] = {"ok": True, "raise": False}
+    asked: list[int] = []
+
+    async def check() -> tuple[bool, str, dict[str, str]]:
+        asked.append(1)
+        if state["raise"]:
+            raise OSError("probe exploded")
+        return state["ok"], "serving" if state["ok"] else "upstream unreachable", {"upstream": "x"}
+
+    lives: list[Lifecycle] = []
+
+    async def serve(_: Resolved, life: Lifecycle) -> None:
+        life.readiness.check = check
+        lives.append(life)
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        run_daemon(Daemon("toy", "a toy", lambda: [NoOptions], serve), options(), stop, ready=ready)
+    )
+    await asyncio.wait_for(ready.wait(), 5)
+    url = f"http://{lives[0].admin_address}/readyz"
+    assert await get(url) == (200, {"status": "ready", "reason": "serving", "upstream": "x"})
+    state["ok"] = False
+    status, body = await get(url)
+    assert status == 503 and isinstance(body, dict) and body["reason"] == "upstream unreachable"
+    state["raise"] = True
+    status, body = await get(url)
+    assert status == 503 and isinstance(body, dict)
+    assert body["reason"] == "readiness check failed: OSError: probe exploded"
+    state.update(ok=True, raise_=False)
+    lives[0].readiness.set(False, "draining")  # what drain() does first: the check is not asked
+    before = len(asked)
+    status, body = await get(url)
+    assert status == 503 and isinstance(body, dict) and body["reason"] == "draining"
+    assert len(asked) == before
+    stop.set()
+    await asyncio.wait_for(task, 5)
