@@ -1,9 +1,14 @@
 """`meshkit up`: the local stack on one machine, with real processes.
 
 Today: Envoy ingress on 127.0.0.1:10000 -> meshkit auth, body-hash, model-router (ext_authz over HTTP
-by default; `--api`) -> `meshkit echo` upstreams, which answer with what they received: pod-a and pod-b
-ring-hashed on `x-body-hash` (the default route), pod-gpt-4o for `x-model: gpt-4o`. A real Redis holds
-the rate limits. Demo credentials (API keys, an HS256 JWT) are made fresh for each run in the workdir.
+by default; `--api`) ->
+- `/v1/embeddings`: the cache tier — Varnish x2 (the shipped VCL, ring-hashed on `x-body-hash`) ->
+  `meshkit embedding-cache` (a `file://` store in the workdir) -> `meshkit dev-upstream` (the stand-in
+  provider); `meshkit purge-broadcaster` fans PURGE out to both Varnish pods (purge log in Redis);
+- everything else: `meshkit echo` upstreams, which answer with what they received: pod-a and pod-b
+  ring-hashed on `x-body-hash` (the default route), pod-gpt-4o for `x-model: gpt-4o`.
+A real Redis holds the rate limits and the purge log. Demo credentials (API keys, an HS256 JWT) are
+made fresh for each run in the workdir.
 It prints curl lines to try and runs until Ctrl-C (or SIGTERM), then stops every process it started.
 `--check` sends the walkthrough's requests itself, verifies the answers and exits 0 (all good) or 1.
 """
@@ -32,13 +37,27 @@ import yaml
 
 from meshkit.errors import HarnessError, MeshkitError
 from meshkit.extproc.apis import Api
-from meshkit.harness.daemons import Echo, Extproc, echo, extproc
+from meshkit.harness.daemons import (
+    DevUpstream,
+    Echo,
+    Extproc,
+    PurgeBroadcaster,
+    dev_upstream,
+    echo,
+    embedding_cache,
+    extproc,
+    purge_broadcaster,
+)
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.process import ManagedProcess
 from meshkit.harness.redis import redis_server
-from meshkit.render import FrontConfig
+from meshkit.harness.varnish import VarnishServer, varnish_server
+from meshkit.render import FrontConfig, meshkit_vcl
 
 DEMO_BODY = '{"model": "text-embedding-3-small", "input": "hello mesh"}'
+EMBEDDINGS = "/v1/embeddings"
+ECHO_PATH = "/v1/completions"  # served by the echo pods: they show what reached them
+ECHO_BODY = '{"model": "gpt-4o-mini", "prompt": "hello mesh"}'
 CHAT_BODY = '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
 CHAIN = ("auth", "body-hash", "model-router")
 ROUTED_MODEL = "gpt-4o"
@@ -123,12 +142,16 @@ Answer = tuple[int, dict[str, str], dict[str, Any]]  # status, headers, JSON bod
 
 
 def _post(
-    port: int, body: str, headers: dict[str, str] | None = None, path: str = "/v1/embeddings"
+    port: int,
+    body: str,
+    headers: dict[str, str] | None = None,
+    path: str = EMBEDDINGS,
+    method: str = "POST",
 ) -> Answer:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(
-            "POST",
+            method,
             path,
             body=body.encode(),
             headers={"content-type": "application/json", **(headers or {})},
@@ -146,13 +169,23 @@ def _post(
     return status, resp_headers, doc if isinstance(doc, dict) else {"body": doc}
 
 
-def check(port: int, max_body_bytes: int, demo: Demo) -> list[str]:
+@dataclass(frozen=True)
+class CacheTier:
+    """The cache tier's processes: what the walkthrough and the check talk to."""
+
+    pods: tuple[VarnishServer, VarnishServer]
+    provider: DevUpstream
+    broadcaster: PurgeBroadcaster
+    processes: tuple[ManagedProcess, ...]
+
+
+def check(port: int, max_body_bytes: int, demo: Demo, tier: CacheTier) -> list[str]:
     """The walkthrough's requests; returns the problems found (empty: all good)."""
     problems = []
     key = {"x-api-key": demo.full_key}
-    want = xxhash.xxh3_128_hexdigest(DEMO_BODY.encode())
+    want = xxhash.xxh3_128_hexdigest(ECHO_BODY.encode())
     status, headers, doc = _post(
-        port, DEMO_BODY, {**key, "x-body-hash": "chosen-by-client", "x-auth-subject": "admin"}
+        port, ECHO_BODY, {**key, "x-body-hash": "chosen-by-client", "x-auth-subject": "admin"}, ECHO_PATH
     )
     got = doc.get("headers", {})
     if status != 200:
@@ -161,13 +194,14 @@ def check(port: int, max_body_bytes: int, demo: Demo) -> list[str]:
         problems.append(f"upstream got x-body-hash {got.get('x-body-hash')!r}, expected {want}")
     elif headers.get("x-body-hash") != want:
         problems.append(f"response echoed x-body-hash {headers.get('x-body-hash')!r}, expected {want}")
-    elif doc.get("body_sha256") != hashlib.sha256(DEMO_BODY.encode()).hexdigest():
+    elif doc.get("body_sha256") != hashlib.sha256(ECHO_BODY.encode()).hexdigest():
         problems.append("upstream received a different body")
     elif got.get("x-auth-subject") != "demo-service" or "x-api-key" in got:
         problems.append(f"upstream got x-auth-subject {got.get('x-auth-subject')!r} / the key: {sorted(got)}")
-    pods = {_post(port, DEMO_BODY, key)[2].get("upstream") for _ in range(3)}
+    pods = {_post(port, ECHO_BODY, key, ECHO_PATH)[2].get("upstream") for _ in range(3)}
     if len(pods) != 1:
         problems.append(f"the same body reached several pods: {sorted(map(str, pods))}")
+    problems += check_cache_tier(port, demo, tier)
     expected: list[tuple[str, Answer, int, str]] = [
         ("no credential", _post(port, DEMO_BODY), 401, "unauthorized"),
         ("an unknown key", _post(port, DEMO_BODY, {"x-api-key": "mk_unknown"}), 401, "unauthorized"),
@@ -196,31 +230,82 @@ def check(port: int, max_body_bytes: int, demo: Demo) -> list[str]:
     )
     if status != 200 or routed != (f"pod-{ROUTED_MODEL}", "jwt", ROUTED_MODEL):
         problems.append(f"the JWT chat request answered {status} via {routed}, expected pod-{ROUTED_MODEL}")
-    limited = [_post(port, DEMO_BODY, {"x-api-key": demo.limited_key}) for _ in range(LIMIT + 1)]
+    limited = [_post(port, "{}", {"x-api-key": demo.limited_key}, ECHO_PATH) for _ in range(LIMIT + 1)]
     statuses = [answer[0] for answer in limited]
     if statuses != [200] * LIMIT + [429] or "retry-after" not in limited[-1][1]:
         problems.append(f"the rate-limited key answered {statuses}, expected {LIMIT} x 200 then 429")
     return problems
 
 
-def walkthrough(proxy: Envoy, port: int, admin_port: int, api: str, max_body_bytes: int, demo: Demo) -> str:
+def _provider_items(tier: CacheTier) -> int:
+    return int(tier.provider.stats().get("embedding_items", -1))
+
+
+def check_cache_tier(port: int, demo: Demo, tier: CacheTier) -> list[str]:
+    """Varnish MISS then HIT, the provider asked once; a PURGE through the broadcaster reaches both
+    pods, after which Varnish misses and the embedding cache answers without the provider; a client's
+    PURGE at the ingress is refused."""
+    problems = []
+    key = {"x-api-key": demo.full_key}
+    body = json.dumps({"model": "text-embedding-3-small", "input": ["check", secrets.token_hex(8)]})
+    before = _provider_items(tier)
+    answers = [_post(port, body, key) for _ in range(2)]
+    verdicts = [(status, headers.get("x-cache")) for status, headers, _ in answers]
+    if verdicts != [(200, "MISS"), (200, "HIT")]:
+        problems.append(f"/v1/embeddings twice answered {verdicts}, expected 200 MISS then 200 HIT")
+    elif len(answers[0][2].get("data", [])) != 2 or answers[0][2] != answers[1][2]:
+        problems.append("/v1/embeddings: the cached answer differs from the first (or is not 2 vectors)")
+    if _provider_items(tier) - before != 2:
+        problems.append(f"the provider was asked for {_provider_items(tier) - before} items, expected 2")
+    purge = _post(tier.broadcaster.port, "", path=EMBEDDINGS, method="PURGE")
+    statuses = [t.get("status") for t in purge[2].get("targets", [])]
+    if purge[0] != 200 or statuses != [200, 200]:
+        problems.append(f"PURGE via the broadcaster answered {purge[0]} {purge[2]}, expected 200 from 2 pods")
+    status, headers, _ = _post(port, body, key)
+    if (status, headers.get("x-cache")) != (200, "MISS") or _provider_items(tier) - before != 2:
+        problems.append(
+            f"after the purge: {status} {headers.get('x-cache')}, provider items +"
+            f"{_provider_items(tier) - before}; expected 200 MISS with the embedding cache answering"
+        )
+    refused = _post(port, "", key, EMBEDDINGS, method="PURGE")
+    if refused[0] != 405:
+        problems.append(f"a client's PURGE at the ingress answered {refused[0]}, expected 405")
+    return problems
+
+
+def walkthrough(
+    proxy: Envoy, port: int, admin_port: int, api: str, max_body_bytes: int, demo: Demo, tier: CacheTier
+) -> str:
     url = f"http://127.0.0.1:{port}"
+    va, vb = (pod.url for pod in tier.pods)
+    provider, broadcaster = tier.provider.url, tier.broadcaster.url
     json_header = "-H 'content-type: application/json'"
     unknown = '{"model": "gpt-2", "messages": []}'
     status_only = "-s -o /dev/null -w '%{http_code}\\n'"
     return f"""
 meshkit local stack is up:
   client -> Envoy {url} -> meshkit {",".join(CHAIN)} ({api})
-         -> echo pod-a | pod-b (ring-hashed on x-body-hash), pod-{ROUTED_MODEL} (x-model: {ROUTED_MODEL})
-  Redis holds the rate limits. Demo credentials, fresh for this run (paste these into your shell):
+    {EMBEDDINGS}: Varnish {va} | {vb} (ring-hashed on x-body-hash) -> embedding cache -> provider {provider}
+    other paths: echo pod-a | pod-b (ring-hashed on x-body-hash), pod-{ROUTED_MODEL} (x-model: {ROUTED_MODEL})
+  purge broadcaster {broadcaster} -> both Varnish pods. Redis holds the rate limits and the purge log.
+  Demo credentials, fresh for this run (paste these into your shell):
     export FULL={demo.full_key}        # scopes embeddings, llm
     export READER={demo.reader_key}    # scope llm
     export LIMITED={demo.limited_key}  # {LIMIT} requests a minute
     export TOKEN={demo.token}  # a JWT (HS256), scope llm
 
-  # the upstream answers with what it received: x-auth-subject, "x-body-hash" (also echoed as a response
-  # header) and "upstream": the same body always lands on the same pod; change the input to move it
-  curl -si {url}/v1/embeddings -H "x-api-key: $FULL" {json_header} -d '{DEMO_BODY}'
+  # the cache tier: X-Cache MISS, then HIT from the same Varnish pod (the same body, the same x-body-hash)
+  curl -si {url}{EMBEDDINGS} -H "x-api-key: $FULL" {json_header} -d '{DEMO_BODY}' | grep -i '^x-'
+  # PURGE through the broadcaster (both pods confirm); then Varnish misses, and the embedding cache
+  # answers without asking the provider (its /stats: embedding_items stays the same)
+  curl -s -X PURGE {broadcaster}{EMBEDDINGS}
+  curl -s {provider}/stats
+  # a client's PURGE at the ingress: 405
+  curl -si -X PURGE {url}{EMBEDDINGS} -H "x-api-key: $FULL"
+
+  # the echo pods answer with what they received: x-auth-subject, "x-body-hash" (also echoed as a
+  # response header) and "upstream": the same body always lands on the same pod; change it to move it
+  curl -si {url}{ECHO_PATH} -H "x-api-key: $FULL" {json_header} -d '{ECHO_BODY}'
 
   # no credential: 401; a key without the route's scope: 403
   curl -si {url}/v1/embeddings {json_header} -d '{DEMO_BODY}'
@@ -231,7 +316,7 @@ meshkit local stack is up:
   curl -si {url}/v1/chat/completions -H "x-api-key: $FULL" {json_header} -d '{unknown}'
 
   # the rate limit: the fourth within a minute gets 429 with Retry-After and x-ratelimit-*
-  for i in 1 2 3 4; do curl {status_only} {url}/v1/embeddings -H "x-api-key: $LIMITED" -d '{{}}'; done
+  for i in 1 2 3 4; do curl {status_only} {url}{ECHO_PATH} -H "x-api-key: $LIMITED" -d '{{}}'; done
 
   # over --max-body-bytes ({max_body_bytes} bytes): 413 with a JSON error
   head -c {max_body_bytes + 1} /dev/zero | curl -s {url}/v1/embeddings -H "x-api-key: $FULL" --data-binary @-
@@ -279,8 +364,12 @@ def run_up(args: argparse.Namespace) -> int:
                     f"pod-{ROUTED_MODEL} on 127.0.0.1:{pod_model.port}",
                     flush=True,
                 )
-                with extproc(workdir, ["--log-format", "json", *demo.args]) as server:
-                    return _serve(args, workdir, demo, (pod_a, pod_b, pod_model), server, redis.process)
+                with (
+                    cache_tier(workdir, redis.url) as tier,
+                    extproc(workdir, ["--log-format", "json", *demo.args]) as server,
+                ):
+                    pods = (pod_a, pod_b, pod_model)
+                    return _serve(args, workdir, demo, pods, server, redis.process, tier)
         except KeyboardInterrupt:
             pass
         except HarnessError as exc:
@@ -291,6 +380,30 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def cache_tier(workdir: Path, redis_url: str) -> Iterator[CacheTier]:
+    """dev-upstream <- embedding-cache (file:// store in the workdir) <- Varnish x2; the broadcaster."""
+    store = (workdir / "vectors").resolve().as_uri()
+    json_logs = ["--log-format", "json"]
+    with (
+        dev_upstream(workdir, json_logs, name="provider") as provider,
+        embedding_cache(workdir, provider.base_url, store, json_logs) as cache,
+        varnish_server(workdir, meshkit_vcl(backend=("127.0.0.1", cache.port)), name="varnish-a") as va,
+        varnish_server(workdir, meshkit_vcl(backend=("127.0.0.1", cache.port)), name="varnish-b") as vb,
+        purge_broadcaster(
+            workdir, [f"127.0.0.1:{va.port}", f"127.0.0.1:{vb.port}"], ["--redis", redis_url, *json_logs]
+        ) as broadcaster,
+    ):
+        print(
+            f"  cache tier: varnish-a on 127.0.0.1:{va.port}, varnish-b on 127.0.0.1:{vb.port} -> "
+            f"embedding-cache on 127.0.0.1:{cache.port} -> provider (dev-upstream) on "
+            f"127.0.0.1:{provider.port}; purge broadcaster on 127.0.0.1:{broadcaster.port}",
+            flush=True,
+        )
+        processes = (provider.process, cache.process, va.process, vb.process, broadcaster.process)
+        yield CacheTier((va, vb), provider, broadcaster, processes)
+
+
 def _serve(
     args: argparse.Namespace,
     workdir: Path,
@@ -298,6 +411,7 @@ def _serve(
     pods: tuple[Echo, ...],
     server: Extproc,
     redis: ManagedProcess,
+    tier: CacheTier,
 ) -> int:
     """Envoy in front of the running servers, then the check, or the walkthrough until Ctrl-C."""
     pod_a, pod_b, pod_model = pods
@@ -313,18 +427,20 @@ def _serve(
         api=Api(args.api),
         filters=CHAIN,
         model_routes=((ROUTED_MODEL, (pod_model.port,)),),
+        path_routes=((EMBEDDINGS, tuple(pod.port for pod in tier.pods)),),
         listen_port=args.port,
     )
     with envoy(config.render(), workdir, name="envoy-ingress") as proxy:
         port = proxy.listeners["ingress"][1]  # --port 0 picks a free one
         if args.check:
-            problems = check(port, config.max_body_bytes, demo)
+            problems = check(port, config.max_body_bytes, demo, tier)
             for problem in problems:
                 print(f"FAIL: {problem}", file=sys.stderr)
             print("check: OK" if not problems else "check: FAILED", flush=True)
             return 1 if problems else 0
-        print(walkthrough(proxy, port, server.admin_port, args.api, config.max_body_bytes, demo), flush=True)
-        watched = (*(pod.process for pod in pods), server.process, redis, proxy.process)
+        text = walkthrough(proxy, port, server.admin_port, args.api, config.max_body_bytes, demo, tier)
+        print(text, flush=True)
+        watched = (*(pod.process for pod in pods), *tier.processes, server.process, redis, proxy.process)
         while True:
             time.sleep(0.5)
             for proc in watched:

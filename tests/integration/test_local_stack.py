@@ -61,15 +61,24 @@ def test_ctrl_c_stops_every_process(tmp_path: Path, sig: signal.Signals) -> None
         start_timeout=60,
     )
     with up:
-        url = log_match(up, r"curl -si (http://127\.0\.0\.1:\d+)/v1/embeddings").group(1)
+        url = log_match(up, r"curl -si (http://127\.0\.0\.1:\d+)/v1/completions").group(1)
         key = log_match(up, r"export FULL=(mk_\w+)").group(1)
-        assert request(f"{url}/v1/embeddings", body=b'{"input": "x"}').status == 401  # the key is needed
-        resp = request(f"{url}/v1/embeddings", body=b'{"input": "x"}', headers={"x-api-key": key})
+        assert request(f"{url}/v1/completions", body=b'{"prompt": "x"}').status == 401  # the key is needed
+        resp = request(f"{url}/v1/completions", body=b'{"prompt": "x"}', headers={"x-api-key": key})
         assert resp.status == 200
         assert re.fullmatch(r"[0-9a-f]{32}", resp.upstream_headers["x-body-hash"])
         assert resp.upstream_headers["x-auth-subject"] == "demo-service"
+        embedded = request(
+            f"{url}/v1/embeddings",
+            body=b'{"model": "text-embedding-3-small", "input": "x"}',
+            headers={"x-api-key": key},
+        )
+        assert embedded.status == 200 and embedded.headers["x-cache"] == "MISS"
+        assert embedded.json()["object"] == "list"
         children = children_of(up.pid)
-        assert len(children) == 6  # Redis, echo pod-a, pod-b and pod-gpt-4o, meshkit extproc, Envoy
+        # Redis, echo pod-a, pod-b and pod-gpt-4o, dev-upstream, embedding-cache, Varnish x2, the purge
+        # broadcaster, meshkit extproc, Envoy
+        assert len(children) == 11
         up.signal(sig)  # like Ctrl-C in a terminal: to the leader only
         assert up.wait(30) == 0
         assert "every process of the stack has exited" in up.log_text()
