@@ -3,6 +3,8 @@ of them have answered.
 
     meshkit purge-broadcaster --listen 127.0.0.1:6090 --targets 10.0.0.7:6081,10.0.0.8:6081 \\
         [--token-file /run/secrets/purge-token] [--redis redis://127.0.0.1:6379/0]
+    meshkit purge-broadcaster --targets dns:varnish-headless.cache.svc.cluster.local:6081
+    meshkit purge-broadcaster --targets k8s:cache/varnish:http      # the Service's EndpointSlices
     curl -X PURGE localhost:6090/v1/embeddings                       # that URL, every body variant
     curl -X PURGE localhost:6090/ -H 'X-Purge-All: true'             # everything
     curl -X PURGE localhost:6090/ -H 'Surrogate-Key: team-a v1.2'    # objects tagged so
@@ -19,36 +21,57 @@ API (the `--listen` port)
   - 502 with the same list otherwise: each target's last status (`null` when it never answered) and,
     for one that failed, `"error"` (the target's own message, or why there was no answer) and
     `"attempts"` when more than one was made;
-  - 503 `{"error": ..., "targets": []}` when there are no targets.
+  - 503 `{"error": ..., "targets": []}` when there are no targets (none configured, or dns:/k8s:
+    sources that found none yet).
   With `--redis`, each failed target's entry also says `"pending": true` when the purge was queued in
   the purge log for it (not for a 400: the target's VCL refuses it, a replay would too).
 - `GET /purges`: `{"pending": {"HOST:PORT": [{"id", "at", "purge": {"path", "purge_all", "keys"}}]}}`,
-  oldest first (empty without `--redis`).
+  oldest first (empty without `--redis`), and `"departed"`: the targets that left the set less than
+  `--departed-keep` seconds ago (their purges are kept, see below).
+- `GET /targets`: `{"targets": [{"target", "sources": [...]}], "sources": [{"source", "kind",
+  "targets", ...}]}`: the current set, which source named each target, and each source's own state
+  (dns: `resolved_at`, `last_error`; k8s: `connected`, `resource_version`, `slices`, `last_error`).
 - `--token-file F`: every request needs `Authorization: Bearer <the file's content, stripped>`
   (compared in constant time), else 401 JSON with `WWW-Authenticate: Bearer`. Read once at start.
-- Any other method: 405 JSON (`Allow: PURGE`; `GET, PURGE` on `/purges`). A request body over
+- Any other method: 405 JSON (`Allow: PURGE`; `GET, PURGE` on `/purges` and `/targets`). A request body over
   `--max-body-bytes`: 413 JSON. Errors are `{"error": {"type", "message"}}` like the VCL's.
-- Admin port (`--admin-listen`): `/healthz`, `/readyz`, `/metrics` with
+- Targets (`meshkit.sidecars.purge_targets`): `--targets` mixes `HOST:PORT`, `dns:NAME:PORT`
+  (re-resolved every `--resolve-interval` s, `--resolve-timeout` each; a failure keeps the last set) and
+  `k8s:[NAMESPACE/]SERVICE:PORT|PORTNAME` (EndpointSlices listed and watched, in-cluster config or
+  `--kube-api URL --kube-token-file F [--kube-ca-file F]`; `meshkit.sidecars.kube_endpoints` says which
+  endpoints count and the RBAC it needs). The set changes under the broadcaster: each PURGE goes to the
+  set of the moment it arrived. A target that joins gets nothing replayed (a new pod starts empty).
+- Admin port (`--admin-listen`): `/healthz`, `/readyz` (503 `"no purge targets"` while the set is
+  empty, e.g. before the first resolution or list, or with a rejected token), `/metrics` with
   `meshkit_purge_requests_total{result=ok|failed|bad_request|unauthorized|no_targets|...}`,
   `meshkit_purge_target_failures_total{target}`, `meshkit_purge_fanout_seconds` (a histogram of the
-  whole fan-out), and with `--redis` `meshkit_purge_replays_total{target,result=ok|failed|dropped}`,
-  `meshkit_purge_pending`, `meshkit_purge_log_errors_total`.
+  whole fan-out), `meshkit_purge_targets{source}` (targets per source),
+  `meshkit_purge_target_source_errors_total{source,kind}` (resolution and list/watch errors),
+  `meshkit_purge_watch_restarts_total{source,reason=timeout|gone|error}`, and with `--redis`
+  `meshkit_purge_replays_total{target,result=ok|failed|dropped|expired}`, `meshkit_purge_pending`,
+  `meshkit_purge_log_errors_total`.
 - SIGTERM: the shared lifecycle (`meshkit.daemon`): readiness off, in-flight fan-outs get
-  `--drain-timeout`, then the replay loop, Redis and the HTTP session close.
+  `--drain-timeout`, then the replay loop, Redis, the target sources and the HTTP session close.
 
 Purge log (`--redis URL`, `meshkit.sidecars.purge_log`): a purge a target missed (no answer, 5xx,
 403) is kept in Redis, a list per target in order, and survives a broadcaster restart. A loop probes
 every configured target with pending purges every `--replay-interval` seconds (one attempt each) and
-replays them oldest first, removing each once the target answered 200. New purges are still sent to
+replays them oldest first, removing each once the target answered 200. A target that left the set is
+kept `--departed-keep` seconds (new purges are queued for it meanwhile; it gets them if it comes back),
+then its entries are dropped and counted (`meshkit.sidecars.purge_log`). New purges are still sent to
 such a target directly (a 200 is a 200), so a replayed ban may land after a newer one: bans commute,
 the cost is at most an extra miss. Redis down: the purge is still fanned out and answered (the 502
 says `"pending": false`), logged and counted; Redis unreachable at start: the daemon does not start
 (one line, exit 1).
 
-NOT DONE in this slice: `dns:NAME:PORT` and `k8s:NAMESPACE/SERVICE:PORT` targets (refused at start:
-static `HOST:PORT` lists only); telling a restarted pod that kept no cache (needs nothing) from one
-that was merely unreachable (both get the pending purges: harmless, a ban on an empty cache);
-Redis in `/readyz`; pending purges of a target no longer in `--targets` are listed, never replayed.
+Readiness with no targets: the shared lifecycle turns readiness on when `serve()` returns; a task here
+waits for that and from then on keeps it off while the set is empty (and never touches it once
+draining). A window of one event-loop turn remains between the two (see the report: `meshkit.daemon`
+could take a readiness condition).
+
+NOT DONE: telling a restarted pod that kept no cache (needs nothing) from one that was merely
+unreachable (both get the pending purges: harmless, a ban on an empty cache); Redis in `/readyz`;
+EndpointSlice list pagination (`limit`/`continue`: the whole list in one answer).
 """
 
 from __future__ import annotations
@@ -57,25 +80,37 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
-from meshkit.options import option, parse_host_port, parse_seconds, parse_size
-from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, RetryPolicy, deliver, parse_targets
-from meshkit.sidecars.purge_log import PurgeLog, Replayer, ReplayMetrics
+from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds, parse_size
+from meshkit.sidecars.kube_endpoints import KubeConfig
+from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, RetryPolicy, deliver
+from meshkit.sidecars.purge_log import Departures, PurgeLog, Replayer, ReplayMetrics
+from meshkit.sidecars.purge_targets import (
+    DnsSource,
+    KubeSource,
+    SourceHooks,
+    StaticSource,
+    TargetSet,
+    TargetSpec,
+    parse_target_spec,
+    parse_target_specs,
+)
 
 log = logging.getLogger("meshkit.purge_broadcaster")
 
 TARGETS_HELP = (
-    "comma-separated HOST:PORT of every Varnish pod (a static list; dns: and k8s: targets are not "
-    "implemented yet)"
+    "comma-separated Varnish pods: HOST:PORT, dns:NAME:PORT (every A/AAAA record, re-resolved), "
+    "k8s:NAMESPACE/SERVICE:PORT (the Service's ready EndpointSlice endpoints; PORT a number or a port name)"
 )
 
 
@@ -94,7 +129,7 @@ class PurgeBroadcasterOptions:
         parse=parse_host_port,
         metavar="HOST:PORT",
     )
-    targets: tuple[str, ...] = option((), TARGETS_HELP, parse=parse_targets, metavar="HOST:PORT,...")
+    targets: tuple[str, ...] = option((), TARGETS_HELP, parse=parse_target_specs, metavar="TARGET,...")
     token_file: str = option("", "file holding the bearer token every request must carry (empty: none)")
     target_timeout: float = option(
         1.0, "seconds one attempt at one target may take", parse=parse_seconds, metavar="SECONDS"
@@ -122,6 +157,33 @@ class PurgeBroadcasterOptions:
         parse=parse_seconds,
         metavar="SECONDS",
     )
+    departed_keep: float = option(
+        300.0,
+        "seconds the purges of a target that left the set are kept (and queued) in case it comes back",
+        parse=parse_seconds,
+        metavar="SECONDS",
+    )
+    resolve_interval: float = option(
+        5.0, "seconds between two resolutions of a dns: target", parse=parse_seconds, metavar="SECONDS"
+    )
+    resolve_timeout: float = option(
+        2.0, "seconds one resolution of a dns: target may take", parse=parse_seconds, metavar="SECONDS"
+    )
+    kube_api: str = option(
+        "",
+        "URL of the Kubernetes API for k8s: targets (empty: in-cluster, KUBERNETES_SERVICE_HOST/PORT)",
+        metavar="URL",
+    )
+    kube_token_file: str = option(
+        "", "bearer token file for the Kubernetes API (empty: the pod's service account token)"
+    )
+    kube_ca_file: str = option("", "CA bundle of the Kubernetes API (empty: the service account's ca.crt)")
+    kube_watch_timeout: int = option(
+        300,
+        "seconds the API server keeps one EndpointSlice watch open (timeoutSeconds) before it is reopened",
+        parse=parse_non_negative_int,
+        metavar="SECONDS",
+    )
 
 
 @dataclass
@@ -129,6 +191,9 @@ class Metrics:
     requests: Counter
     target_failures: Counter
     fanout: Histogram
+    targets: Gauge
+    source_errors: Counter
+    watch_restarts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -148,6 +213,25 @@ class Metrics:
                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
                 registry=registry,
             ),
+            Gauge(
+                "meshkit_purge_targets",
+                "Targets each --targets source gives now",
+                ["source"],
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_purge_target_source_errors",
+                "dns: resolutions and k8s: lists/watches that failed (the last set is kept), by kind",
+                ["source", "kind"],
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_purge_watch_restarts",
+                "k8s: watches reopened, by reason (timeout: the server's timeoutSeconds; gone: 410, listed "
+                "again; error)",
+                ["source", "reason"],
+                registry=registry,
+            ),
         )
 
 
@@ -155,39 +239,39 @@ class Metrics:
 class Broadcaster:
     """What a request handler needs: targets, the policy, the session (set at start), metrics."""
 
-    targets: tuple[str, ...]
+    targets: TargetSet
     policy: RetryPolicy
     token: bytes | None
     metrics: Metrics
     session: aiohttp.ClientSession | None = None
     purge_log: PurgeLog | None = None
     log_errors: Counter | None = None
+    departures: Departures | None = None
 
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "the HTTP session starts before the listener"
         return self.session
 
     async def keep(self, failed: list[Delivery], purge: Purge) -> set[str]:
-        """Queue `purge` for each failed target that may take it later (no answer, 5xx, 403); the
-        targets it was queued for."""
+        """Queue `purge` for each failed target that may take it later (no answer, 5xx, 403) and for
+        each departed one (it may come back with its cache); the targets it was queued for."""
         kept: set[str] = set()
         if self.purge_log is None:
             return kept
-        for d in failed:
-            if d.status == 400:  # the target's VCL refuses it: a replay would too
-                continue
+        away = self.departures.away() if self.departures is not None else []
+        for target in [d.target for d in failed if d.status != 400] + away:  # 400: a replay would be too
             try:
-                await self.purge_log.append(d.target, purge)
-                kept.add(d.target)
+                await self.purge_log.append(target, purge)
+                kept.add(target)
             except Exception as exc:  # Redis down: the 502 still says which target missed it
                 if self.log_errors is not None:
                     self.log_errors.inc()
-                log.error("purge log: could not keep %s for %s: %r", purge.path, d.target, exc)
+                log.error("purge log: could not keep %s for %s: %r", purge.path, target, exc)
         return kept
 
-    async def fan_out(self, purge: Purge) -> list[Delivery]:
+    async def fan_out(self, purge: Purge, targets: tuple[str, ...]) -> list[Delivery]:
         session = self.client()
-        return list(await asyncio.gather(*(deliver(session, t, purge, self.policy) for t in self.targets)))
+        return list(await asyncio.gather(*(deliver(session, t, purge, self.policy) for t in targets)))
 
 
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
@@ -218,10 +302,13 @@ async def _purge(request: web.Request) -> web.Response:
         )
     if request.method == "GET" and request.path == "/purges":
         pending = await b.purge_log.pending() if b.purge_log is not None else {}
-        return web.json_response({"pending": pending})
+        departed = b.departures.away() if b.departures is not None else []
+        return web.json_response({"pending": pending, "departed": departed})
+    if request.method == "GET" and request.path == "/targets":
+        return web.json_response(b.targets.describe())
     if request.method != "PURGE":
         counted.labels("method_not_allowed").inc()
-        allow = "GET, PURGE" if request.path == "/purges" else "PURGE"
+        allow = "GET, PURGE" if request.path in ("/purges", "/targets") else "PURGE"
         return _error(405, "method_not_allowed", f"{request.method}: only {allow}", headers={"Allow": allow})
     try:
         await request.read()
@@ -237,11 +324,13 @@ async def _purge(request: web.Request) -> web.Response:
     except BadPurge as exc:
         counted.labels("bad_request").inc()
         return _error(400, "bad_request", str(exc))
-    if not b.targets:
+    targets = b.targets.current()  # the set of this moment: it may change during the fan-out
+    if not targets:
         counted.labels("no_targets").inc()
-        return _error(503, "no_targets", "no purge targets are configured", targets=[])
+        why = "no purge targets are configured" if not b.targets.sources else "no purge targets found yet"
+        return _error(503, "no_targets", why, targets=[])
     began = time.monotonic()
-    deliveries = await b.fan_out(purge)
+    deliveries = await b.fan_out(purge, targets)
     b.metrics.fanout.observe(time.monotonic() - began)
     failed = [d for d in deliveries if not d.ok]
     for d in failed:
@@ -279,15 +368,99 @@ def _read_token(path: str) -> bytes | None:
     return token.encode()
 
 
+def _kube_config(opts: PurgeBroadcasterOptions, specs: list[TargetSpec]) -> KubeConfig | None:
+    if not any(spec.kind == "k8s" for spec in specs):
+        return None
+    return KubeConfig.resolve(opts.kube_api, opts.kube_token_file, opts.kube_ca_file)
+
+
+def _target_set(
+    opts: PurgeBroadcasterOptions, metrics: Metrics, session: Callable[[], aiohttp.ClientSession]
+) -> TargetSet:
+    specs = [parse_target_spec(text) for text in opts.targets]
+    kube = _kube_config(opts, specs)
+    targets = TargetSet()
+
+    def changed() -> None:
+        for source in targets.sources:
+            metrics.targets.labels(source.spec.text).set(len(source.current()))
+        targets.changed()
+
+    hooks = SourceHooks(
+        changed=changed,
+        error=lambda spec, kind: metrics.source_errors.labels(spec.text, kind).inc(),
+        restart=lambda spec, reason: metrics.watch_restarts.labels(spec.text, reason).inc(),
+    )
+    for spec in specs:
+        if spec.kind == "dns":
+            interval, timeout = opts.resolve_interval, opts.resolve_timeout
+            targets.add(DnsSource(spec, hooks, interval=interval, timeout=timeout))
+        elif spec.kind == "k8s":
+            assert kube is not None
+            targets.add(KubeSource(spec, hooks, kube, session, watch_timeout=opts.kube_watch_timeout))
+        else:
+            targets.add(StaticSource(spec))
+        metrics.targets.labels(spec.text).set(len(targets.sources[-1].current()))
+    return targets
+
+
+class _ReadyWhenTargets:
+    """Keeps readiness off while the set is empty, once the lifecycle turned it on; hands readiness
+    back for good when draining starts."""
+
+    def __init__(self, life: Lifecycle, targets: TargetSet) -> None:
+        self._life, self._targets = life, targets
+        self._draining, self._serving = False, False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._targets.on_change(lambda _: self.apply())
+        self._life.on_draining(self._drain)
+        self._task = asyncio.create_task(self._await_serving(), name="readiness on targets")
+
+    async def _await_serving(self) -> None:
+        async with asyncio.timeout(self._life.options.start_timeout + 5):
+            # set right after serve() returns (a loop turn or two); the lifecycle offers no event
+            while not self._life.readiness.ready:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        self._serving = True
+        self.apply()
+
+    async def _drain(self) -> None:
+        self._draining = True
+
+    def apply(self) -> None:
+        if self._draining or not self._serving:
+            return
+        if self._targets.current():
+            self._life.readiness.set(True, "serving")
+        else:
+            self._life.readiness.set(False, "no purge targets")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 async def serve(options: Resolved, life: Lifecycle) -> None:
     opts: PurgeBroadcasterOptions = options[PurgeBroadcasterOptions]
     policy = RetryPolicy(attempts=opts.attempts, timeout=opts.target_timeout, backoff=opts.retry_backoff)
-    b = Broadcaster(opts.targets, policy, _read_token(opts.token_file), Metrics.create(life.registry))
+    metrics = Metrics.create(life.registry)
+    token = _read_token(opts.token_file)
+    session: list[aiohttp.ClientSession] = []
+
+    def client() -> aiohttp.ClientSession:
+        return session[0]
+
+    targets = _target_set(opts, metrics, client)
+    b = Broadcaster(targets, policy, token, metrics)
 
     async def open_session() -> None:
         b.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=16), auto_decompress=False
         )
+        session.append(b.session)
 
     async def close_session() -> None:
         if b.session is not None:
@@ -298,8 +471,13 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         purge_log = PurgeLog(opts.redis, opts.redis_prefix)
         replay_metrics = ReplayMetrics.create(life.registry)
         b.purge_log, b.log_errors = purge_log, replay_metrics.errors
+        b.departures = Departures(opts.departed_keep)
+        targets.on_change(b.departures.update)
+        b.departures.update(targets.current())
         await life.start("redis (purge log)", purge_log.start, purge_log.close)
-        replayer = Replayer(purge_log, opts.targets, b.client, policy, opts.replay_interval, replay_metrics)
+        replayer = Replayer(
+            purge_log, targets.current, b.client, policy, opts.replay_interval, replay_metrics, b.departures
+        )
 
         async def start_replayer() -> None:
             replayer.start()
@@ -307,6 +485,13 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         await life.start("purge log replay", start_replayer, replayer.stop)
     if not opts.targets:
         log.warning("no --targets: every PURGE answers 503")
+    gate = _ReadyWhenTargets(life, targets)
+
+    async def start_gate() -> None:
+        gate.start()
+
+    await life.start("target sources", targets.start, targets.stop)
+    await life.start("readiness on targets", start_gate, gate.stop)
     await life.serve_app("http", opts.listen, purge_broadcaster_app(b, max_body_bytes=opts.max_body_bytes))
 
 
@@ -316,7 +501,7 @@ def _sections() -> list[type[Any]]:
 
 DAEMON = Daemon(
     name="purge-broadcaster",
-    help="fans a PURGE out to every Varnish pod and answers once all did (static targets only)",
+    help="fans a PURGE out to every Varnish pod (static, dns: or k8s: targets) and answers once all did",
     sections=_sections,
     serve=serve,
 )

@@ -19,8 +19,6 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from meshkit.options import parse_host_port
-
 # the VCL's own expressions (sub meshkit_purge)
 _PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
 _KEYS = re.compile(r"^ *[A-Za-z0-9_.-]+( +[A-Za-z0-9_.-]+)* *$")
@@ -69,24 +67,6 @@ class Purge:
     def from_json(cls, text: str | bytes) -> Purge:
         doc = json.loads(text)
         return cls(str(doc["path"]), bool(doc.get("purge_all")), tuple(str(k) for k in doc.get("keys", ())))
-
-
-def parse_targets(value: Any) -> tuple[str, ...]:
-    """`HOST:PORT,HOST:PORT` (a list from YAML too); empty: no targets (every purge answers 503).
-    `dns:` and `k8s:` targets are not implemented yet: refused with that reason."""
-    items = value if isinstance(value, list | tuple) else str(value).split(",")
-    targets: list[str] = []
-    for item in (str(i).strip() for i in items):
-        if not item:
-            continue
-        if item.startswith(("dns:", "k8s:")):
-            raise ValueError(f"{item}: dns: and k8s: targets are not implemented yet (static HOST:PORT only)")
-        parse_host_port(item)
-        if item.rpartition(":")[2] == "0":
-            raise ValueError(f"{item}: port 0 is not a target")
-        if item not in targets:
-            targets.append(item)
-    return tuple(targets)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,20 @@ Layout (prefix `--redis-prefix`, default `meshkit:purge-log`):
 Redis keeps them across a broadcaster restart (and several broadcasters may share one log: an entry is
 removed only by the one that saw it at the head, by its id, atomically).
 
-`Replayer` is the background loop: every `interval` seconds each configured target with pending purges
-is sent its oldest one (one attempt); on a 200 it is removed and the next one follows at once; on
-anything else the target waits for the next round. A 400 (the target's VCL refuses it; cannot change)
-is dropped with a log line rather than blocking everything behind it.
+`Replayer` is the background loop: every `interval` seconds each current target (the broadcaster's
+`TargetSet`, which changes under it with dns:/k8s: sources) with pending purges is sent its oldest one
+(one attempt); on a 200 it is removed and the next one follows at once; on anything else the target
+waits for the next round. A 400 (the target's VCL refuses it; cannot change) is dropped with a log line
+rather than blocking everything behind it.
+
+A target that left the set (a pod that went unready, was deleted, a name that stopped resolving to it)
+is "departed": its pending purges stay for `keep` seconds, and the broadcaster keeps queueing new
+purges for it meanwhile, because a pod that was only unready comes back with its cache and must not
+serve what was purged while it was away; if it comes back in time it gets them all replayed. After
+`keep` seconds its list is dropped (`meshkit_purge_replays_total{result="expired"}` counts the entries):
+a pod that stayed gone took its cache with it, and a new pod on the same address starts empty. Pending
+entries of a target the broadcaster never saw in its set (from before a restart, or one removed from
+`--targets`) count as departed from the first round on.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +100,15 @@ class PurgeLog:
         left = await self._pop(keys=[self._list_key(target), self._targets_key], args=[raw, target])
         return int(left)
 
+    async def drop(self, target: str) -> int:
+        """Forget every pending purge of `target`; how many there were."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.llen(self._list_key(target))
+            pipe.delete(self._list_key(target))
+            pipe.srem(self._targets_key, target)
+            dropped, _, _ = await pipe.execute()
+        return int(dropped)
+
     async def pending(self) -> dict[str, list[dict[str, Any]]]:
         found: dict[str, list[dict[str, Any]]] = {}
         for target in await self.targets():
@@ -110,7 +129,8 @@ class ReplayMetrics:
         return cls(
             Counter(
                 "meshkit_purge_replays",
-                "Pending purges replayed to a target, by result (ok, failed, dropped)",
+                "Pending purges replayed to a target, by result (ok, failed, dropped; expired: a "
+                "departed target's entries, dropped after --departed-keep)",
                 ["target", "result"],
                 registry=registry,
             ),
@@ -125,21 +145,56 @@ class ReplayMetrics:
         )
 
 
+class Departures:
+    """When each target that left the set left it (monotonic seconds); fed by the set's changes."""
+
+    def __init__(self, keep: float) -> None:
+        self.keep = keep
+        self._left: dict[str, float] = {}
+        self._known: set[str] = set()
+
+    def update(self, current: Collection[str]) -> None:
+        now = time.monotonic()
+        for target in self._known - set(current):
+            self._left.setdefault(target, now)
+        for target in current:
+            self._left.pop(target, None)
+        self._known = set(current)
+
+    def seen_away(self, target: str) -> None:
+        """A target with pending purges that is not in the set: departed now if not already."""
+        self._left.setdefault(target, time.monotonic())
+
+    def away(self) -> list[str]:
+        """Departed targets still within `keep`: new purges are queued for them."""
+        now = time.monotonic()
+        return sorted(t for t, left in self._left.items() if now - left <= self.keep)
+
+    def expired(self, target: str) -> bool:
+        left = self._left.get(target)
+        return left is not None and time.monotonic() - left > self.keep
+
+    def forget(self, target: str) -> None:
+        self._left.pop(target, None)
+
+
 class Replayer:
-    """The loop that replays pending purges to the configured `targets`."""
+    """The loop that replays pending purges to the current `targets()`, and expires departed ones."""
 
     def __init__(
         self,
         purge_log: PurgeLog,
-        targets: Sequence[str],
+        targets: Callable[[], Collection[str]],
         session: Callable[[], aiohttp.ClientSession],
         policy: RetryPolicy,
         interval: float,
         metrics: ReplayMetrics,
+        departures: Departures | None = None,
     ) -> None:
-        self._log, self._targets, self._session = purge_log, set(targets), session
+        self._log, self._targets, self._session = purge_log, targets, session
         self._policy = RetryPolicy(attempts=1, timeout=policy.timeout, backoff=0.0)  # the next round retries
         self._interval, self._metrics = interval, metrics
+        self._departures = departures
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -160,8 +215,22 @@ class Replayer:
             await asyncio.sleep(self._interval)
 
     async def replay_round(self) -> None:
-        targets = [t for t in await self._log.targets() if t in self._targets]
-        await asyncio.gather(*(self._replay(t) for t in targets))
+        current = set(self._targets())
+        logged = await self._log.targets()
+        await asyncio.gather(*(self._replay(t) for t in logged if t in current))
+        if self._departures is not None:
+            for target in (t for t in logged if t not in current):
+                self._departures.seen_away(target)
+                if self._departures.expired(target):
+                    dropped = await self._log.drop(target)
+                    self._departures.forget(target)
+                    self._metrics.replays.labels(target, "expired").inc(dropped)
+                    log.info(
+                        "purge log: %s departed over %g s ago: %d pending dropped",
+                        target,
+                        self._departures.keep,
+                        dropped,
+                    )
         self._metrics.pending.set(sum(len(v) for v in (await self._log.pending()).values()))
 
     async def _replay(self, target: str) -> None:

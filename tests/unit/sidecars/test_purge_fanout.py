@@ -1,10 +1,10 @@
-"""The purge broadcaster's validation mirrors meshkit.vcl's, and its target list parses strictly."""
+"""The purge broadcaster's validation mirrors meshkit.vcl's (targets: test_purge_targets.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from meshkit.sidecars.purge_fanout import BadPurge, Purge, parse_targets
+from meshkit.sidecars.purge_fanout import BadPurge, Purge
 
 
 def test_the_three_kinds_and_their_headers() -> None:
@@ -34,11 +34,3 @@ def test_the_three_kinds_and_their_headers() -> None:
 def test_what_the_vcl_refuses_is_refused(path: str, purge_all: list[str], keys: list[str]) -> None:
     with pytest.raises(BadPurge):
         Purge.parse(path, purge_all, keys)
-
-
-def test_targets() -> None:
-    assert parse_targets("10.0.0.7:6081, 10.0.0.8:6081,,10.0.0.7:6081") == ("10.0.0.7:6081", "10.0.0.8:6081")
-    assert parse_targets("") == ()
-    for bad in ("dns:varnish:6081", "k8s:ns/svc:6081", "host", "h:0", "h:99999"):
-        with pytest.raises(ValueError):
-            parse_targets(bad)
