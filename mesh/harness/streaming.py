@@ -1,0 +1,87 @@
+"""The token-streaming daemons as real child processes: `bridge()` runs `meshkit bridge`.
+
+Built on `meshkit.harness.daemons.daemon()` (port 0 for the admin listener, the ready line read back).
+`RunningBridge` adds what tests of the bridge look at: `/readyz` (`wait_ready()`: the bridge prints its
+ready line at once and turns `/readyz` on only once Redis and NATS are connected and the stream is
+ensured) and its `/metrics` as numbers (`metric()`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshkit.errors import HarnessError
+from meshkit.harness.daemons import RunningDaemon, daemon
+
+__all__ = ["RunningBridge", "bridge"]
+
+
+@dataclass(frozen=True)
+class RunningBridge(RunningDaemon):
+    """A running `meshkit bridge` (only an admin port)."""
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """(status, JSON) of `/readyz`."""
+        try:
+            with urllib.request.urlopen(f"{self.admin_url}/readyz", timeout=2) as resp:  # noqa: S310
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
+        """Return `/readyz`'s JSON once it answers 200; HarnessError with the log tail after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, doc = self.readyz()
+            if status == 200:
+                return doc
+            if self.process.returncode is not None:
+                raise HarnessError(f"{self.process.name} exited\n{self.process.tail()}")
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"{self.process.name}: not ready after {timeout:.0f} s: {doc}\n" + self.process.tail()
+                )
+            time.sleep(0.05)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of `/metrics` by `name{label="v",...}` (labels sorted), `name` without labels."""
+        with urllib.request.urlopen(f"{self.admin_url}/metrics", timeout=2) as resp:  # noqa: S310
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample (0 when absent): `metric("meshkit_bridge_deadlettered_total", reason="not_json")`."""
+        key = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        return self.metrics().get(f"{name}{{{key}}}" if key else name, 0.0)
+
+
+@contextmanager
+def bridge(
+    workdir: Path,
+    redis_url: str,
+    nats_url: str,
+    args: Sequence[str] = (),
+    *,
+    name: str = "bridge",
+    start_timeout: float = 30.0,
+) -> Iterator[RunningBridge]:
+    """`meshkit bridge --redis URL --nats URL` with extra `args` (`--source`, `--consumer`, ...), its
+    admin port on 127.0.0.1:0; stopped (TERM, then KILL) on exit. Not waited ready: `wait_ready()`."""
+    argv = ["--redis", redis_url, "--nats", nats_url, *args]
+    with daemon("bridge", workdir, argv, listeners=(), name=name, start_timeout=start_timeout) as running:
+        yield RunningBridge(running.process, running.command, running.addresses)

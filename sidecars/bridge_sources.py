@@ -1,0 +1,310 @@
+"""The bridge's two Redis readers: pub/sub (`PubSubSource`) and Streams with a consumer group
+(`StreamSource`). Both hand out batches of `Received` (the raw bytes and where they came from); the
+bridge validates, publishes and then calls `confirm()` for what JetStream stored.
+
+Pub/sub (`PSUBSCRIBE <pattern>`, default `chat.*.tokens`): at most once, like Redis pub/sub itself.
+A message published while the bridge is disconnected or not running is lost; a bridge that reads
+slower than the publishers lets Redis buffer for it (`client-output-buffer-limit pubsub`, past which
+Redis drops the connection). The bridge reads only while its in-flight window has room, so the only
+queue in between is Redis's. The glob also matches `chat.a.b.tokens`: the channel is validated by the
+bridge (`parse_token(raw, subject=channel)`).
+
+Streams (`--stream-key`, default `chat.tokens`; each entry's field `data` is the token JSON):
+
+- the consumer group (`--group`) is created at id `0` with `MKSTREAM` when missing, so entries written
+  before the first start are delivered; `NOGROUP` later (Redis restarted without persistence, the key
+  deleted) re-creates it the same way;
+- on start, and after every reconnect, this consumer's own pending entries are read first (`XREADGROUP
+  ... 0`): entries it had read but not acknowledged when it died or lost Redis are published again
+  (JetStream's dedup makes that harmless), then new ones (`>`), `COUNT` and `BLOCK` bounded;
+- every `claim_every` seconds, `XAUTOCLAIM` takes over entries idle for more than `claim_idle` seconds
+  in other consumers' pending lists (a dead bridge's), a bounded batch at a time: that is the HA;
+  entries of this process still waiting for their PubAck are never handed out twice;
+- `confirm(entry)` queues its `XACK`; `flush_acks()` sends the queued ones in one command (the bridge's
+  acker task calls it): an entry is acknowledged only after JetStream confirmed it (or after it was
+  dead-lettered). Acks that fail (Redis down) stay queued and go out after the reconnect;
+- an entry whose fields are empty (deleted from the stream while pending) or have no `data` comes out
+  with `data=None`: the bridge dead-letters and acknowledges it, so it is never read again.
+
+Connection errors reach the caller (`redis.exceptions.ConnectionError`/`TimeoutError`, `OSError`); it
+backs off and calls `read()` again. Each source reconnects by itself on the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
+
+__all__ = ["PubSubSource", "Received", "Source", "StreamSource", "redis_client"]
+
+log = logging.getLogger("meshkit.bridge.redis")
+
+DATA_FIELD = b"data"
+CONNECT_TIMEOUT = 2.0  # s: connecting to Redis
+COMMAND_MARGIN = 2.0  # s: a command's socket timeout beyond its own BLOCK
+
+
+@dataclass(slots=True)
+class Received:
+    """One message as read: `data` (None: a Streams entry without a `data` field) and where it came
+    from (`channel` for pub/sub, `entry_id` for Streams)."""
+
+    data: bytes | None
+    channel: str | None = None
+    entry_id: bytes | None = None
+
+
+class Source(Protocol):
+    kind: str  # "pubsub" | "stream"
+
+    async def read(self, count: int) -> list[Received]: ...
+
+    def confirm(self, item: Received) -> None: ...
+
+    async def flush_acks(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+def redis_client(url: str, *, block: float) -> aioredis.Redis:
+    """One redis-py client with bounded connect and command waits (`block`: the longest BLOCK used)."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=block + COMMAND_MARGIN,
+        decode_responses=False,
+        health_check_interval=0,
+    )
+    return client
+
+
+class PubSubSource:
+    """`PSUBSCRIBE pattern`; `read()` returns what arrived, waiting at most `block` seconds."""
+
+    kind = "pubsub"
+
+    def __init__(self, url: str, pattern: str, *, block: float = 0.5) -> None:
+        self.url, self.pattern, self.block = url, pattern, block
+        self._client: aioredis.Redis | None = None
+        self._pubsub: PubSub | None = None
+
+    async def _connect(self) -> PubSub:
+        await self.close()
+        self._client = redis_client(self.url, block=self.block)
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = pubsub
+        await pubsub.psubscribe(self.pattern)
+        return pubsub
+
+    async def read(self, count: int) -> list[Received]:
+        pubsub = self._pubsub or await self._connect()
+        try:
+            out: list[Received] = []
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.block)
+            while message is not None:
+                if message.get("type") == "pmessage":
+                    channel = message["channel"]
+                    out.append(Received(message["data"], channel=channel.decode("utf-8", "replace")))
+                if len(out) >= count:
+                    break
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+            return out
+        except BaseException:
+            await self.close()  # the next read() subscribes again on a new connection
+            raise
+
+    def confirm(self, item: Received) -> None:
+        """Nothing to acknowledge in pub/sub."""
+
+    async def flush_acks(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        """Nothing to re-read in pub/sub."""
+
+    async def close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        client, self._client = self._client, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+class StreamSource:
+    """A consumer of a Redis Streams consumer group (see the module docstring)."""
+
+    kind = "stream"
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        group: str,
+        consumer: str,
+        *,
+        block: float = 0.5,
+        claim_idle: float = 30.0,
+        claim_every: float = 5.0,
+        ack_batch: int = 1000,
+    ) -> None:
+        self.url, self.key, self.group, self.consumer = url, key, group, consumer
+        self.block = block
+        self.claim_idle = claim_idle
+        self.claim_every = claim_every
+        self.ack_batch = ack_batch
+        self._client: aioredis.Redis | None = None
+        self._cursor = "0"  # "0": re-reading this consumer's own pending entries; ">": new ones
+        self._claim_cursor = "0-0"
+        self._next_claim = time.monotonic() + claim_every
+        self._group_ready = False
+        self._inflight: set[bytes] = set()  # read, not yet confirmed
+        self._to_ack: list[bytes] = []
+        self.claimed = 0
+        self.acked = 0
+
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            self._client = redis_client(self.url, block=self.block)
+        return self._client
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.client().xgroup_create(self.key, self.group, id="0", mkstream=True)
+            log.info("bridge: created consumer group %s on %s at id 0", self.group, self.key)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def reset(self) -> None:
+        """After a reconnect: read this consumer's pending entries again before new ones (the group is
+        checked again too: a Redis that restarted empty has none)."""
+        self._cursor = "0"
+        self._group_ready = False
+
+    async def read(self, count: int) -> list[Received]:
+        if not self._group_ready:
+            await self.ensure_group()
+        try:
+            if self._cursor != ">":
+                entries = await self._read_pending(count)
+                if entries is not None:
+                    return entries
+            if time.monotonic() >= self._next_claim:
+                claimed = await self._claim(count)
+                if claimed:
+                    return claimed
+            reply = await self.client().xreadgroup(
+                self.group, self.consumer, {self.key: ">"}, count=count, block=int(self.block * 1000)
+            )
+            return self._received(reply)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning(
+                "bridge: consumer group %s on %s is gone (Redis restarted empty?): re-creating it",
+                self.group,
+                self.key,
+            )
+            self.reset()
+            return []
+
+    async def _read_pending(self, count: int) -> list[Received] | None:
+        """The next batch of this consumer's own pending entries, or None once there are no more."""
+        reply = await self.client().xreadgroup(
+            self.group, self.consumer, {self.key: self._cursor}, count=count
+        )
+        entries = _entries(reply)
+        if not entries:
+            self._cursor = ">"
+            return None
+        self._cursor = entries[-1][0].decode()
+        fresh = [e for e in entries if e[0] not in self._inflight]
+        if fresh:
+            log.info("bridge: re-reading %d pending entries of consumer %s", len(fresh), self.consumer)
+        return self._take(fresh)
+
+    async def _claim(self, count: int) -> list[Received]:
+        reply: Any = await self.client().xautoclaim(
+            self.key, self.group, self.consumer, int(self.claim_idle * 1000), self._claim_cursor, count=count
+        )
+        next_cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if next_cursor == "0-0":  # a whole pass over the pending lists: the next one later
+            self._next_claim = time.monotonic() + self.claim_every
+        self._claim_cursor = next_cursor
+        fresh = [e for e in reply[1] if e[0] not in self._inflight]
+        if fresh:
+            self.claimed += len(fresh)
+            log.info(
+                "bridge: claimed %d entries idle over %.1f s from other consumers",
+                len(fresh),
+                self.claim_idle,
+            )
+        return self._take(fresh)
+
+    def _received(self, reply: Any) -> list[Received]:
+        return self._take(_entries(reply))
+
+    def _take(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Received]:
+        out = []
+        for entry_id, fields in entries:
+            self._inflight.add(entry_id)
+            out.append(Received(fields.get(DATA_FIELD) if fields else None, entry_id=entry_id))
+        return out
+
+    def confirm(self, item: Received) -> None:
+        if item.entry_id is not None:
+            self._inflight.discard(item.entry_id)
+            self._to_ack.append(item.entry_id)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._to_ack)
+
+    async def flush_acks(self) -> int:
+        """XACK what was confirmed, `ack_batch` ids per command; the number acknowledged. On an error the
+        ids stay queued (and the error is raised)."""
+        done = 0
+        while self._to_ack:
+            batch = self._to_ack[: self.ack_batch]
+            await self.client().xack(self.key, self.group, *batch)
+            del self._to_ack[: len(batch)]
+            done += len(batch)
+        self.acked += done
+        return done
+
+    async def lag(self) -> tuple[int | None, int | None]:
+        """The group's `lag` (entries not yet delivered to any consumer) and `pending` (delivered, not
+        acknowledged), from `XINFO GROUPS`; None when Redis does not say."""
+        for group in await self.client().xinfo_groups(self.key):
+            name = group.get("name")
+            if name in (self.group, self.group.encode()):
+                lag = group.get("lag")
+                pending = group.get("pending")
+                return (int(lag) if lag is not None else None, int(pending) if pending is not None else None)
+        return None, None
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of an XREADGROUP reply on one key (RESP2: `[[key, [(id, fields), ...]]]`)."""
+    if not reply:
+        return []
+    return [e for _, entries in reply for e in entries]

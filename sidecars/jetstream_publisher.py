@@ -1,0 +1,304 @@
+"""Publishing into JetStream with a bounded window of unacknowledged messages (`AckWindow`).
+
+nats-py's `js.publish()` is a request: one await per message, which caps a bridge near 20k msgs/s here
+(field notes) while the server stores ~85k/s. `AckWindow` instead publishes each message with a core
+`PUB` (header `Nats-Msg-Id`) whose reply subject is one of its own inboxes, `<inbox>.<n>`, and matches
+the PubAcks that come back on ONE wildcard subscription `<inbox>.*` to the messages still in flight:
+
+- `publish()` never awaits an ack. It waits (with a deadline, `wait_for_room(within)`) only while
+  `max_inflight` messages are unacknowledged: the window is the back-pressure that stops the reader.
+- A PubAck (`{"stream": ..., "seq": ...}`, `"duplicate": true` when JetStream deduplicated it) calls
+  `on_done(pending, duplicate)` once; the caller acks its source there (a Redis Stream entry is XACKed
+  only now). Acks are recognised without a JSON parse (`"duplicate"` / `"error"` looked for in the
+  bytes); only an error ack is parsed.
+- No ack within `ack_timeout`, a `503` status (no responders: JetStream or the stream not there), or
+  a publish that raised (disconnected and nats-py's buffer full): the SAME message (same `Nats-Msg-Id`,
+  so a retry of one that was in fact stored is a duplicate, not a second copy) is published again
+  after a backoff (`retry_backoff`, doubled up to `max_backoff`), in the order the messages were
+  first sent, forever: a message in the window is never given up while JetStream may come back.
+- An error PubAck (JetStream refused the message: too big for the stream's `max_msg_size`, ...) is
+  retried `max_rejections` times, then `on_rejected(pending, description)`: the caller dead-letters
+  it. Such a message cannot be stored, and retrying it forever would keep a window slot forever.
+- `drain(within)` waits for the window to empty (SIGTERM: what is in flight gets its acks).
+
+Order: messages go out in the order `publish()` was called; a retried one is sent again after the
+ones published meanwhile (JetStream then stores it after later tokens of the same conversation, a
+case limited to lost or timed-out publishes: the SSE adapter orders by the token's own `sequence`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from meshkit.logs import Throttle
+
+__all__ = ["AckWindow", "LatencyBuckets", "Pending", "PublisherStats"]
+
+log = logging.getLogger("meshkit.bridge.jetstream")
+
+MSG_ID = "Nats-Msg-Id"
+_NO_RESPONDERS = "503"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """One message in the window: what to send again, the caller's `context`, attempts so far."""
+
+    subject: str
+    payload: bytes
+    msg_id: str
+    context: Any
+    attempts: int = 0
+    rejections: int = 0
+    sent_at: float = 0.0
+    retry_at: float = 0.0
+    token: str = ""
+
+
+class LatencyBuckets:
+    """A cumulative histogram kept as plain integers (cheaper than prometheus_client's per observe)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, float(total)))
+        return out
+
+
+@dataclass
+class PublisherStats:
+    published: int = 0  # stored (new)
+    duplicates: int = 0  # PubAck duplicate=true
+    retries: dict[str, int] = field(default_factory=lambda: {"timeout": 0, "no_responders": 0, "error": 0})
+    rejected: int = 0
+    latency: LatencyBuckets = field(default_factory=LatencyBuckets)
+
+
+class AckWindow:
+    """Core publishes with a reply inbox, PubAcks matched asynchronously (see the module docstring)."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        on_done: Callable[[Pending, bool], None],
+        on_rejected: Callable[[Pending, str], None],
+        max_inflight: int = 1024,
+        ack_timeout: float = 5.0,
+        retry_backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        max_rejections: int = 3,
+        stats: PublisherStats | None = None,
+    ) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self._nc = nc
+        self._on_done = on_done
+        self._on_rejected = on_rejected
+        self.max_inflight = max_inflight
+        self.ack_timeout = ack_timeout
+        self.retry_backoff = retry_backoff
+        self.max_backoff = max_backoff
+        self.max_rejections = max_rejections
+        self.stats = stats or PublisherStats()
+        self._inflight: dict[str, Pending] = {}  # token -> pending, in send order
+        self._retry: deque[Pending] = deque()  # waiting for their retry_at, in first-send order
+        self._room = asyncio.Event()
+        self._room.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._prefix = ""
+        self._next = 0
+        self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._throttle = Throttle(log, interval=10.0)
+        self.on_no_responders: Callable[[], None] | None = None
+
+    # -- state ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._inflight) + len(self._retry)
+
+    @property
+    def retrying(self) -> int:
+        return len(self._retry)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._prefix = self._nc.new_inbox() + "."
+        self._sub = await self._nc.subscribe(
+            self._prefix + "*", cb=self._on_ack, pending_msgs_limit=4 * self.max_inflight + 1024
+        )
+        self._sweeper = asyncio.create_task(self._sweep(), name="jetstream-ack-sweeper")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def wait_for_room(self, within: float) -> bool:
+        """True once fewer than `max_inflight` messages are unacknowledged (at most `within` s)."""
+        if len(self) < self.max_inflight:
+            return True
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), within)
+        return len(self) < self.max_inflight
+
+    async def drain(self, within: float) -> int:
+        """Wait until every message in the window is acknowledged (at most `within` s); how many are
+        left."""
+        if len(self):
+            self._empty.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), within)
+        return len(self)
+
+    # -- publishing ----------------------------------------------------------------------------------
+    async def publish(self, subject: str, payload: bytes, msg_id: str, context: Any) -> None:
+        """Send one message (the window may go past `max_inflight` by the caller's batch: the caller
+        waits with `wait_for_room()` before reading more)."""
+        await self._send(Pending(subject, payload, msg_id, context))
+
+    async def _send(self, p: Pending) -> None:
+        self._next += 1
+        p.token = str(self._next)
+        p.attempts += 1
+        p.sent_at = time.monotonic()
+        self._inflight[p.token] = p
+        self._empty.clear()
+        try:
+            await self._nc.publish(
+                p.subject, p.payload, reply=self._prefix + p.token, headers={MSG_ID: p.msg_id}
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # disconnected with a full buffer, closed, ...: retried
+            if self._inflight.pop(p.token, None) is not None:
+                self.stats.retries["error"] += 1
+                self._throttle.warning("publish", "bridge: publishing to NATS failed (%r); retrying", exc)
+                self._schedule_retry(p)
+
+    def _schedule_retry(self, p: Pending) -> None:
+        backoff = min(self.max_backoff, self.retry_backoff * (2 ** min(p.attempts - 1, 16)))
+        p.retry_at = time.monotonic() + backoff
+        self._retry.append(p)
+
+    # -- acks ----------------------------------------------------------------------------------------
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) :]
+        p = self._inflight.pop(token, None)
+        if p is None:  # a late ack of a message already sent again: the other ack settles it
+            return
+        data = msg.data
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            self.stats.retries["no_responders"] += 1
+            self._throttle.warning(
+                "no_responders", "bridge: no JetStream stream answers for %s; retrying", p.subject
+            )
+            if self.on_no_responders is not None:
+                self.on_no_responders()
+            self._schedule_retry(p)
+        elif b'"error"' in data:
+            self._rejected(p, data)
+        else:
+            self.stats.latency.observe(time.monotonic() - p.sent_at)
+            duplicate = b'"duplicate"' in data and b'"duplicate":false' not in data
+            if duplicate:
+                self.stats.duplicates += 1
+            else:
+                self.stats.published += 1
+            self._on_done(p, duplicate)
+        self._settled()
+
+    def _rejected(self, p: Pending, data: bytes) -> None:
+        try:
+            error: Any = json.loads(data).get("error", {})
+            description = f"{error.get('description', 'error')} (code {error.get('err_code', '?')})"
+        except (ValueError, AttributeError):
+            description = data[:200].decode("utf-8", "replace")
+        p.rejections += 1
+        if p.rejections < self.max_rejections:
+            self.stats.retries["error"] += 1
+            self._schedule_retry(p)
+            return
+        self.stats.rejected += 1
+        self._on_rejected(p, description)
+
+    def _settled(self) -> None:
+        size = len(self)
+        if size < self.max_inflight:
+            self._room.set()
+        if size == 0:
+            self._empty.set()
+
+    # -- timeouts and retries ------------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        interval = max(0.01, min(0.1, self.ack_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the sweeper must keep running
+                self._throttle.exception("sweep", "bridge: the ack sweeper failed")
+
+    async def _sweep_once(self) -> None:
+        now = time.monotonic()
+        expired: list[Pending] = []
+        for p in self._inflight.values():  # in send order: stop at the first one still in time
+            if now - p.sent_at < self.ack_timeout:
+                break
+            expired.append(p)
+        for p in expired:
+            del self._inflight[p.token]
+            self.stats.retries["timeout"] += 1
+            self._schedule_retry(p)
+        if expired:
+            self._throttle.warning(
+                "timeout",
+                "bridge: %d PubAcks not received within %.1f s; publishing them again",
+                len(expired),
+                self.ack_timeout,
+            )
+        if not self._retry or not self._nc.is_connected:
+            return
+        due: list[Pending] = []
+        while self._retry and len(due) < self.max_inflight:
+            p = self._retry[0]
+            if p.retry_at > now:
+                break
+            due.append(self._retry.popleft())
+        for p in due:
+            await self._send(p)
