@@ -140,6 +140,12 @@ COMMANDS: dict[str, Command] = {
         _run_render,
         takes_config=False,
     ),
+    "loadgen": Command(
+        "token-streaming load on meshkit sse or nginx + nchan: delivered, missing, duplicates, latency",
+        lambda parser: importlib.import_module("meshkit.edge.loadgen").add_arguments(parser),
+        lambda args, parser: int(importlib.import_module("meshkit.edge.loadgen").run(args)),
+        takes_config=False,
+    ),
 }
 
 
