@@ -1,0 +1,379 @@
+"""The hub: one JetStream subscription per conversation per process, shared by all its viewers.
+
+`ConversationHub.join(conversation_id, viewer)` finds or creates the conversation's `Conversation`:
+an ordered push consumer (nats-py `ordered_consumer=True`, memory storage, flow control, idle
+heartbeats every `--consumer-heartbeat` s) filtered on `chat.<id>.tokens`, delivering from the first
+stored message of that subject, then live. An ordered consumer re-creates itself from the next stream
+sequence when a heartbeat or a sequence is missed (a leaf restart, a partition), so it loses nothing and
+repeats nothing; the log deduplicates by token sequence anyway. The subscription is made once however
+many viewers join at the same time, and dropped (unsubscribed, its consumer deleted) when the last
+viewer leaves.
+
+Every delivered message goes into the conversation's `ConversationLog` (bounded by `--history`
+tokens; see there for order, dedup and gaps) and wakes its viewers; a viewer that is more than
+`--client-queue` live tokens behind is cut off right there (see `viewer.py`).
+
+Decisions:
+- token sequence vs. stream sequence: viewers resume by the token's `sequence` (the SSE id); the stream
+  sequence is the consumer's business only. The log is indexed by token sequence;
+- a viewer that wants tokens the log no longer holds (a resume far back, a late viewer of a
+  conversation longer than `--history`) gets them from a per-viewer replay (`replay()`: an ephemeral
+  pull consumer on the subject from its first stored message, fetched in batches, up to the log's
+  start, deleted after), then continues from the log: memory for the common case, JetStream for the
+  rest;
+- a gap in token sequences (a token stored out of order, or never): held for `--gap-timeout` s; then
+  the hub replays the subject from JetStream looking for the missing tokens, logs what it finds, and
+  skips the rest (viewers get `event: reset` for them: never a silent gap);
+- a message that breaks the token contract (the bridge dead-letters those, so it should never be in
+  the stream) is logged, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from meshkit.edge.conversation_log import ConversationLog
+from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
+from meshkit.edge.viewer import Viewer
+from meshkit.errors import DependencyError
+
+__all__ = ["Conversation", "ConversationHub", "HubMetrics", "HubSettings"]
+
+log = logging.getLogger("meshkit.edge.hub")
+
+REPLAY_BATCH = 256
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    stream: str = "CHAT"
+    history: int = 4096
+    client_queue: int = 1024
+    gap_timeout: float = 1.0
+    consumer_heartbeat: float = 2.0
+    request_timeout: float = 5.0  # one JetStream API request (subscribe, a replay)
+
+
+@dataclass
+class HubMetrics:
+    conversations: Gauge
+    messages: Counter
+    duplicates: Counter
+    malformed: Counter
+    gaps: Counter
+    slow_drops: Counter
+    replays: Counter
+    subscribe_seconds: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> HubMetrics:
+        return cls(
+            Gauge(
+                "meshkit_sse_conversations_subscribed",
+                "Conversations with a JetStream subscription (one each, shared by its viewers)",
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_sse_messages_received", "Token messages delivered by JetStream", registry=registry
+            ),
+            Counter(
+                "meshkit_sse_duplicates_dropped",
+                "Token messages dropped because their sequence was already logged",
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_sse_malformed_messages",
+                "Stream messages that break the token contract (skipped)",
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_sse_gaps_skipped",
+                "Sequence gaps nobody filled within --gap-timeout, not in JetStream either (reset sent)",
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_sse_slow_client_drops",
+                "Viewers cut off for being more than --client-queue live tokens behind",
+                registry=registry,
+            ),
+            Counter(
+                "meshkit_sse_replays",
+                "Per-viewer replays from JetStream, by result",
+                ["result"],
+                registry=registry,
+            ),
+            Histogram(
+                "meshkit_sse_subscribe_seconds",
+                "Time to create a conversation's JetStream subscription",
+                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+                registry=registry,
+            ),
+        )
+
+
+@dataclass
+class Conversation:
+    id: str
+    log: ConversationLog
+    viewers: set[Viewer] = field(default_factory=set)
+    ready: asyncio.Future[None] | None = None
+    subscription: JetStreamContext.PushSubscription | None = None
+    gap_timer: asyncio.TimerHandle | None = None
+    gap_task: asyncio.Task[None] | None = None
+    closed: bool = False
+
+
+class ConversationHub:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: HubSettings,
+        metrics: HubMetrics,
+        *,
+        on_cut: Callable[[Viewer, str], None] = lambda v, r: None,
+    ) -> None:
+        self._js = js
+        self.settings = settings
+        self.metrics = metrics
+        self._on_cut = on_cut
+        self._conversations: dict[str, Conversation] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- viewers ----------------------------------------------------------------------------------
+    def conversation(self, conversation_id: str) -> Conversation | None:
+        return self._conversations.get(conversation_id)
+
+    @property
+    def viewers(self) -> list[Viewer]:
+        return [v for c in self._conversations.values() for v in c.viewers]
+
+    async def join(self, conversation_id: str, viewer: Viewer) -> Conversation:
+        """Attach `viewer` to its conversation, subscribing first when nobody watches it yet;
+        `DependencyError` when the subscription cannot be made (NATS down, too slow)."""
+        conv = self._conversations.get(conversation_id)
+        if conv is None:
+            conv = Conversation(conversation_id, ConversationLog(self.settings.history))
+            self._conversations[conversation_id] = conv
+            conv.ready = asyncio.ensure_future(self._subscribe(conv))
+            self.metrics.conversations.set(len(self._conversations))
+        viewer.attach_seq = conv.log.next_seq
+        conv.viewers.add(viewer)
+        assert conv.ready is not None
+        try:
+            await asyncio.shield(conv.ready)
+        except BaseException:
+            self.leave(conv, viewer)
+            raise
+        return conv
+
+    def leave(self, conv: Conversation, viewer: Viewer) -> None:
+        conv.viewers.discard(viewer)
+        if conv.viewers or conv.closed:
+            return
+        conv.closed = True
+        if self._conversations.get(conv.id) is conv:
+            del self._conversations[conv.id]
+            self.metrics.conversations.set(len(self._conversations))
+        if conv.gap_timer is not None:
+            conv.gap_timer.cancel()
+        self._spawn(self._unsubscribe(conv))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _subscribe(self, conv: Conversation) -> None:
+        began = time.monotonic()
+        subject = tokens_subject(conv.id)
+
+        async def on_message(msg: Msg) -> None:
+            self._on_message(conv, msg)
+
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                conv.subscription = await self._js.subscribe(
+                    subject,
+                    stream=self.settings.stream,
+                    cb=on_message,
+                    ordered_consumer=True,
+                    idle_heartbeat=self.settings.consumer_heartbeat,
+                    config=config,
+                )
+        except Exception as exc:
+            if self._conversations.get(conv.id) is conv:
+                del self._conversations[conv.id]
+                self.metrics.conversations.set(len(self._conversations))
+            conv.closed = True
+            log.warning("conversation %s: cannot subscribe: %r", conv.id, exc)
+            raise DependencyError("nats", f"cannot subscribe to {subject}: {exc!r}") from None
+        self.metrics.subscribe_seconds.observe(time.monotonic() - began)
+        if conv.closed:  # every viewer left while subscribing
+            self._spawn(self._unsubscribe(conv))
+
+    async def _unsubscribe(self, conv: Conversation) -> None:
+        # while _subscribe() is still under way there is nothing yet: it sees `closed` and comes back
+        sub, conv.subscription = conv.subscription, None
+        if sub is None:
+            return
+        consumer = getattr(sub, "_consumer", None)  # nats-py keeps the (re-created) consumer's name there
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                await sub.unsubscribe()
+                if isinstance(consumer, str):
+                    await self._js.delete_consumer(self.settings.stream, consumer)
+        except Exception as exc:  # the server deletes it after inactive_threshold anyway
+            log.debug("conversation %s: unsubscribe: %r", conv.id, exc)
+
+    # -- messages ---------------------------------------------------------------------------------
+    def _on_message(self, conv: Conversation, msg: Msg) -> None:
+        if conv.closed:
+            return
+        try:
+            token = parse_token(msg.data, subject=msg.subject)
+        except MalformedToken as exc:
+            self.metrics.malformed.inc()
+            log.warning("conversation %s: skipped a malformed stream message: %s", conv.id, exc.reason)
+            return
+        self.metrics.messages.inc()
+        try:
+            backlog = msg.metadata.num_pending > 0
+        except Exception:  # not a JetStream message: cannot happen on this subscription
+            backlog = False
+        self.deliver(conv, token, backlog=backlog)
+
+    def deliver(self, conv: Conversation, token: TokenMessage, *, backlog: bool = False) -> None:
+        """Log `token` and wake the viewers (cutting off the ones too far behind)."""
+        before = conv.log.duplicates
+        added = conv.log.add(token, backlog=backlog)
+        if conv.log.duplicates != before:
+            self.metrics.duplicates.inc()
+        if added:
+            self._wake(conv)
+        if conv.log.waiting_for is not None and conv.gap_timer is None and conv.gap_task is None:
+            loop = asyncio.get_running_loop()
+            conv.gap_timer = loop.call_later(self.settings.gap_timeout, self._gap_timed_out, conv)
+
+    def _wake(self, conv: Conversation) -> None:
+        limit = self.settings.client_queue
+        for viewer in list(conv.viewers):
+            if viewer.lag(conv.log) > limit:
+                reason = f"slow client: more than {limit} tokens behind (--client-queue)"
+                self.metrics.slow_drops.inc()
+                self._on_cut(viewer, reason)
+                viewer.cut(reason)
+            else:
+                viewer.wake.set()
+
+    def _gap_timed_out(self, conv: Conversation) -> None:
+        conv.gap_timer = None
+        if conv.closed or conv.log.waiting_for is None:
+            return
+        conv.gap_task = asyncio.ensure_future(self._fill_gap(conv))
+
+    async def _fill_gap(self, conv: Conversation) -> None:
+        """Look for the missing tokens in JetStream; skip what is not there."""
+        try:
+            missing = conv.log.waiting_for
+            if missing is None:
+                return
+            try:
+                found = await self.replay(conv.id, missing - 1, missing + conv.log.max_pending + 1)
+            except DependencyError as exc:
+                log.warning("conversation %s: gap at %d: JetStream not asked: %s", conv.id, missing, exc)
+                found = []
+            for token in found:
+                conv.log.add(token)
+            if conv.log.waiting_for is not None:
+                skipped = conv.log.skip_gap()
+                if skipped is not None:
+                    self.metrics.gaps.inc()
+                    log.warning(
+                        "conversation %s: sequences %d..%d never arrived within %.1f s: skipped (reset sent)",
+                        conv.id,
+                        skipped.requested,
+                        skipped.available_from - 1,
+                        self.settings.gap_timeout,
+                    )
+            self._wake(conv)
+        finally:
+            conv.gap_task = None
+        if conv.log.waiting_for is not None and not conv.closed:
+            loop = asyncio.get_running_loop()
+            conv.gap_timer = loop.call_later(self.settings.gap_timeout, self._gap_timed_out, conv)
+
+    # -- replay -----------------------------------------------------------------------------------
+    async def replay(self, conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
+        """The conversation's stored tokens with `after < sequence < until` (`after` None: from the
+        first), sorted and unique, from an ephemeral pull consumer; `DependencyError` when JetStream
+        does not answer within the request timeout."""
+        subject = tokens_subject(conversation_id)
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=30.0,
+        )
+        found: dict[int, TokenMessage] = {}
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                psub = await self._js.pull_subscribe(subject, stream=self.settings.stream, config=config)
+                try:
+                    remaining = (await psub.consumer_info()).num_pending or 0
+                    while remaining > 0:
+                        for msg in await psub.fetch(min(remaining, REPLAY_BATCH), timeout=1.0):
+                            remaining = msg.metadata.num_pending
+                            try:
+                                token = parse_token(msg.data, subject=msg.subject)
+                            except MalformedToken:
+                                self.metrics.malformed.inc()
+                                continue
+                            if token.sequence >= until:
+                                remaining = 0
+                                break
+                            if after is None or token.sequence > after:
+                                found.setdefault(token.sequence, token)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
+                    with contextlib.suppress(Exception):
+                        await self._js.delete_consumer(self.settings.stream, config.name or "")
+        except Exception as exc:
+            self.metrics.replays.labels("failed").inc()
+            raise DependencyError("nats", f"replay of {subject} failed: {exc!r}") from None
+        self.metrics.replays.labels("ok").inc()
+        return [found[s] for s in sorted(found)]
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def close_viewers(self) -> int:
+        """Tell every viewer to reconnect (server shutting down); how many there were."""
+        viewers = self.viewers
+        for viewer in viewers:
+            viewer.close()
+        return len(viewers)
+
+    async def close(self) -> None:
+        """Drop every subscription (at shutdown, after the listeners stopped)."""
+        conversations = list(self._conversations.values())
+        self._conversations.clear()
+        for conv in conversations:
+            conv.closed = True
+            if conv.gap_timer is not None:
+                conv.gap_timer.cancel()
+        await asyncio.gather(*(self._unsubscribe(c) for c in conversations), return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        self.metrics.conversations.set(0)

@@ -1,0 +1,269 @@
+"""One client watching one conversation: its position, its bounded backlog, and the loop that feeds it.
+
+A `Viewer` does not copy tokens: its "queue" is the window of its conversation's shared log
+(`ConversationLog`) between its cursor (the next sequence it is owed) and the log's end. The queue is
+bounded by `--client-queue` messages: when a client is that many *live* tokens behind (`lag()`: tokens
+that arrived as backlog — a catch-up, a burst after a leaf reconnect — and tokens before the viewer
+joined do not count), the hub cuts it off (`cut()`: reason logged, counted, connection aborted). It can
+come back with Last-Event-ID. A slow viewer therefore never delays the hub or another viewer: nobody
+ever waits on it, it only falls behind.
+
+`pump()` is the transport-free loop: it reads what `plan()` says is next and hands the framed bytes to
+`write` (an SSE response today, a WebSocket later):
+
+- tokens from the shared log, in sequence order, each at most once (the cursor, plus a `last_sent`
+  guard on every path);
+- a replay from JetStream (`Replayer`) when the viewer wants sequences the log no longer holds (a
+  resume far back, a late viewer of a long conversation): only the part below the log's start, then
+  the log again;
+- `reset` when sequences are gone: below the subscription's first token (aged out of the stream), a
+  gap the hub skipped, or a hole a replay found;
+- a heartbeat after `heartbeat` seconds without anything to send; `reconnect` when the server shuts
+  down (`closing`); the `done` message ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meshkit.edge.conversation_log import ConversationLog, Skipped
+from meshkit.edge.sse_format import Framer
+from meshkit.edge.token_contract import TokenMessage
+
+__all__ = ["End", "Read", "Replay", "Replayer", "Viewer", "ViewerCut", "Wait", "pump"]
+
+READ_BATCH = 256  # log entries framed into one write
+
+
+class ViewerCut(Exception):
+    """The viewer was cut off (slow); `reason` says why."""
+
+
+@dataclass(eq=False)  # hashed by identity: a conversation holds a set of them
+class Viewer:
+    conversation_id: str
+    cursor: int | None  # the next sequence owed; None: from the conversation's first token
+    abort: Callable[[], None] = lambda: None  # drops the connection (a cut-off)
+    attach_seq: int | None = None  # the log's next sequence when the viewer joined
+    cut_reason: str | None = None
+    closing: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    last_sent: int = -1
+
+    def lag(self, log: ConversationLog) -> int:
+        """Live tokens the viewer has not been sent yet (what `--client-queue` bounds)."""
+        if log.next_seq is None:
+            return 0
+        base = max(
+            self.cursor if self.cursor is not None else (log.first_seq or 0),
+            self.attach_seq if self.attach_seq is not None else (log.first_seq or 0),
+            log.backlog_end,
+        )
+        return max(0, log.next_seq - base)
+
+    def cut(self, reason: str) -> None:
+        if self.cut_reason is None:
+            self.cut_reason = reason
+            self.wake.set()
+            self.abort()
+
+    def close(self) -> None:
+        """The server is shutting down: the pump sends `reconnect` and returns."""
+        self.closing = True
+        self.wake.set()
+
+
+# -- what comes next ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Wait:
+    pass
+
+
+@dataclass(frozen=True)
+class End:
+    pass
+
+
+@dataclass(frozen=True)
+class Replay:
+    after: int | None  # replay sequences above it (None: from the first stored)
+    until: int  # ... and below this one (the log's start)
+
+
+@dataclass(frozen=True)
+class Read:
+    cursor: int
+
+
+Step = Wait | End | Replay | Read | Skipped
+
+
+def plan(viewer: Viewer, log: ConversationLog) -> Step:
+    """What `viewer` needs next from `log` (moves the cursor past a reset it returns)."""
+    if log.first_seq is None:
+        return Wait()
+    if viewer.cursor is None:
+        if not log.holds_start:
+            return Replay(None, log.log_start)
+        viewer.cursor = log.first_seq
+        if log.first_seq > 1:  # sequences start at 0 or 1: the first ones aged out
+            return Skipped(None, log.first_seq)
+    cursor = viewer.cursor
+    if cursor < log.first_seq:
+        viewer.cursor = log.first_seq
+        return Skipped(cursor, log.first_seq)
+    if log.done_seq is not None and cursor > log.done_seq:
+        return End()
+    if cursor < log.log_start:
+        return Replay(cursor - 1, log.log_start)
+    assert log.next_seq is not None
+    if cursor >= log.next_seq:
+        return Wait()
+    return Read(cursor)
+
+
+class Replayer(Protocol):
+    async def __call__(self, conversation_id: str, after: int | None, until: int) -> list[TokenMessage]: ...
+
+
+Write = Callable[[bytes], Awaitable[None]]
+Delivered = Callable[[TokenMessage], None]
+
+
+async def pump(
+    viewer: Viewer,
+    log: ConversationLog,
+    framer: Framer,
+    write: Write,
+    *,
+    replay: Replayer,
+    heartbeat: float,
+    retry_ms: int,
+    delivered: Delivered = lambda _: None,
+    reset: Callable[[], None] = lambda: None,
+) -> str:
+    """Feed `viewer` until its conversation is done (`"done"`), the server closes (`"reconnect"`) or
+    the end was already sent before (`"end"`); `ViewerCut` when the hub cut it off."""
+    last_write = time.monotonic()
+
+    async def send(data: bytes) -> None:
+        nonlocal last_write
+        if data:
+            await write(data)
+            last_write = time.monotonic()
+
+    while True:
+        if viewer.cut_reason is not None:
+            raise ViewerCut(viewer.cut_reason)
+        if viewer.closing:
+            await send(framer.reconnect(retry_ms))
+            return "reconnect"
+        viewer.wake.clear()
+        step = plan(viewer, log)
+        if isinstance(step, Skipped):
+            reset()
+            await send(framer.reset(step.requested, step.available_from))
+        elif isinstance(step, End):
+            return "end"
+        elif isinstance(step, Wait):
+            left = heartbeat - (time.monotonic() - last_write)
+            if left <= 0:
+                await send(framer.heartbeat())
+                continue
+            try:
+                async with asyncio.timeout(left):
+                    await viewer.wake.wait()
+            except TimeoutError:
+                pass
+        elif isinstance(step, Replay):
+            tokens = await replay(viewer.conversation_id, step.after, step.until)
+            out, finished = _frame_replay(viewer, step, tokens, framer, delivered, reset)
+            await send(out)
+            if finished:
+                return "done"
+        else:
+            out, finished = _frame_entries(viewer, log, step.cursor, framer, delivered, reset)
+            await send(out)
+            if finished:
+                return "done"
+
+
+def _frame_token(
+    viewer: Viewer, message: TokenMessage, framer: Framer, delivered: Delivered
+) -> tuple[bytes, bool]:
+    if message.sequence <= viewer.last_sent:  # dedup on every path
+        return b"", False
+    viewer.last_sent = message.sequence
+    viewer.cursor = message.sequence + 1
+    delivered(message)
+    if message.done:
+        return framer.done(message), True
+    return framer.token(message), False
+
+
+def _frame_entries(
+    viewer: Viewer,
+    log: ConversationLog,
+    cursor: int,
+    framer: Framer,
+    delivered: Delivered,
+    reset: Callable[[], None],
+) -> tuple[bytes, bool]:
+    parts: list[bytes] = []
+    skipped_from: int | None = None
+    seq = cursor
+    for entry in log.read(cursor, READ_BATCH):
+        if entry is None:
+            if skipped_from is None:
+                skipped_from = seq
+            viewer.cursor = seq + 1
+        else:
+            if skipped_from is not None:
+                reset()
+                parts.append(framer.reset(skipped_from, seq))
+                skipped_from = None
+            data, finished = _frame_token(viewer, entry, framer, delivered)
+            parts.append(data)
+            if finished:
+                return b"".join(parts), True
+        seq += 1
+    if skipped_from is not None:
+        reset()
+        parts.append(framer.reset(skipped_from, seq))
+    return b"".join(parts), False
+
+
+def _frame_replay(
+    viewer: Viewer,
+    step: Replay,
+    tokens: list[TokenMessage],
+    framer: Framer,
+    delivered: Delivered,
+    reset: Callable[[], None],
+) -> tuple[bytes, bool]:
+    """The replayed tokens (sorted, unique, in (after, until)), with a reset for every hole."""
+    parts: list[bytes] = []
+    expected = None if step.after is None else step.after + 1
+    for message in tokens:
+        if expected is None:
+            if message.sequence > 1:
+                reset()
+                parts.append(framer.reset(None, message.sequence))
+        elif message.sequence > expected:
+            reset()
+            parts.append(framer.reset(expected, message.sequence))
+        data, finished = _frame_token(viewer, message, framer, delivered)
+        parts.append(data)
+        if finished:
+            return b"".join(parts), True
+        expected = message.sequence + 1
+    if expected is None or expected < step.until:
+        # nothing stored (or nothing more) below the log's start: those sequences are gone
+        reset()
+        parts.append(framer.reset(expected, step.until))
+    viewer.cursor = max(step.until, viewer.cursor or 0)
+    return b"".join(parts), False
