@@ -1,6 +1,11 @@
-"""Where the embedding cache keeps its vectors: `file:///DIR` (one machine). `s3://` comes later.
+"""Where the embedding cache keeps its vectors: `file:///DIR` (one machine) or `s3://BUCKET/PREFIX`.
 
-`parse_store(url)` reads `--store`; an `s3://` URL (or any other scheme) is refused with one line.
+`parse_store_url(url)` checks `--store` (one line for anything else, or for `s3://` without boto3);
+`open_store(url, ...)` makes the store. Both kinds are a `VectorStore`: async `start()`/`close()`,
+`get_many(model, keys)` (each key's vector, None when absent, or the `OSError` that key's read raised:
+one bad read does not fail the others), `write(model, key, data)` and `probe()` (the readiness check:
+raises `OSError` when the store cannot be used). `StoreError` is the `OSError` a store raises in one
+line. The S3 store is `meshkit.sidecars.s3_store`.
 
 `FileStore(root)`: each vector is the float32 little-endian bytes of one embedding, in the file
 `<root>/<model-safe>/<key[:2]>/<key>` (`key` a hex SHA-256). `model-safe` is the model name with every
@@ -9,21 +14,27 @@ character outside `[A-Za-z0-9._-]` (and a leading dot) replaced by `_` and, when
 and no name escapes `root`. A write goes to a temporary file in the same folder, then `os.replace`:
 a reader sees the old file, the new one or none, never half a vector.
 
-The methods are blocking (the cache calls them in a thread); `get` answers None for a vector that is
-not there (or whose length is not a whole number of float32 components) and raises `OSError` for a
-store that cannot be read; `put` raises `OSError` for one that cannot be written.
+`FileStore.get`/`put`/`open` are blocking; its `VectorStore` methods run them in a thread (one thread
+for a whole `get_many`). `get` answers None for a vector that is not there (or whose length is not a
+whole number of float32 components) and raises `OSError` for a store that cannot be read; `put` raises
+`OSError` for one that cannot be written; `probe()` creates and removes a temporary file in the root.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from meshkit.sidecars.s3_store import S3Store
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -36,6 +47,27 @@ def model_dir(model: str) -> str:
     if safe != model:
         safe = f"{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
     return safe
+
+
+class StoreError(OSError):
+    """A store that could not be read or written, in one line (`S3 GET 503 SlowDown`)."""
+
+
+class VectorStore(Protocol):
+    """What the embedding cache needs from a store (see the module docstring)."""
+
+    @property
+    def url(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get_many(self, model: str, keys: Sequence[str]) -> Sequence[bytes | OSError | None]: ...
+
+    async def write(self, model: str, key: str, data: bytes) -> int: ...
+
+    async def probe(self) -> None: ...
 
 
 class FileStore:
@@ -79,22 +111,91 @@ class FileStore:
             raise
         return len(data)
 
+    # -- VectorStore ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self.open)
+
+    async def close(self) -> None:
+        return None
+
+    def _get_all(self, model: str, keys: Sequence[str]) -> list[bytes | OSError | None]:
+        found: list[bytes | OSError | None] = []
+        for key in keys:
+            try:
+                found.append(self.get(model, key))
+            except OSError as exc:
+                found.append(exc)
+        return found
+
+    async def get_many(self, model: str, keys: Sequence[str]) -> list[bytes | OSError | None]:
+        return await asyncio.to_thread(self._get_all, model, keys)
+
+    async def write(self, model: str, key: str, data: bytes) -> int:
+        return await asyncio.to_thread(self.put, model, key, data)
+
+    def _probe(self) -> None:
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+            pass
+
+    async def probe(self) -> None:
+        await asyncio.to_thread(self._probe)
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
 
 def parse_store_url(value: Any) -> str:
-    """`--store` checked: a `file:///DIR` URL as given; anything else is a `ValueError` (one line)."""
+    """`--store` checked: `file:///DIR` or `s3://BUCKET/PREFIX` as given; anything else (or s3:// without
+    boto3) is a `ValueError` (one line)."""
     text = str(value).strip()
     open_store(text)
+    if text.startswith("s3:"):
+        from meshkit.sidecars.s3_store import boto3_missing
+
+        if missing := boto3_missing():
+            raise ValueError(missing)
     return text
 
 
-def open_store(value: Any) -> FileStore:
-    """`--store file:///DIR` -> a `FileStore`; anything else is a `ValueError` (one line)."""
+def s3_location(text: str) -> tuple[str, str]:
+    """`s3://BUCKET/PREFIX` -> (bucket, prefix without slashes at either end), or `ValueError`."""
+    parts = urlsplit(text)
+    bucket, prefix = parts.netloc, unquote(parts.path).strip("/")
+    if not _BUCKET.match(bucket) or ".." in bucket or parts.query or parts.fragment:
+        raise ValueError(
+            "expected s3://BUCKET/PREFIX with an S3 bucket name (3-63 of a-z 0-9 . -), "
+            "for example s3://embeddings/cache"
+        )
+    return bucket, prefix
+
+
+def open_store(
+    value: Any,
+    *,
+    s3_endpoint: str | None = None,
+    timeout: float = 0.5,
+    connections: int = 64,
+    observe: Callable[[str, float], None] | None = None,
+) -> FileStore | S3Store:
+    """`--store file:///DIR` -> a `FileStore`, `s3://BUCKET/PREFIX` -> an `S3Store` (the other arguments
+    are the S3 store's); anything else is a `ValueError` (one line)."""
     text = str(value).strip()
     parts = urlsplit(text)
     if parts.scheme == "s3":
-        raise ValueError("s3:// stores are not supported yet: use file:///DIR")
+        from meshkit.sidecars.s3_store import S3Store
+
+        bucket, prefix = s3_location(text)
+        return S3Store(
+            bucket,
+            prefix,
+            endpoint=s3_endpoint,
+            timeout=timeout,
+            connections=connections,
+            observe=observe,
+        )
     if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
         raise ValueError(
-            "expected file:///DIR (an absolute folder), for example file:///var/cache/embeddings"
+            "expected file:///DIR (an absolute folder) or s3://BUCKET/PREFIX, "
+            "for example file:///var/cache/embeddings"
         )
     return FileStore(Path(unquote(parts.path)))

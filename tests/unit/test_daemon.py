@@ -423,7 +423,7 @@ async def test_a_readiness_check_decides_readyz_while_ready_and_joins_the_body(
     status, body = await get(url)
     assert status == 503 and isinstance(body, dict)
     assert body["reason"] == "readiness check failed: OSError: probe exploded"
-    state.update(ok=True, raise_=False)
+    state.update({"ok": True, "raise": False})
     lives[0].readiness.set(False, "draining")  # what drain() does first: the check is not asked
     before = len(asked)
     status, body = await get(url)

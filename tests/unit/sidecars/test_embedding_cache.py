@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from meshkit.sidecars.embedding_cache import Cache, Metrics, UpstreamError, _read_upstream_answer, item_key
 from meshkit.sidecars.openai_shapes import EmbeddingRequest, float32_base64
+from meshkit.sidecars.s3_store import S3Store
 from meshkit.sidecars.vector_store import FileStore, model_dir, open_store, parse_store_url
 
 
@@ -55,22 +59,34 @@ def test_file_store_round_trip_and_layout(tmp_path: Path) -> None:
 
 
 def test_store_urls() -> None:
-    assert open_store("file:///var/cache/x").root == Path("/var/cache/x")
+    store = open_store("file:///var/cache/x")
+    assert isinstance(store, FileStore) and store.root == Path("/var/cache/x")
     assert parse_store_url("file:///tmp/a") == "file:///tmp/a"
-    with pytest.raises(ValueError, match="s3:// stores are not supported yet"):
-        parse_store_url("s3://bucket/prefix")
+    assert parse_store_url("s3://bucket/prefix") == "s3://bucket/prefix"
+    s3 = open_store("s3://my-bucket/a/b/", s3_endpoint="http://127.0.0.1:1")
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("my-bucket", "a/b")
+    assert s3.url == "s3://my-bucket/a/b"
+    assert s3.object_key("org/m", "ab" * 32) == f"a/b/{model_dir('org/m')}/{'ab' * 32}"
+    assert S3Store("b-1", "").object_key("m", "k") == "m/k"
     for bad in ("file://host/x", "relative/dir", "file:relative", "http://x/y"):
         with pytest.raises(ValueError, match="file:///DIR"):
             parse_store_url(bad)
+    for bad in ("s3://", "s3://UPPER/x", "s3://a/x", "s3://bad_name/x", "s3://b..c/x", "s3://bucket/x?y=1"):
+        with pytest.raises(ValueError, match="s3://BUCKET/PREFIX"):
+            parse_store_url(bad)
 
 
-def test_s3_store_refused_at_start_with_one_line() -> None:
-    argv = [sys.executable, "-m", "meshkit", "embedding-cache", "--upstream", "http://127.0.0.1:1/v1"]
-    result = subprocess.run(
-        [*argv, "--store", "s3://bucket/prefix"], capture_output=True, text=True, timeout=60, check=False
+def test_s3_store_without_boto3_is_refused_with_one_line_naming_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['boto3'] = None; from meshkit.cli import main; "
+        "sys.exit(main(['embedding-cache', '--upstream', 'http://127.0.0.1:1/v1', "
+        "'--store', 's3://bucket/prefix']))"
     )
-    assert result.returncode == 2
-    assert "s3:// stores are not supported yet" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'meshkit[s3]'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -96,14 +112,52 @@ class BrokenStore(FileStore):
         raise OSError("disk full")
 
 
-def test_store_errors_degrade_to_upstream_only(tmp_path: Path) -> None:
-    registry = CollectorRegistry()
-    cache = Cache("http://unused", BrokenStore(tmp_path), Metrics.create(registry), 1.0)
-    assert cache._get_many("m", ["a", "b"]) == [None, None]
-    cache._put_many("m", {"a": b"\x00\x00\x80?"})
-    assert registry.get_sample_value("meshkit_embedding_cache_store_errors_total", {"op": "read"}) == 2
-    assert registry.get_sample_value("meshkit_embedding_cache_store_errors_total", {"op": "write"}) == 1
-    assert cache._logged == {"read", "write"}
+class StalledStore(FileStore):
+    async def get_many(self, model: str, keys: Sequence[str]) -> list[bytes | OSError | None]:
+        await asyncio.sleep(30)
+        return []
+
+
+def test_store_errors_degrade_counted_per_item_logged_at_most_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> None:
+        registry = CollectorRegistry()
+        cache = Cache("http://unused", BrokenStore(tmp_path), Metrics.create(registry), 1.0)
+        await cache.writer.start()
+        assert await cache._lookup("m", ["a", "b"]) == {}
+        assert cache.store_down_until > 0  # every item failed: skipped for a while
+        assert await cache._lookup("m", ["c"]) == {}  # skipped: not counted again
+        cache.store_reachable(True)
+        assert await cache._lookup("m", ["d", "e", "f"]) == {}
+        cache.writer.submit("m", "a", b"\x00\x00\x80?")
+        await cache.writer.close(5)
+        value = registry.get_sample_value
+        assert value("meshkit_embedding_cache_store_errors_total", {"op": "read"}) == 5
+        assert value("meshkit_embedding_cache_store_errors_total", {"op": "write"}) == 1
+
+    with caplog.at_level(logging.WARNING, "meshkit.embedding_cache"):
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if "store read failed" in line]) == 1  # 5 failures, one line
+    assert len([line for line in lines if "store write failed" in line]) == 1
+
+
+def test_a_stalled_store_costs_one_deadline_then_is_skipped(tmp_path: Path) -> None:
+    async def run() -> None:
+        registry = CollectorRegistry()
+        cache = Cache(
+            "http://unused", StalledStore(tmp_path), Metrics.create(registry), 1.0, store_timeout=0.05
+        )
+        began = time.monotonic()
+        assert await cache._lookup("m", ["a", "b"]) == {}
+        assert 0.04 < time.monotonic() - began < 1
+        began = time.monotonic()
+        assert await cache._lookup("m", ["c"]) == {}
+        assert time.monotonic() - began < 0.01  # marked down: not waited for again
+        assert registry.get_sample_value("meshkit_embedding_cache_store_errors_total", {"op": "read"}) == 2
+
+    asyncio.run(run())
 
 
 def test_waiters_get_the_owners_upstream_error(tmp_path: Path) -> None:
