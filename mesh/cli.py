@@ -46,6 +46,10 @@ DAEMONS: dict[str, tuple[str, str]] = {
         "meshkit.sidecars.embedding_cache",
         "an OpenAI-compatible /v1/embeddings that caches each input item (file:// store)",
     ),
+    "sse": (
+        "meshkit.edge.sse",
+        "the SSE adapter: conversations' tokens from JetStream (a NATS leaf) as resumable SSE",
+    ),
     "bridge": (
         "meshkit.sidecars.bridge",
         "moves LLM tokens from Redis (Streams or pub/sub) into JetStream, each stored once",
