@@ -19,7 +19,8 @@ What it serves, as the real API server does:
   one JSON event per line: `{"type": "ADDED|MODIFIED|DELETED", "object": <EndpointSlice with kind and
   apiVersion>}`, `BOOKMARK` (an object with only kind, apiVersion and `metadata.resourceVersion`),
   first every change after RV, then live ones; after `timeoutSeconds` (default 1800) a BOOKMARK when
-  asked for, and the end of the body. An RV older than the last `compact()`: an `ERROR` event with a
+  asked for (and `bookmarks` is on: a bookmark moves the client past a `compact()`), and the end of
+  the body. An RV older than the last `compact()`: an `ERROR` event with a
   `Status` of code 410, reason `Expired` (the real server's answer to a watch), or with
   `gone_as_http=True` an HTTP 410 Status (what a list with an expired continue token gets). RV empty
   or "0": ADDED events for every current object first.
@@ -37,7 +38,7 @@ import json
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -93,25 +94,34 @@ def _status_response(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(_status(code, reason, message), status=code)
 
 
-Requirement = Callable[[dict[str, str]], bool]
+@dataclass(frozen=True)
+class Requirement:
+    """One label requirement: `key=value` (op "="), `key!=value` ("!="), `key` (exists)."""
+
+    key: str
+    op: str
+    value: str = ""
+
+    def __call__(self, labels: dict[str, str]) -> bool:
+        if self.op == "exists":
+            return self.key in labels
+        return (labels.get(self.key) == self.value) == (self.op == "=")
 
 
 def parse_selector(text: str) -> list[Requirement]:
-    """`k=v,k2!=v2,k3`: one predicate on an object's labels per requirement; ValueError otherwise."""
+    """`k=v,k2!=v2,k3`: one requirement each; ValueError for anything else."""
     found: list[Requirement] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if "!=" in part:
-            key, value = (s.strip() for s in part.split("!=", 1))
-            found.append(lambda labels, k=key, v=value: labels.get(k) != v)
-        elif "=" in part:
-            key, value = (s.strip() for s in part.replace("==", "=", 1).split("=", 1))
-            if not key or "=" in value:
+        op = "!=" if "!=" in part else "=" if "=" in part else "exists"
+        if op == "exists":
+            if not part.replace("/", "").replace(".", "").replace("-", "").replace("_", "").isalnum():
                 raise ValueError(part)
-            found.append(lambda labels, k=key, v=value: labels.get(k) == v)
-        elif part.replace("/", "").replace(".", "").replace("-", "").replace("_", "").isalnum():
-            found.append(lambda labels, k=part: k in labels)
-        else:
+            found.append(Requirement(part, op))
+            continue
+        key, value = (x.strip() for x in part.replace("==", "=", 1).split(op, 1))
+        if not key or "=" in value:
             raise ValueError(part)
+        found.append(Requirement(key, op, value))
     return found
 
 
@@ -136,6 +146,7 @@ class FakeKube:
         self.host = host
         self.port = 0
         self.gone_as_http = False
+        self.bookmarks = True  # False: none sent, even when asked (servers may send none)
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._version = itertools.count(1000)
         self._rv = next(self._version)
@@ -370,7 +381,7 @@ class FakeKube:
             timeout = float(request.query.get("timeoutSeconds", "1800"))
         except ValueError:
             return _status_response(400, "BadRequest", "resourceVersion and timeoutSeconds must be numbers")
-        bookmarks = request.query.get("allowWatchBookmarks") == "true"
+        bookmarks = self.bookmarks and request.query.get("allowWatchBookmarks") == "true"
         too_old = since != 0 and since < self._oldest
         if too_old and self.gone_as_http:
             return _status_response(410, "Expired", f"too old resource version: {since} ({self._oldest})")

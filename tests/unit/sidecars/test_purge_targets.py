@@ -121,7 +121,12 @@ async def test_dns_every_record_and_a_failure_keeps_the_last_set() -> None:
     await source.resolve_once()
     assert source.current() == ("10.0.0.7:6081", "10.0.0.8:6081", "[fd00::7]:6081")
     assert seen.changes == 1
-    for failure in (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), [], 1.0):
+    failures: list[list[tuple[Any, ...]] | BaseException | float] = [
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        [],
+        1.0,
+    ]
+    for failure in failures:
         resolver.answers = [failure]
         await source.resolve_once()
         assert source.current() == ("10.0.0.7:6081", "10.0.0.8:6081", "[fd00::7]:6081")
