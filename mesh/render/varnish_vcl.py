@@ -6,10 +6,10 @@ hosts when the VCL compiles, so an unresolvable name fails the whole program: pa
 hosts are checked here, since they are written into the program text. `varnishd -C -f FILE` compiles
 the result without starting a server (tests/mesh).
 
-`meshkit_vcl(backend=..., purgers=..., ttl=..., grace=..., max_body_bytes=...)` is meshkit's own cache
-VCL (`meshkit/varnish/meshkit.vcl`, shipped with the package) with its settings block rewritten: the
-file runs as is with its defaults (backend 127.0.0.1:8080, PURGE from loopback, TTL 1 h, grace 24 h,
-bodies up to 1 MiB cached); this is the checked way to change them.
+`meshkit_vcl(backend=..., generated_backend=..., purgers=..., ttl=..., grace=..., max_body_bytes=...)`
+is meshkit's own cache VCL (`meshkit/varnish/meshkit.vcl`, shipped with the package) with its settings
+block rewritten: the file runs as is with its defaults (backend 127.0.0.1:8080, PURGE from loopback,
+TTL 1 h, grace 24 h, bodies up to 1 MiB cached); this is the checked way to change them.
 """
 
 from __future__ import annotations
@@ -76,18 +76,25 @@ def meshkit_vcl(
     grace: float = 86400,
     max_body_bytes: int = 1 << 20,
     first_byte_timeout: float = 300,
+    generated_backend: tuple[str, int] | None = None,
 ) -> str:
     """meshkit's cache VCL with its settings block set from these values (ValueError listing bad ones).
 
     `backend`: what Varnish fetches from; `purgers`: the client addresses or networks PURGE is accepted
     from (an empty list: from nowhere); `ttl`/`grace`: seconds, when the backend's Cache-Control says
-    nothing; `max_body_bytes`: POST bodies up to this size are cached, bigger ones pass whole."""
-    host, port = backend
+    nothing; `max_body_bytes`: POST bodies up to this size are cached, bigger ones pass whole;
+    `generated_backend`: where chat/completions/responses are fetched from (the provider, when
+    `backend` is the embedding cache); None: `backend` serves every path."""
     problems: list[str] = []
-    if not _HOST.fullmatch(host):
-        problems.append(f"backend: host {host!r}")
-    if not 0 < int(port) <= 65535:
-        problems.append(f"backend: port {port!r}")
+    named = {"backend": backend, "generated_backend": generated_backend}
+    for what, address in named.items():
+        if address is None:
+            continue
+        host, port = address
+        if not _HOST.fullmatch(host):
+            problems.append(f"{what}: host {host!r}")
+        if not 0 < int(port) <= 65535:
+            problems.append(f"{what}: port {port!r}")
     if max_body_bytes < 0:
         problems.append(f"max_body_bytes: {max_body_bytes} must be 0 or more")
     acl: list[str] = []
@@ -105,14 +112,21 @@ def meshkit_vcl(
     if problems:
         raise ValueError("; ".join(problems))
     entries = "".join(f"{line}\n" for line in acl)  # none: an empty ACL, PURGE from nowhere
+    timeout = durations["first_byte_timeout"]
+    backends = _backend("default", backend, timeout)
+    pick = (
+        "    # One backend serves every path. For generated answers (chat, completions, responses) from\n"
+        "    # another one, declare it above and set it here: `set req.backend_hint = generated;`\n"
+    )
+    if generated_backend is not None:
+        backends += "\n" + _backend("generated", generated_backend, timeout)
+        pick = (
+            '    if (req.url ~ "^/v1/(chat/completions|completions|responses)([?]|$)") {\n'
+            "        set req.backend_hint = generated;\n"
+            "    }\n"
+        )
     settings = f"""# ==== meshkit settings: begin ====
-backend default {{
-    .host = "{host}";
-    .port = "{int(port)}";
-    .first_byte_timeout = {durations["first_byte_timeout"]};
-    .between_bytes_timeout = {durations["first_byte_timeout"]};
-}}
-
+{backends}
 acl meshkit_purgers {{
 {entries}}}
 
@@ -128,12 +142,26 @@ sub meshkit_default_ttl {{
 sub meshkit_default_grace {{
     set beresp.grace = {durations["grace"]};
 }}
+
+sub meshkit_pick_backend {{
+{pick}}}
 # ==== meshkit settings: end ====
 """
     text = shipped_vcl()
     if len(_SETTINGS.findall(text)) != 1:
         raise ValueError(f"{MESHKIT_VCL}: the settings block is missing or repeated")
     return _SETTINGS.sub(lambda _: settings, text)
+
+
+def _backend(name: str, address: tuple[str, int], timeout: str) -> str:
+    host, port = address
+    return f"""backend {name} {{
+    .host = "{host}";
+    .port = "{int(port)}";
+    .first_byte_timeout = {timeout};
+    .between_bytes_timeout = {timeout};
+}}
+"""
 
 
 def shipped_vcl() -> str:

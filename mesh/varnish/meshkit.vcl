@@ -23,7 +23,8 @@ vcl 4.1;
 # - /v1/chat/completions, /v1/completions, /v1/responses: generated answers are reused only when the
 #   request opts in with `X-Cache-Chat: on` (set it on the ingress route that wants it, or let a
 #   caller that sends temperature 0 ask for it). Without it: pass. A streamed answer (SSE) is cached
-#   whole and replayed as the same bytes, the same events.
+#   whole and replayed as the same bytes, the same events; its `Cache-Control: no-cache` (what SSE
+#   servers send against buffering proxies) does not stop that, private/no-store do.
 # - GET/HEAD: Varnish's usual behaviour (key URL + Host without port; Authorization or Cookie: pass).
 # - /healthz, /readyz, /metrics: never cached (pass), whatever the method.
 # - Authorization and Cookie on a cacheable POST: Cookie is removed (an API answer does not depend on
@@ -92,6 +93,11 @@ sub meshkit_default_ttl {
 sub meshkit_default_grace {
     set beresp.grace = 86400s;
 }
+
+sub meshkit_pick_backend {
+    # One backend serves every path. For generated answers (chat, completions, responses) from
+    # another one, declare it above and set it here: `set req.backend_hint = generated;`
+}
 # ==== meshkit settings: end ====
 
 sub vcl_recv {
@@ -107,6 +113,7 @@ sub vcl_recv {
     }
 
     call vcl_req_host;
+    call meshkit_pick_backend;
     if (req.url ~ "^/(healthz|readyz|metrics)([/?]|$)") {
         set req.http.X-Meshkit-Pass = "health and metrics are never cached";
         return (pass);
@@ -246,17 +253,29 @@ sub vcl_backend_response {
     if (beresp.status >= 500 && bereq.is_bgfetch) {
         return (abandon);  # keep serving the stale object through its grace
     }
+    # A generated answer reaches this point only when the request opted in (X-Cache-Chat: on; any
+    # other is a pass). Its stream's `Cache-Control: no-cache` is what every SSE server (OpenAI
+    # included) sends so that proxies do not buffer it, not a statement about reuse: the opt-in wins.
+    # private and no-store are still honoured.
+    if (bereq.url ~ "^/v1/(chat/completions|completions|responses)([?]|$)" &&
+        beresp.http.Content-Type ~ "(?i)^text/event-stream" &&
+        beresp.http.Cache-Control !~ "(?i)(private|no-store)") {
+        set beresp.http.X-Meshkit-Stream = "1";
+    }
     if (beresp.status >= 400 ||
         beresp.http.Set-Cookie ||
-        beresp.http.Cache-Control ~ "(?i)(private|no-store|no-cache)" ||
+        beresp.http.Cache-Control ~ "(?i)(private|no-store)" ||
+        (beresp.http.Cache-Control ~ "(?i)no-cache" && !beresp.http.X-Meshkit-Stream) ||
         beresp.http.Surrogate-Control ~ "(?i)no-store" ||
         beresp.http.Vary == "*" ||
         beresp.ttl <= 0s) {
+        unset beresp.http.X-Meshkit-Stream;
         set beresp.ttl = 120s;  # hit-for-miss: not stored, not coalesced
         set beresp.grace = 0s;
         set beresp.uncacheable = true;
         return (deliver);
     }
+    unset beresp.http.X-Meshkit-Stream;
     if (beresp.http.Cache-Control !~ "(?i)(s-maxage|max-age)=" && !beresp.http.Expires) {
         call meshkit_default_ttl;
     }

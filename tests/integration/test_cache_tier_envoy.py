@@ -43,6 +43,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "text-embedding-3-small"
 EMBEDDINGS = "/v1/embeddings"
+CHAT = "/v1/chat/completions"
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,14 @@ def tier(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
         redis_server(workdir / "tier-redis", name="tier-redis") as redis,
         dev_upstream(workdir, name="tier-provider") as provider,
         embedding_cache(workdir, provider.base_url, store, name="tier-cache") as cache,
-        varnish_server(workdir, meshkit_vcl(backend=("127.0.0.1", cache.port)), name="tier-varnish-a") as va,
-        varnish_server(workdir, meshkit_vcl(backend=("127.0.0.1", cache.port)), name="tier-varnish-b") as vb,
+        varnish_server(workdir, _vcl(cache, provider), name="tier-varnish-a") as va,
+        varnish_server(workdir, _vcl(cache, provider), name="tier-varnish-b") as vb,
         purge_broadcaster(workdir, [f"127.0.0.1:{va.port}", f"127.0.0.1:{vb.port}"], _log_args(redis)) as pb,
         extproc(workdir, ["--filters", "body-hash"], name="tier-extproc") as meshkit,
     ):
         config = FrontConfig(
             upstream_ports=(provider.port,),
-            path_routes=((EMBEDDINGS, (va.port, vb.port)),),
+            path_routes=((EMBEDDINGS, (va.port, vb.port)), (CHAT, (va.port, vb.port))),
             api=Api.EXT_AUTHZ_HTTP,
             extproc_port=meshkit.port_for("ext_authz_http"),
             filters=("body-hash",),
@@ -102,6 +103,11 @@ def tier(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
         )
         with envoy(config.render(), workdir) as ingress:
             yield Tier(ingress, (va, vb), cache, provider, pb)
+
+
+def _vcl(cache: EmbeddingCache, provider: DevUpstream) -> str:
+    """Embeddings from the embedding cache, generated answers (chat) from the provider itself."""
+    return meshkit_vcl(backend=("127.0.0.1", cache.port), generated_backend=("127.0.0.1", provider.port))
 
 
 def _log_args(redis: RedisServer) -> list[str]:
@@ -232,3 +238,44 @@ def test_a_pod_that_missed_a_purge_gets_it_replayed_when_it_answers_again(tier: 
         time.sleep(0.1)
     assert pending == {}
     assert embed(tier, inputs)[0]["x-cache"] == "MISS"  # the replayed ban reached the pod
+
+
+def test_a_streamed_chat_answer_opted_in_is_cached_whole_and_replayed_as_the_same_stream(tier: Tier) -> None:
+    client = tier.client()
+    asked = [{"role": "user", "content": f"replay me {uuid.uuid4().hex[:8]}"}]
+
+    def stream() -> tuple[str, list[str], str | None]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=asked,  # type: ignore[arg-type]
+            stream=True,
+            temperature=0,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Cache-Chat": "on"},
+        )
+        chunks = list(raw.parse())
+        words = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        usage = [c.usage for c in chunks if c.usage is not None]
+        assert len(usage) == 1 and usage[0].completion_tokens > 0
+        return raw.headers.get("x-cache", ""), words, chunks[0].id
+
+    before = tier.provider.stats()["calls"]["chat_completions"]
+    first = stream()
+    second = stream()
+    assert (first[0], second[0]) == ("MISS", "HIT")
+    assert "".join(first[1]).startswith("You said: replay me")
+    assert second[1:] == first[1:]  # the same events, the provider's answer id included
+    assert tier.provider.stats()["calls"]["chat_completions"] - before == 1
+
+
+def test_chat_without_the_opt_in_is_never_cached(tier: Tier) -> None:
+    client = tier.client()
+    asked = [{"role": "user", "content": f"fresh {uuid.uuid4().hex[:8]}"}]
+    verdicts = []
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=asked,  # type: ignore[arg-type]
+        )
+        verdicts.append(raw.headers.get("x-cache"))
+    assert verdicts == ["PASS", "PASS"]

@@ -501,3 +501,30 @@ def test_a_streamed_chat_answer_is_cached_whole_and_replayed(stack: Stack) -> No
     parsed = [json.loads(e) for e in events[:-1]]
     assert [e["index"] for e in parsed] == list(range(20))
     assert {e["body_sha256"] for e in parsed} == {hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "expected"),
+    [
+        ("no-cache", ["MISS", "HIT"]),  # what SSE servers send against buffering proxies: opt-in wins
+        ("no-cache, private", ["MISS", "MISS"]),
+        ("no-store", ["MISS", "MISS"]),
+    ],
+)
+def test_an_opted_in_stream_is_cached_despite_no_cache_but_not_when_private_or_no_store(
+    stack: Stack, cache_control: str, expected: list[str]
+) -> None:
+    data = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": uuid.uuid4().hex}]}
+    ).encode()
+    headers = {"x-cache-chat": "on", "x-echo-sse": "3", "x-echo-header": f"Cache-Control: {cache_control}"}
+    answers = twice(stack.url(CHAT), data, headers)
+    assert caches(answers) == expected
+    assert all(a.headers["content-type"].startswith("text/event-stream") for a in answers)
+    assert all("x-meshkit-stream" not in a.headers for a in answers)
+
+
+def test_no_cache_on_an_answer_that_is_not_a_stream_still_stops_caching(stack: Stack) -> None:
+    data = json.dumps({"model": "m", "messages": [{"role": "user", "content": uuid.uuid4().hex}]}).encode()
+    answers = twice(stack.url(CHAT), data, {"x-cache-chat": "on", "x-echo-header": "Cache-Control: no-cache"})
+    assert caches(answers) == ["MISS", "MISS"]

@@ -168,6 +168,7 @@ def test_meshkit_vcl_defaults_are_the_shipped_file() -> None:
         {"backend": ("10.1.2.3", 9000), "purgers": ("10.0.0.0/8", "fd00::/8", "192.0.2.7"), "ttl": 60},
         {"backend": ("::1", 8081), "purgers": (), "ttl": 0.5, "grace": 0, "max_body_bytes": 0},
         {"backend": ("localhost", 8080), "grace": 7 * 86400, "max_body_bytes": 64 << 20},
+        {"backend": ("127.0.0.1", 8092), "generated_backend": ("127.0.0.1", 8090)},
     ],
 )
 def test_meshkit_vcl_settings_compile(kw: dict[str, Any], readable_dir: Path) -> None:
@@ -186,6 +187,8 @@ def test_meshkit_vcl_settings_compile(kw: dict[str, Any], readable_dir: Path) ->
         assert f"set beresp.grace = {kw['grace']:g}s;" in settings
     if "max_body_bytes" in kw:
         assert f'X-Meshkit-Body-Limit = "{kw["max_body_bytes"]}";' in settings
+    picks = "set req.backend_hint = generated;\n" in settings
+    assert picks == ("generated_backend" in kw)
     shipped_head, _, shipped_tail = split_settings(SHIPPED.read_text())
     assert (head, tail) == (shipped_head, shipped_tail)  # only the settings block differs
 
@@ -199,3 +202,7 @@ def test_meshkit_vcl_values_are_checked() -> None:
         meshkit_vcl(backend=("127.0.0.1", 70000))
     with pytest.raises(ValueError, match="max_body_bytes"):
         meshkit_vcl(max_body_bytes=-1)
+    with pytest.raises(ValueError, match="generated_backend: host"):
+        meshkit_vcl(generated_backend=("x y", 8090))
+    with pytest.raises(ValueError, match="generated_backend: port"):
+        meshkit_vcl(generated_backend=("127.0.0.1", 0))
