@@ -22,6 +22,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from meshkit.harness.daemons import (
     DevUpstream,
@@ -242,12 +243,14 @@ def test_a_pod_that_missed_a_purge_gets_it_replayed_when_it_answers_again(tier: 
 
 def test_a_streamed_chat_answer_opted_in_is_cached_whole_and_replayed_as_the_same_stream(tier: Tier) -> None:
     client = tier.client()
-    asked = [{"role": "user", "content": f"replay me {uuid.uuid4().hex[:8]}"}]
+    asked: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": f"replay me {uuid.uuid4().hex[:8]}"}
+    ]
 
     def stream() -> tuple[str, list[str], str | None]:
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini",
-            messages=asked,  # type: ignore[arg-type]
+            messages=asked,
             stream=True,
             temperature=0,
             stream_options={"include_usage": True},
@@ -270,12 +273,12 @@ def test_a_streamed_chat_answer_opted_in_is_cached_whole_and_replayed_as_the_sam
 
 def test_chat_without_the_opt_in_is_never_cached(tier: Tier) -> None:
     client = tier.client()
-    asked = [{"role": "user", "content": f"fresh {uuid.uuid4().hex[:8]}"}]
+    asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"fresh {uuid.uuid4().hex[:8]}"}]
     verdicts = []
     for _ in range(2):
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini",
-            messages=asked,  # type: ignore[arg-type]
+            messages=asked,
         )
         verdicts.append(raw.headers.get("x-cache"))
     assert verdicts == ["PASS", "PASS"]
