@@ -121,17 +121,21 @@ class Inspector:
         """The inspector's verdict on `msg`, or the fail mode's after a failure; never raises (except
         for the caller's own cancellation)."""
         deadline = time.monotonic() + self.timeout
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.timeout)
-        except TimeoutError:
-            return self._failed(
-                "overloaded", f"{self.max_inflight} inspections in flight for {self.timeout} s"
-            )
+        if self._slots.locked():  # every slot taken: wait for one, within the deadline
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.timeout)
+            except TimeoutError:
+                return self._failed(
+                    "overloaded", f"{self.max_inflight} inspections in flight for {self.timeout} s"
+                )
+        else:
+            await self._slots.acquire()  # a free slot: no suspension
         self.inflight += 1
         try:
             left = max(0.001, deadline - time.monotonic())
             try:
-                reply = await asyncio.wait_for(nc.request(self.subject, msg.raw, timeout=left), left + 0.05)
+                async with asyncio.timeout(left + 0.05):  # also bounds a publish stuck on a full buffer
+                    reply = await nc.request(self.subject, msg.raw, timeout=left)
             except NoRespondersError:
                 return self._failed("no_responders", f"no inspector subscribes to {self.subject}")
             except (NatsTimeoutError, TimeoutError):

@@ -24,8 +24,9 @@ bytes that were delivered. A blocked token is not copied to the audit subject (i
 it is counted by reason.
 
 A message whose `token` is empty (typically the final `done` one) is not sent to the inspector nor
-redacted: there is nothing to inspect, and a `done` message must always reach the viewers (a blocked
-`done` would leave every stream open). It is still audited.
+redacted: there is nothing to inspect. It is still audited. A `done` message must always reach the
+viewers (a blocked `done` would leave every stream open): when the inspector blocks one that has
+text, it is delivered with its `token` emptied (`changed`, `reason` set, counted as blocked).
 
 The adapter calls `check()` once per message per conversation (the hub), not once per viewer, and the
 result is a pure function of the message for redaction; the inspector's answers are its own. When
@@ -141,7 +142,8 @@ class TokenInspectionOptions:
 @dataclass(frozen=True, slots=True)
 class Inspected:
     """What to deliver for one message: `raw` (the message's own bytes unless `changed`), or nothing
-    when `blocked` (then `reason` says why, a short word)."""
+    when `blocked` (then `reason` says why, a short word). `raw` with a `reason`: a blocked `done`
+    message, delivered with its text withheld."""
 
     raw: bytes | None
     changed: bool = False
@@ -227,7 +229,13 @@ class TokenInspection:
                     if verdict.action == "block":
                         reason = verdict.reason or "inspector"
                         self.blocked[reason] = self.blocked.get(reason, 0) + 1
-                        return Inspected(None, reason=reason)
+                        if not msg.done:
+                            return Inspected(None, reason=reason)
+                        # the last message must still end the streams: delivered, its text withheld
+                        raw = with_token(fields, "")
+                        if self.tap is not None:
+                            self.tap.copy(msg, raw)
+                        return Inspected(raw, changed=True, reason=reason)
                     if verdict.action == "replace" and verdict.token is not None and verdict.token != text:
                         text = verdict.token
                         changed = True

@@ -140,6 +140,21 @@ async def test_replace_and_block(client: Client, responder: Responder) -> None:
     assert i.blocked == {"pii": 1, "other": 1} and i.replaced["inspector"] == 1
 
 
+async def test_a_blocked_done_message_still_ends_the_stream(client: Client, responder: Responder) -> None:
+    i = await inspection(client)
+    raw = b'{"conversation_id":"c1","token":"pii","sequence":4,"done":true,"usage":{"n":4}}'
+    result = await i.check(parse_token(raw))
+    assert not result.blocked and result.changed and result.reason == "pii" and result.raw is not None
+    assert json.loads(result.raw) == {
+        "conversation_id": "c1",
+        "token": "",
+        "sequence": 4,
+        "done": True,
+        "usage": {"n": 4},
+    }
+    assert i.blocked == {"pii": 1}
+
+
 async def test_redaction_runs_over_the_inspectors_replacement(client: Client, responder: Responder) -> None:
     i = await inspection(client, redact=("email",))
     result = await i.check(message("leak"))

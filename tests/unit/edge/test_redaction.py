@@ -8,10 +8,11 @@ import json
 import pytest
 
 from meshkit.edge.redaction import Redactor, compile_patterns
+from meshkit.edge.stream_auth import StreamAuthOptions
 from meshkit.edge.token_contract import parse_token
 from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
 from meshkit.errors import ConfigError
-from meshkit.options import resolve
+from meshkit.options import clashes, resolve
 
 
 def message(token: str, **extra: object) -> bytes:
@@ -127,3 +128,7 @@ async def test_the_inspector_and_the_tap_need_nats() -> None:
 def test_bad_options_are_config_errors(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("_", "-")):
         resolve([TokenInspectionOptions], command="sse", flags={key: value}, env={})
+
+
+def test_the_sections_the_adapter_adds_do_not_clash() -> None:
+    assert clashes([TokenInspectionOptions, StreamAuthOptions]) == []
