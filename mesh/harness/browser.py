@@ -13,8 +13,8 @@ As a pytest fixture:
 
 Decisions:
 
-- The browser is `/usr/bin/chromium` from the Debian package `chromium` (override with `executable`
-  or `MESHKIT_CHROMIUM`), passed to playwright as `executable_path`. playwright's own browser builds
+- The browser is `/usr/bin/chromium` from the Debian package `chromium` (another binary: the
+  `executable` argument), passed to playwright as `executable_path`. playwright's own browser builds
   are never downloaded nor looked for: a missing binary is a `HarnessError` naming the package to
   install; playwright itself missing is a `HarnessError` naming the `dev` extra.
 - Headless. As root (a CI container), Chromium's sandbox cannot start, so `--no-sandbox` is added
@@ -52,9 +52,9 @@ CLOSE_TIMEOUT = 5.0
 
 
 def chromium_binary(executable: str | None = None) -> str:
-    """Path of the Chromium to drive (`executable`, `$MESHKIT_CHROMIUM`, or `/usr/bin/chromium`), or
-    HarnessError naming the Debian package to install."""
-    path = executable or os.environ.get("MESHKIT_CHROMIUM") or CHROMIUM
+    """Path of the Chromium to drive (`executable`, else `/usr/bin/chromium`), or HarnessError naming
+    the Debian package to install."""
+    path = executable or CHROMIUM
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         raise HarnessError(
             f"no Chromium at {path}: install the Debian package `chromium` (apt-get install -y chromium); "
