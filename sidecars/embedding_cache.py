@@ -48,10 +48,10 @@ Caching
   so `float` and `base64` answers agree bit for bit.
 
 The store degrading (decided: never a failed request the upstream could answer)
-- a read that fails or does not finish within `--store-timeout` is a miss; a write that fails leaves
-  the item uncached (it stays in the memory tier). Both are counted
-  (`..._store_errors_total{op=read|write}`, one per item) and logged at warning at most once per
-  `STORE_LOG_EVERY` seconds per kind, with the number of failures since the last line.
+- a read that fails or does not finish within `--store-timeout` (0.5 s) is a miss; a write that fails
+  or overruns `--store-write-timeout` (5 s) leaves the item uncached (it stays in the memory tier).
+  Both are counted (`..._store_errors_total{op=read|write}`, one per item) and logged at warning at
+  most once per `STORE_LOG_EVERY` seconds per kind, with the number of failures since the last line.
 - a lookup that failed entirely (every item, or the deadline) marks the store down for
   `STORE_RETRY_AFTER` seconds: requests meanwhile skip it (no deadline paid per request while S3 is
   stalled) and the next one after that tries again; a readiness probe that reaches the store ends it
@@ -77,8 +77,8 @@ Metrics (`/metrics`, prefix `meshkit_embedding_cache_`): `items_total{result=hit
 `hits_total{tier=memory|store}`, `requests_total{cache=hit|miss|partial|error}`,
 `upstream_calls_total{status}`, `upstream_seconds` (histogram), `stored_bytes_total` (written to the
 store), `store_errors_total{op=read|write}`, `store_writes_dropped_total`, `store_write_queue`,
-`store_seconds{op}` (histogram of every S3 call: GET, PUT, HEAD), `store_up`, `upstream_up`,
-`memory_bytes`, `memory_items`, `memory_evictions_total`.
+`store_seconds{op}` (histogram of every S3 call: GetObject, PutObject, HeadBucket, ListObjectsV2),
+`store_up`, `upstream_up`, `memory_bytes`, `memory_items`, `memory_evictions_total`.
 
 Not done
 - packed objects (one object per request batch): the memory tier meets the target, and a second copy
@@ -192,6 +192,12 @@ class EmbeddingCacheOptions:
     store_timeout: float = option(
         0.5,
         "seconds a request's store lookup (and each store write, the readiness probe) may take",
+        parse=parse_seconds,
+        metavar="SECONDS",
+    )
+    store_write_timeout: float = option(
+        5.0,
+        "seconds one store write behind an answer may take (nobody waits for it)",
         parse=parse_seconds,
         metavar="SECONDS",
     )
@@ -319,6 +325,7 @@ class Cache:
         *,
         memory: VectorMemory | None = None,
         store_timeout: float = 0.5,
+        write_timeout: float = 5.0,
         write_queue: int = 4096,
         write_workers: int = WRITE_WORKERS,
         tracing: Tracing = NO_TRACING,
@@ -334,7 +341,7 @@ class Cache:
             store,
             capacity=write_queue,
             workers=write_workers,
-            timeout=store_timeout,
+            timeout=write_timeout,
             on_written=metrics.stored_bytes.inc,
             on_error=lambda exc: self._store_error("write", exc),
             on_dropped=metrics.writes_dropped.inc,
@@ -660,6 +667,7 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         opts.store,
         s3_endpoint=opts.s3_endpoint or None,
         timeout=opts.store_timeout,
+        write_timeout=opts.store_write_timeout,
         connections=opts.store_connections,
         observe=observe,
     )
@@ -671,6 +679,7 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         opts.upstream_timeout,
         memory=VectorMemory(opts.memory_bytes),
         store_timeout=opts.store_timeout,
+        write_timeout=opts.store_write_timeout,
         write_queue=opts.write_queue,
         write_workers=min(WRITE_WORKERS, opts.store_connections),
         tracing=traces,

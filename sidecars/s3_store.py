@@ -19,13 +19,15 @@ Addressing: with `--s3-endpoint URL` (MinIO, SeaweedFS) path style `URL/BUCKET/K
 virtual-hosted `https://BUCKET.s3.REGION.amazonaws.com/KEY` (path style for a bucket name with dots,
 which TLS cannot cover).
 
-Deadlines and connections: every call is bounded by `timeout` (aiohttp's total timeout; the caller adds
-its own deadline over a request's whole lookup); connecting by at most 1 s of it. No retries inside: a
+Deadlines and connections: every read (and the readiness probe) is bounded by `timeout`, every write by
+`write_timeout` (aiohttp's total timeout; the caller adds its own deadline over a request's whole
+lookup); connecting by at most 1 s of it. Writes get longer because nobody waits for them and a first
+PUT can be slow (SeaweedFS grows a volume on a bucket's first write: over 0.5 s here). No retries inside: a
 failed GET is a miss the upstream answers, a failed PUT leaves the item uncached until it is missed
 again (the embedding cache counts both). One aiohttp connector holds up to `connections` keep-alive
 connections (the cache's store concurrency), so 16 concurrent GETs reuse 16 sockets.
 
-Errors: `StoreError` (an `OSError`) with one line: `S3 GET 503 SlowDown`, `S3 unreachable: ...`,
+Errors: `StoreError` (an `OSError`) with one line: `S3 GetObject 503 SlowDown`, `S3 unreachable: ...`,
 `S3 did not answer within 0.5 s`. A missing object is `None`, not an error.
 
 Start (`start()`), decided for a demanding operator: a misconfiguration refuses to start with one line
@@ -99,6 +101,7 @@ class S3Store:
         *,
         endpoint: str | None = None,
         timeout: float = 0.5,
+        write_timeout: float = 5.0,
         connections: int = 64,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
@@ -106,8 +109,9 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.endpoint = endpoint.rstrip("/") if endpoint else None
         self.timeout = timeout
+        self.write_timeout = write_timeout
         self.connections = connections
-        self.observe = observe  # (method, seconds) of every S3 call: the cache's latency histogram
+        self.observe = observe  # (operation, seconds) of every S3 call: the cache's latency histogram
         self.region = DEFAULT_REGION
         self.session: aiohttp.ClientSession | None = None
         self._credentials: Any = None  # botocore Credentials (maybe refreshable)
@@ -135,7 +139,7 @@ class S3Store:
         self._refresher = asyncio.create_task(self._refresh_credentials())
         try:
             status, body = await self._request(
-                "GET", "", query="list-type=2&max-keys=1", deadline=START_CHECK_TIMEOUT
+                "ListObjectsV2", "GET", "", query="list-type=2&max-keys=1", deadline=START_CHECK_TIMEOUT
             )
         except StoreError as exc:
             log.warning("%s: %s at start; serving from the upstream until it answers", self.url, exc)
@@ -205,27 +209,36 @@ class S3Store:
         return out
 
     async def get(self, model: str, key: str) -> bytes | None:
-        status, body = await self._request("GET", self.object_key(model, key))
+        status, body = await self._request("GetObject", "GET", self.object_key(model, key))
         if status == 200:
             return body if body and not len(body) % 4 else None
         if status == 404:
             return None
-        raise _answer_error("GET", status, body)
+        raise _answer_error("GetObject", status, body)
 
     async def write(self, model: str, key: str, data: bytes) -> int:
-        status, body = await self._request("PUT", self.object_key(model, key), data=data)
+        status, body = await self._request(
+            "PutObject", "PUT", self.object_key(model, key), data=data, deadline=self.write_timeout
+        )
         if status != 200:
-            raise _answer_error("PUT", status, body)
+            raise _answer_error("PutObject", status, body)
         return len(data)
 
     async def probe(self) -> None:
         """`HeadBucket`: raises `StoreError` unless the bucket answers 200."""
-        status, body = await self._request("HEAD", "")
+        status, body = await self._request("HeadBucket", "HEAD", "")
         if status != 200:
             raise _answer_error("HeadBucket", status, body)
 
     async def _request(
-        self, method: str, key: str, *, query: str = "", data: bytes = b"", deadline: float | None = None
+        self,
+        op: str,
+        method: str,
+        key: str,
+        *,
+        query: str = "",
+        data: bytes = b"",
+        deadline: float | None = None,
     ) -> tuple[int, bytes]:
         from botocore.awsrequest import AWSRequest
 
@@ -255,7 +268,7 @@ class S3Store:
             raise StoreError(f"S3 unreachable: {exc or type(exc).__name__}") from None
         finally:
             if self.observe is not None:
-                self.observe(method, time.monotonic() - began)
+                self.observe(op, time.monotonic() - began)
 
 
 def _error_code(body: bytes) -> tuple[str, str]:

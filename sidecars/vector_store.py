@@ -174,6 +174,7 @@ def open_store(
     *,
     s3_endpoint: str | None = None,
     timeout: float = 0.5,
+    write_timeout: float = 5.0,
     connections: int = 64,
     observe: Callable[[str, float], None] | None = None,
 ) -> FileStore | S3Store:
@@ -190,6 +191,7 @@ def open_store(
             prefix,
             endpoint=s3_endpoint,
             timeout=timeout,
+            write_timeout=write_timeout,
             connections=connections,
             observe=observe,
         )

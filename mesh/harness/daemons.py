@@ -10,9 +10,10 @@ SIGKILLed mid-run. `extproc()`, `echo()`, `dev_upstream()`, `purge_broadcaster()
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from meshkit.daemon import parse_ready
 from meshkit.errors import HarnessError
 from meshkit.extproc.apis import Api
 from meshkit.harness.process import ManagedProcess
+from meshkit.harness.s3 import S3Server
 
 
 @dataclass(frozen=True)
@@ -131,9 +133,11 @@ def daemon(
     listeners: Sequence[str] = ("--listen",),
     name: str | None = None,
     start_timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[RunningDaemon]:
     """`meshkit COMMAND` with every flag in `listeners` (and `--admin-listen`) on 127.0.0.1:0, plus
-    `args`; stopped (TERM, then KILL) on exit, whatever happened."""
+    `args` (and `env` over this process's environment); stopped (TERM, then KILL) on exit, whatever
+    happened."""
     ports = [arg for flag in (*listeners, "--admin-listen") for arg in (flag, "127.0.0.1:0")]
     proc = ManagedProcess(
         name or f"meshkit-{command}",
@@ -141,6 +145,7 @@ def daemon(
         log_dir=workdir,
         ready=_ready,
         start_timeout=start_timeout,
+        env=env,
     )
     with proc:
         found = parse_ready(proc.log_text())
@@ -193,9 +198,35 @@ class EmbeddingCache(OpenAICompatible):
 
 @contextmanager
 def embedding_cache(
-    workdir: Path, upstream: str, store: str, args: Sequence[str] = (), *, name: str = "embedding-cache"
+    workdir: Path,
+    upstream: str,
+    store: str,
+    args: Sequence[str] = (),
+    *,
+    name: str = "embedding-cache",
+    s3: S3Server | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[EmbeddingCache]:
-    """`meshkit embedding-cache --upstream URL --store URL` on free loopback ports with extra `args`."""
+    """`meshkit embedding-cache --upstream URL --store URL` on free loopback ports with extra `args`.
+    With `s3`: `--s3-endpoint` and its credentials and region in the environment (no shared AWS files,
+    no instance metadata lookups), then `env` over them (a wrong secret, say)."""
     argv = ["--upstream", upstream, "--store", store, *args]
-    with daemon("embedding-cache", workdir, argv, name=name) as running:
+    environment: dict[str, str] = {}
+    if s3 is not None:
+        argv += ["--s3-endpoint", s3.endpoint_url]
+        environment.update(s3_environment(s3))
+    environment.update(env or {})
+    with daemon("embedding-cache", workdir, argv, name=name, env=environment or None) as running:
         yield EmbeddingCache(running.process, running.command, running.addresses)
+
+
+def s3_environment(s3: S3Server) -> dict[str, str]:
+    """The AWS variables that point boto3's default chain at `s3`'s credentials and region only."""
+    return {
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_REGION": s3.region,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
