@@ -131,6 +131,7 @@ class Conversation:
     subscription: JetStreamContext.PushSubscription | None = None
     gap_timer: asyncio.TimerHandle | None = None
     gap_task: asyncio.Task[None] | None = None
+    caught_up: bool = False  # the subscription delivered everything stored when it was made
     closed: bool = False
 
 
@@ -248,10 +249,13 @@ class ConversationHub:
             log.warning("conversation %s: skipped a malformed stream message: %s", conv.id, exc.reason)
             return
         self.metrics.messages.inc()
-        try:
-            backlog = msg.metadata.num_pending > 0
-        except Exception:  # not a JetStream message: cannot happen on this subscription
-            backlog = False
+        backlog = False
+        if not conv.caught_up:  # the first catch-up on what was stored does not count as lag
+            try:
+                backlog = msg.metadata.num_pending > 0
+            except Exception:  # not a JetStream message: cannot happen on this subscription
+                backlog = False
+            conv.caught_up = not backlog
         self.deliver(conv, token, backlog=backlog)
 
     def deliver(self, conv: Conversation, token: TokenMessage, *, backlog: bool = False) -> None:
@@ -269,6 +273,8 @@ class ConversationHub:
     def _wake(self, conv: Conversation) -> None:
         limit = self.settings.client_queue
         for viewer in list(conv.viewers):
+            if viewer.cut_reason is not None:  # cut off already, leaving
+                continue
             if viewer.lag(conv.log) > limit:
                 reason = f"slow client: more than {limit} tokens behind (--client-queue)"
                 self.metrics.slow_drops.inc()

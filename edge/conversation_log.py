@@ -17,9 +17,10 @@ sequence N on" by position. What it decides:
   beginning of the stream's copy of the conversation, so a token below it has aged out (or was never
   stored): a viewer asking for it gets a reset;
 - after the `done: true` message nothing more is logged (a message after it is counted and dropped);
-- `backlog_end`: every token below it arrived as backlog (the consumer said more stored messages were
-  pending: a catch-up, or a burst after a leaf reconnect), not live. A viewer's lag (`Viewer.lag`)
-  counts only live tokens, so a burst the queue of a fast client could not absorb is not "slow".
+- `backlog_end`: every token below it arrived as backlog (the subscription's first catch-up on what
+  was stored when it was made), not live. A viewer's lag (`Viewer.lag`) counts only live tokens, so a
+  long stored conversation does not make its first viewer "slow". Later bursts (after a leaf
+  reconnect: 200-275 tokens in the field notes' partition) do count: `--client-queue` absorbs them.
 
 The log is a list trimmed in halves (amortised O(1) per token, O(k) to read k tokens from any position).
 """

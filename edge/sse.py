@@ -387,6 +387,7 @@ class _Nats:
         try:
             self.client = await nats.connect(
                 servers,
+                name="meshkit-sse",
                 connect_timeout=2,
                 reconnect_time_wait=0.25,
                 max_reconnect_attempts=-1,
@@ -488,7 +489,7 @@ def _sections() -> list[type[Any]]:
 
 DAEMON = Daemon(
     name="sse",
-    help="the SSE adapter: conversations' tokens from JetStream (a NATS leaf) as SSE, resumable",
+    help="the SSE adapter: conversations' tokens from JetStream (a NATS leaf) as resumable SSE",
     sections=_sections,
     serve=serve,
 )

@@ -2,9 +2,9 @@
 
 A `Viewer` does not copy tokens: its "queue" is the window of its conversation's shared log
 (`ConversationLog`) between its cursor (the next sequence it is owed) and the log's end. The queue is
-bounded by `--client-queue` messages: when a client is that many *live* tokens behind (`lag()`: tokens
-that arrived as backlog — a catch-up, a burst after a leaf reconnect — and tokens before the viewer
-joined do not count), the hub cuts it off (`cut()`: reason logged, counted, connection aborted). It can
+bounded by `--client-queue` messages: when a client is that many *live* tokens behind (`lag()`: the
+subscription's first catch-up on stored tokens and tokens before the viewer joined do not count), the
+hub cuts it off (`cut()`: reason logged, counted, connection aborted). It can
 come back with Last-Event-ID. A slow viewer therefore never delays the hub or another viewer: nobody
 ever waits on it, it only falls behind.
 

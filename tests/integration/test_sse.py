@@ -1,0 +1,467 @@
+"""`meshkit sse` on real servers: a NATS origin with JetStream (domain `origin`) and a leaf; the adapter
+connects to the LEAF, tokens are published into JetStream at the ORIGIN (as `meshkit bridge` does),
+streams are read with a real HTTP client and parsed with the EventSource rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from meshkit.edge.token_stream import ensure_stream
+from meshkit.harness.edge_daemons import SseAdapter, sse_adapter
+from meshkit.harness.nats import NatsServer, nats_server
+
+from .conftest import request
+from .test_sse_support import leaf_subscriptions, metric, open_stream, publish, until
+
+pytestmark = pytest.mark.integration
+
+
+def cid() -> str:
+    return f"c-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sse")
+
+
+@pytest.fixture(scope="module")
+def origin(workdir: Path) -> Iterator[NatsServer]:
+    with nats_server(workdir, name="sse-origin") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def leaf(workdir: Path, origin: NatsServer) -> Iterator[NatsServer]:
+    with nats_server(workdir, jetstream=False, leaf_remote=origin.leaf_url, name="sse-leaf") as server:
+        origin.wait_for_leafnodes(1)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stream_created(origin: NatsServer) -> None:
+    async def create() -> None:
+        nc = await nats.connect(origin.url)
+        try:
+            await ensure_stream(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
+
+
+ADAPTER_ARGS = [
+    "--heartbeat",
+    "0.5",
+    "--client-queue",
+    "256",
+    "--consumer-heartbeat",
+    "0.5",
+    "--gap-timeout",
+    "0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def adapter(workdir: Path, leaf: NatsServer, stream_created: None) -> Iterator[SseAdapter]:
+    with sse_adapter(workdir, leaf.url, ADAPTER_ARGS) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def small_history(workdir: Path, leaf: NatsServer, stream_created: None) -> Iterator[SseAdapter]:
+    """An adapter keeping only 4 tokens per conversation in memory: older ones come from JetStream."""
+    with sse_adapter(
+        workdir, leaf.url, [*ADAPTER_ARGS, "--history", "4"], name="sse-small-history"
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def js(origin: NatsServer, stream_created: None) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(origin.url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+# -- the stream -------------------------------------------------------------------------------------
+async def test_live_stream_end_to_end(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    reader = await open_stream(session, adapter.stream_url(c))
+    try:
+        headers = reader.response.headers
+        assert headers["Content-Type"].startswith("text/event-stream")
+        assert headers["Cache-Control"] == "no-cache"
+        assert headers["X-Accel-Buffering"] == "no"
+        await reader.wait_for(lambda r: r.raw.startswith(b"retry: 1000\n\n"), what="retry hint first")
+        await asyncio.sleep(0.3)  # the conversation has no tokens yet: heartbeats meanwhile
+        await reader.wait_for(lambda r: b": hb\n\n" in r.raw, what="a heartbeat")
+        await publish(js, c, range(1, 11), done_at=10, model="m1")
+        await reader.until_end()
+    finally:
+        await reader.close()
+    assert reader.sequences == list(range(1, 11))
+    assert [e.event for e in reader.events] == ["token"] * 9 + ["done"]
+    first = json.loads(reader.events[0].data)
+    assert first["token"] == "t1 " and first["model"] == "m1" and first["conversation_id"] == c
+    # the data is the published JSON, byte for byte
+    assert b'data: {"conversation_id": "' + c.encode() + b'", "token": "t1 ", "sequence": 1' in reader.raw
+    assert metric(adapter, "meshkit_sse_tokens_delivered_total") >= 10
+    assert metric(adapter, "meshkit_sse_delivery_latency_seconds_count") >= 10
+
+
+async def test_late_viewer_gets_everything_so_far_then_live(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    await publish(js, c, range(0, 6))  # sequences may start at 0
+    reader = await open_stream(session, adapter.stream_url(c))
+    try:
+        await reader.wait_for(lambda r: r.sequences == list(range(0, 6)), what="the stored tokens")
+        await publish(js, c, range(6, 9), done_at=8)
+        await reader.until_end()
+    finally:
+        await reader.close()
+    assert reader.sequences == list(range(0, 9))
+    assert not reader.of("reset")
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_resume_mid_stream_no_gap_no_duplicate(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession, how: str
+) -> None:
+    c = cid()
+    first = await open_stream(session, adapter.stream_url(c))
+    await publish(js, c, range(1, 6))
+    await first.wait_for(lambda r: r.sequences == [1, 2, 3, 4, 5], what="first five")
+    await first.close()  # the client drops; it had id 5
+    await publish(js, c, range(6, 9))  # while it was away
+    if how == "header":
+        second = await open_stream(session, adapter.stream_url(c), {"Last-Event-ID": "5"})
+    else:
+        second = await open_stream(session, adapter.stream_url(c, last_event_id=5))
+    try:
+        await second.wait_for(lambda r: r.sequences == [6, 7, 8], what="the missed tokens")
+        await publish(js, c, range(9, 12), done_at=11)
+        await second.until_end()
+    finally:
+        await second.close()
+    assert second.sequences == [6, 7, 8, 9, 10, 11]
+    assert not second.of("reset")
+
+
+async def test_resume_below_the_memory_log_replays_from_jetstream(
+    small_history: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    live = await open_stream(session, small_history.stream_url(c))  # keeps the conversation subscribed
+    try:
+        await publish(js, c, range(1, 13))
+        await live.wait_for(lambda r: r.sequences == list(range(1, 13)), what="live viewer")
+        replays = metric(small_history, "meshkit_sse_replays_total", '{result="ok"}')
+        # the log holds 9..12 only: 3..8 come from JetStream, then the log, then live
+        resumed = await open_stream(session, small_history.stream_url(c), {"Last-Event-ID": "2"})
+        late = await open_stream(session, small_history.stream_url(c))
+        await resumed.wait_for(lambda r: r.sequences == list(range(3, 13)), what="resumed viewer")
+        await late.wait_for(lambda r: r.sequences == list(range(1, 13)), what="late viewer")
+        await publish(js, c, range(13, 16), done_at=15)
+        for reader in (live, resumed, late):
+            await reader.until_end()
+        assert resumed.sequences == list(range(3, 16))
+        assert late.sequences == list(range(1, 16))
+        assert not resumed.of("reset") and not late.of("reset")
+        assert metric(small_history, "meshkit_sse_replays_total", '{result="ok"}') >= replays + 2
+    finally:
+        for reader in (live,):
+            await reader.close()
+
+
+async def test_tokens_stored_out_of_order_are_delivered_in_order_and_a_missing_one_is_a_reset(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    reader = await open_stream(session, adapter.stream_url(c))
+    try:
+        await publish(js, c, [1, 2, 4, 3, 5])  # 4 stored before 3: held until 3 arrives
+        await reader.wait_for(lambda r: r.sequences == [1, 2, 3, 4, 5], what="in order")
+        await publish(js, c, [7, 8])  # 6 never comes: skipped after --gap-timeout, with a reset
+        await reader.wait_for(lambda r: r.sequences == [1, 2, 3, 4, 5, 7, 8], within=5, what="after the gap")
+        await publish(js, c, [9], done_at=9)
+        await reader.until_end()
+    finally:
+        await reader.close()
+    assert reader.sequences == [1, 2, 3, 4, 5, 7, 8, 9]
+    resets = [json.loads(e.data) for e in reader.of("reset")]
+    assert resets == [{"requested": 6, "available_from": 7}]
+    # the reset comes right before 7
+    names = [e.event if e.event != "token" else e.id for e in reader.events]
+    assert names[names.index("reset") + 1] == "7"
+
+
+async def test_duplicates_stored_twice_are_sent_once(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    subject = f"chat.{c}.tokens"
+    reader = await open_stream(session, adapter.stream_url(c))
+    try:
+        await publish(js, c, [1, 2])
+        # plain publishes (no Nats-Msg-Id) are stored again: the adapter must still send each once
+        from .test_sse_support import token
+
+        await js.publish(subject, token(c, 2))
+        await js.publish(subject, token(c, 1))
+        await publish(js, c, [3], done_at=3)
+        await reader.until_end()
+    finally:
+        await reader.close()
+    assert reader.sequences == [1, 2, 3]
+
+
+# -- refused requests ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/stream/a.>",
+        "/stream/*",
+        "/stream/a.b",
+        "/stream/%3E",
+        "/stream/a%2Eb",
+        "/stream/" + "x" * 129,
+        "/stream/a%20b",
+    ],
+)
+def test_subject_injection_is_400_and_subscribes_nothing(
+    adapter: SseAdapter, leaf: NatsServer, path: str
+) -> None:
+    before = leaf_subscriptions(leaf)
+    bad = metric(adapter, "meshkit_sse_requests_total", '{result="bad_request"}')
+    resp = request(adapter.url + path, "GET")
+    assert resp.status == 400, resp.body
+    assert resp.headers["content-type"].startswith("application/json")
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert leaf_subscriptions(leaf) == before
+    assert metric(adapter, "meshkit_sse_requests_total", '{result="bad_request"}') == bad + 1
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/stream/c1?last_event_id=abc", {}, 400),
+        ("/stream/c1?last_event_id=-1", {}, 400),
+        ("/stream/c1", {"Last-Event-ID": "1.5"}, 400),
+        ("/stream/c1?format=xml", {}, 400),
+        ("/nope", {}, 404),
+        ("/stream", {}, 404),
+        ("/stream/", {}, 404),
+    ],
+)
+def test_bad_requests_answer_json(
+    adapter: SseAdapter, path: str, headers: dict[str, str], status: int
+) -> None:
+    resp = request(adapter.url + path, "GET", headers=headers)
+    assert resp.status == status, resp.body
+    assert resp.json()["error"]["message"]
+
+
+def test_wrong_method_is_405_json(adapter: SseAdapter) -> None:
+    resp = request(adapter.stream_url("c1"), "POST", body=b"{}")
+    assert resp.status == 405
+    assert resp.headers["allow"] == "GET"
+    assert resp.json()["error"]["type"] == "method_not_allowed"
+
+
+# -- sharing, slow clients ----------------------------------------------------------------------------
+async def test_five_viewers_share_one_subscription_gone_after_they_leave(
+    adapter: SseAdapter, leaf: NatsServer, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    before = leaf_subscriptions(leaf)
+
+    async def consumers() -> list[str]:
+        infos = await js.consumers_info("CHAT")
+        return [i.name for i in infos if i.config.filter_subject == f"chat.{c}.tokens"]
+
+    readers = [await open_stream(session, adapter.stream_url(c)) for _ in range(5)]
+    try:
+        await publish(js, c, range(1, 4))
+        for reader in readers:
+            await reader.wait_for(lambda r: r.sequences == [1, 2, 3], what="each viewer")
+        during = leaf_subscriptions(leaf)
+        assert len(during) == len(before) + 1, (before, during)
+        assert len(await consumers()) == 1
+        assert metric(adapter, "meshkit_sse_conversations_subscribed") >= 1
+    finally:
+        for reader in readers:
+            await reader.close()
+    await until(lambda: len(leaf_subscriptions(leaf)) == len(before), what="subscription dropped")
+    deadline = time.monotonic() + 5
+    while await consumers():
+        assert time.monotonic() < deadline, "the conversation's consumer was not deleted"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_slow_client_is_cut_off_and_a_fast_one_gets_every_token_promptly(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    # the slow client: sends its request, then never reads (the kernel absorbs 3-4 MB first)
+    slow = socket.create_connection(("127.0.0.1", adapter.port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    slow.sendall(f"GET /stream/{c} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    fast = await open_stream(session, adapter.stream_url(c))
+    drops = metric(adapter, "meshkit_sse_slow_client_drops_total")
+    try:
+        await until(lambda: metric(adapter, "meshkit_sse_open_streams") >= 2, what="both streams open")
+        pad = "x" * 4000
+        count = 2000  # 8 MB
+        began = time.monotonic()
+        await publish(js, c, range(1, count + 1), done_at=count, text=pad)
+        published = time.monotonic()
+        await fast.until_end(within=20)
+        got_all = time.monotonic()
+        assert fast.sequences == list(range(1, count + 1))
+        assert got_all - published < 2.0, (
+            f"fast viewer finished {got_all - published:.2f} s after the last publish"
+        )
+        await until(
+            lambda: metric(adapter, "meshkit_sse_slow_client_drops_total") == drops + 1, what="slow cut off"
+        )
+        # the slow client's connection was dropped: reading it now ends (after what the kernel held)
+        slow.settimeout(5)
+        received = 0
+        try:
+            while chunk := slow.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert 0 < received < count * 4000, received
+        print(f"publish {published - began:.2f} s, fast +{got_all - published:.3f} s, slow got {received} B")
+    finally:
+        slow.close()
+        await fast.close()
+    assert "slow client" in adapter.process.log_text()
+
+
+# -- limits and shutdown ------------------------------------------------------------------------------
+async def test_max_connections_answers_503_beyond_it(
+    workdir: Path, leaf: NatsServer, stream_created: None, session: aiohttp.ClientSession
+) -> None:
+    with sse_adapter(workdir, leaf.url, ["--max-connections", "2"], name="sse-max2") as small:
+        a = await open_stream(session, small.stream_url("m1"))
+        b = await open_stream(session, small.stream_url("m2"))
+        resp = request(small.stream_url("m3"), "GET")
+        assert resp.status == 503
+        assert resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["type"] == "over_capacity"
+        await a.close()
+        await until(lambda: metric(small, "meshkit_sse_open_streams") == 1, what="one stream left")
+        c = await open_stream(session, small.stream_url("m3"))
+        await b.close()
+        await c.close()
+
+
+async def test_sigterm_tells_every_open_stream_to_reconnect(
+    workdir: Path, leaf: NatsServer, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    with sse_adapter(workdir, leaf.url, ["--heartbeat", "0.5"], name="sse-sigterm") as doomed:
+        readers = [await open_stream(session, doomed.stream_url(c)) for _ in range(2)]
+        resumed = await open_stream(session, doomed.stream_url(c, last_event_id=1))
+        await publish(js, c, [1, 2])
+        for reader in readers:
+            await reader.wait_for(lambda r: r.sequences == [1, 2])
+        began = time.monotonic()
+        doomed.process.signal(signal.SIGTERM)
+        for reader in [*readers, resumed]:
+            await reader.until_end(within=5)
+            assert reader.events[-1].event == "reconnect"
+            assert reader.events[-1].retry == 250
+        assert doomed.process.wait(10) == 0
+        assert time.monotonic() - began < 5
+    assert resumed.sequences == [2]
+
+
+async def test_readyz_and_metrics(adapter: SseAdapter) -> None:
+    resp = request(adapter.admin_url + "/readyz", "GET")
+    assert resp.status == 200, resp.body
+    resp = request(adapter.admin_url + "/metrics", "GET")
+    text = resp.body.decode()
+    for name in (
+        "meshkit_sse_open_streams",
+        "meshkit_sse_conversations_subscribed",
+        "meshkit_sse_tokens_delivered_total",
+        "meshkit_sse_delivery_latency_seconds_bucket",
+        "meshkit_sse_slow_client_drops_total",
+        "meshkit_sse_resets_total",
+    ):
+        assert name in text, name
+
+
+# -- OpenAI format --------------------------------------------------------------------------------------
+async def test_openai_format_read_by_the_openai_client(adapter: SseAdapter, js: JetStreamContext) -> None:
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+
+    c = cid()
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    await publish(js, c, range(1, 4), model="gpt-test")
+    await js.publish(
+        f"chat.{c}.tokens",
+        json.dumps({"conversation_id": c, "token": "", "sequence": 4, "done": True, "usage": usage}).encode(),
+    )
+
+    def read() -> list[ChatCompletionChunk]:
+        client = openai.OpenAI(base_url=adapter.url, api_key="unused", max_retries=0, timeout=10)
+        stream = client.get(
+            f"/stream/{c}",
+            cast_to=ChatCompletionChunk,
+            options={"params": {"format": "openai"}},
+            stream=True,
+            stream_cls=openai.Stream[ChatCompletionChunk],
+        )
+        return list(stream)
+
+    chunks = await asyncio.to_thread(read)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "t1 t2 t3 "
+    assert [ch.choices[0].finish_reason for ch in chunks] == [None, None, None, "stop"]
+    assert {ch.model for ch in chunks} == {"gpt-test"}
+    assert {ch.id for ch in chunks} == {f"chatcmpl-{c}"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 7
+    assert [(ch.model_extra or {}).get("x_sequence") for ch in chunks] == [1, 2, 3, 4]
+
+    def resume() -> list[ChatCompletionChunk]:
+        client = openai.OpenAI(base_url=adapter.url, api_key="unused", max_retries=0, timeout=10)
+        stream = client.get(
+            f"/stream/{c}",
+            cast_to=ChatCompletionChunk,
+            options={"params": {"format": "openai", "last_event_id": 2}},
+            stream=True,
+            stream_cls=openai.Stream[ChatCompletionChunk],
+        )
+        return list(stream)
+
+    again = await asyncio.to_thread(resume)
+    assert "".join(ch.choices[0].delta.content or "" for ch in again) == "t3 "
