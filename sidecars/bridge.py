@@ -225,6 +225,7 @@ class Bridge:
         self._relay_task: asyncio.Task[None] | None = None
         self._throttle = Throttle(log, interval=10.0)
         self._closing = False
+        self._last_nats_error = ""
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -334,13 +335,15 @@ class Bridge:
             self._spawn(self._lag(self.source), "bridge-lag")
 
     async def _connect_nats(self) -> Client:
-        began = last_line = time.monotonic()
-        attempt = 0
+        """A connected client. nats-py's connect() with unlimited reconnects keeps trying by itself
+        (its errors reach `_nats_error`); this waits for it with a progress line, and starts over
+        with a fresh client should it ever give up."""
+        began = time.monotonic()
+        next_line = began + 1.0
         while True:
-            attempt += 1
             nc = Client()
-            try:
-                await nc.connect(
+            connecting = asyncio.ensure_future(
+                nc.connect(
                     servers=self._servers,
                     name=f"meshkit-bridge {socket.gethostname()}",
                     connect_timeout=2,
@@ -356,27 +359,30 @@ class Bridge:
                     reconnected_cb=self._nats_reconnected,
                     closed_cb=self._nats_closed,
                 )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(0.5):
-                        await nc.close()
-                now = time.monotonic()
-                if now - last_line >= PROGRESS_EVERY or attempt == 1:
-                    last_line = now
-                    log.warning(
-                        "bridge: waiting for NATS at %s (%.0f s, attempt %d): %r",
-                        self._where,
-                        now - began,
-                        attempt,
-                        exc,
-                    )
-                await asyncio.sleep(0.5)
-                continue
-            self.nats_connected = True
-            log.info("bridge: connected to NATS at %s", self._where)
-            return nc
+            )
+            try:
+                while not connecting.done():
+                    await asyncio.wait({connecting}, timeout=max(0.0, next_line - time.monotonic()))
+                    if not connecting.done() and time.monotonic() >= next_line:
+                        next_line = time.monotonic() + PROGRESS_EVERY
+                        log.warning(
+                            "bridge: waiting for NATS at %s (%.0f s): %s",
+                            self._where,
+                            time.monotonic() - began,
+                            self._last_nats_error or "no answer yet",
+                        )
+            finally:
+                if not connecting.done():  # cancelled (SIGTERM during start-up)
+                    await _cancel(connecting)
+            if connecting.exception() is None:
+                self.nats_connected = True
+                log.info("bridge: connected to NATS at %s", self._where)
+                return nc
+            self._last_nats_error = repr(connecting.exception())
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(0.5):
+                    await nc.close()
+            await asyncio.sleep(0.5)
 
     async def _ensure_stream_until_done(self) -> None:
         assert self.nc is not None
@@ -424,6 +430,7 @@ class Bridge:
             await asyncio.sleep(1.0)
 
     async def _nats_error(self, exc: Exception) -> None:
+        self._last_nats_error = repr(exc)
         self._throttle.log(logging.DEBUG, "nats_error", "bridge: NATS client error: %r", exc)
 
     async def _nats_disconnected(self) -> None:

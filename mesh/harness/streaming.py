@@ -3,7 +3,9 @@
 Built on `meshkit.harness.daemons.daemon()` (port 0 for the admin listener, the ready line read back).
 `RunningBridge` adds what tests of the bridge look at: `/readyz` (`wait_ready()`: the bridge prints its
 ready line at once and turns `/readyz` on only once Redis and NATS are connected and the stream is
-ensured) and its `/metrics` as numbers (`metric()`).
+ensured) and its `/metrics` as numbers (`metric()`). `stored_messages()` reads back what a JetStream
+stream holds (every message, its subject, exact bytes and `Nats-Msg-Id`), for tests to compare with
+what they wrote.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshkit.errors import HarnessError
 from meshkit.harness.daemons import RunningDaemon, daemon
 
-__all__ = ["RunningBridge", "bridge"]
+__all__ = ["RunningBridge", "StoredMessage", "bridge", "stored_messages"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,52 @@ def bridge(
     argv = ["--redis", redis_url, "--nats", nats_url, *args]
     with daemon("bridge", workdir, argv, listeners=(), name=name, start_timeout=start_timeout) as running:
         yield RunningBridge(running.process, running.command, running.addresses)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message as a JetStream stream holds it."""
+
+    seq: int
+    subject: str
+    data: bytes
+    msg_id: str | None
+
+
+async def stored_messages(
+    nats_url: str,
+    stream: str = "CHAT",
+    *,
+    domain: str | None = None,
+    subjects: str = "chat.*.tokens",
+    within: float = 10.0,
+) -> list[StoredMessage]:
+    """Every message of `stream` on `subjects` in stream order, read with an ephemeral pull consumer
+    (no acks). Raises HarnessError if they cannot all be read within `within` seconds."""
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream(domain=domain, timeout=5)
+        info = await js.stream_info(stream, subjects_filter=subjects)
+        total = sum((info.state.subjects or {}).values())
+        out: list[StoredMessage] = []
+        if total == 0:
+            return out
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0
+        )
+        sub = await js.pull_subscribe(subjects, stream=stream, config=config)
+        deadline = time.monotonic() + within
+        while len(out) < total:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"read {len(out)} of {total} messages of {stream} in {within:.0f} s")
+            try:
+                batch = await sub.fetch(min(1000, total - len(out)), timeout=2)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in batch:
+                msg_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+                out.append(StoredMessage(msg.metadata.sequence.stream, msg.subject, msg.data, msg_id))
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()

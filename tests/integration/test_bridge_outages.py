@@ -1,0 +1,220 @@
+"""`meshkit bridge` across outages and topologies: Redis killed and restarted mid-run (with its data
+kept, and empty), and a bridge on a NATS leaf node reaching the origin's JetStream through
+`--js-domain`. Real redis-server and nats-server processes; what JetStream stored is read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from meshkit.harness.nats import NatsServer, nats_server
+from meshkit.harness.redis import RedisServer
+from meshkit.harness.streaming import StoredMessage, bridge, stored_messages
+
+STREAM_KEY = "chat.tokens"
+
+
+def token(cid: str, seq: int) -> bytes:
+    return json.dumps({"conversation_id": cid, "token": f"t{seq}", "sequence": seq, "done": False}).encode()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def stored_count(url: str, domain: str | None = None) -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream(domain=domain).stream_info("CHAT")).state.messages)
+    except nats.js.errors.NotFoundError:
+        return 0
+    finally:
+        await nc.close()
+
+
+def sequences_once(stored: list[StoredMessage]) -> dict[str, list[int]]:
+    """Sequences stored per conversation; fails on a duplicate."""
+    seen: dict[str, list[int]] = {}
+    keys = set()
+    for m in stored:
+        doc = json.loads(m.data)
+        key = (doc["conversation_id"], doc["sequence"])
+        assert key not in keys, f"stored twice: {key}"
+        keys.add(key)
+        seen.setdefault(key[0], []).append(key[1])
+    return seen
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[NatsServer]:
+    with nats_server(tmp_path / "nats", name="outage-origin") as server:
+        yield server
+
+
+def keep_data_across_restarts(redis: RedisServer) -> None:
+    """The harness's Redis keeps nothing (`--appendonly no`); this restart must find its data again,
+    as a production Redis with AOF would: the restarted process gets `--appendonly yes` (the file the
+    running one writes from now on, `CONFIG SET appendonly yes` + `appendfsync always`)."""
+    argv = redis.process.argv
+    argv[argv.index("--appendonly") + 1] = "yes"
+    argv.extend(["--appendfsync", "always"])
+
+
+async def aof_ready(client: aioredis.Redis) -> None:
+    await client.config_set("appendfsync", "always")
+    await client.config_set("appendonly", "yes")
+
+    async def rewritten() -> bool:
+        info = await client.info("persistence")
+        return bool(
+            info["aof_enabled"] == 1
+            and info["aof_rewrite_in_progress"] == 0
+            and not info["aof_rewrite_scheduled"]
+        )
+
+    await eventually(rewritten, "the AOF written")
+
+
+async def test_redis_killed_and_restarted_mid_run_streams_lose_nothing(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer
+) -> None:
+    client = aioredis.Redis.from_url(redis.url, socket_timeout=2, socket_connect_timeout=1)
+    await aof_ready(client)
+    keep_data_across_restarts(redis)
+    total = 1500
+    written = 0
+
+    async def produce() -> None:
+        nonlocal written
+        for start in range(0, total, 10):
+            while True:  # a batch that failed is written again (duplicate entries: deduplicated)
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    for i in range(start, start + 10):
+                        pipe.xadd(STREAM_KEY, {"data": token(f"r{i % 15}", i // 15)})
+                    await pipe.execute()
+                    break
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    await asyncio.sleep(0.05)
+            written += 10
+            await asyncio.sleep(0.005)
+
+    with bridge(tmp_path, redis.url, origin.url, ["--source", "stream", "--consumer", "r"]) as b:
+        b.wait_ready()
+        producer = asyncio.create_task(produce())
+
+        async def a_third() -> bool:
+            return await stored_count(origin.url) >= total // 3
+
+        await eventually(a_third, "a third stored before the outage")
+        redis.kill()
+        await asyncio.sleep(0.3)  # an outage the bridge notices (no data is lost with it)
+        assert b.readyz()[0] == 503
+        redis.restart()
+        await asyncio.wait_for(producer, 60)
+
+        async def everything() -> bool:
+            return await stored_count(origin.url) >= total
+
+        await eventually(everything, f"all {total} stored", timeout=30)
+        per_conversation = sequences_once(await stored_messages(origin.url))  # no duplicate
+        expected = {f"r{c}": list(range(total // 15)) for c in range(15)}
+        assert {cid: sorted(seqs) for cid, seqs in per_conversation.items()} == expected  # no loss
+        b.wait_ready()
+        assert b.metric("meshkit_bridge_reconnects_total", dependency="redis") >= 1
+        assert "Redis connection lost" in b.process.log_text()
+
+        async def acked() -> bool:
+            return int((await client.xpending(STREAM_KEY, "meshkit-bridge"))["pending"]) == 0
+
+        await eventually(acked, "every entry acknowledged after the outage")
+    await client.aclose()
+
+
+async def test_redis_restarted_empty_the_group_is_created_again_and_new_entries_flow(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer
+) -> None:
+    client = aioredis.Redis.from_url(redis.url)
+    with bridge(tmp_path, redis.url, origin.url, ["--source", "stream", "--consumer", "e"]) as b:
+        b.wait_ready()
+        for seq in range(50):
+            await client.xadd(STREAM_KEY, {"data": token("before", seq)})
+
+        async def first() -> bool:
+            return await stored_count(origin.url) >= 50
+
+        await eventually(first, "the first 50 stored")
+        redis.kill()
+        redis.restart()  # no persistence: the stream and the group are gone
+        await client.aclose()
+        client = aioredis.Redis.from_url(redis.url)
+        b.wait_ready()
+        for seq in range(50):
+            await client.xadd(STREAM_KEY, {"data": token("after", seq)})
+
+        async def second() -> bool:
+            return await stored_count(origin.url) >= 100
+
+        await eventually(second, "the next 50 stored")
+        assert sequences_once(await stored_messages(origin.url)) == {
+            "before": list(range(50)),
+            "after": list(range(50)),
+        }
+        assert "created consumer group" in b.process.log_text()
+    await client.aclose()
+
+
+# -- through a leaf -----------------------------------------------------------------------------------
+@pytest.fixture
+def leaf(tmp_path: Path, origin: NatsServer) -> Iterator[NatsServer]:
+    with nats_server(
+        tmp_path / "leaf", name="outage-leaf", jetstream=False, leaf_remote=origin.leaf_url
+    ) as server:
+        yield server
+
+
+async def test_a_bridge_on_a_leaf_stores_into_the_origin_stream_with_js_domain(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer, leaf: NatsServer
+) -> None:
+    client = aioredis.Redis.from_url(redis.url)
+    args = ["--source", "stream", "--js-domain", "origin", "--consumer", "leafy"]
+    with bridge(tmp_path, redis.url, leaf.url, args) as b:
+        b.wait_ready()
+        for seq in range(100):
+            await client.xadd(STREAM_KEY, {"data": token("edge", seq)})
+
+        async def all_stored() -> bool:
+            return await stored_count(origin.url) >= 100
+
+        await eventually(all_stored, "100 stored at the origin")
+        assert sequences_once(await stored_messages(origin.url)) == {"edge": list(range(100))}
+        assert b.metric("meshkit_bridge_published_total") == 100
+    await client.aclose()
+
+
+async def test_a_bridge_on_a_leaf_without_js_domain_is_not_ready_and_says_why(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer, leaf: NatsServer
+) -> None:
+    with bridge(tmp_path, redis.url, leaf.url, ["--source", "stream", "--consumer", "nodomain"]) as b:
+
+        async def said_why() -> bool:
+            return "not ensured yet" in b.process.log_text()
+
+        await eventually(said_why, "a progress line about the stream", timeout=10)
+        status, doc = b.readyz()
+        assert status == 503 and doc["stream"] == "not yet" and "stream CHAT" in doc["reason"]
+        assert b.process.returncode is None
