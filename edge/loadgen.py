@@ -23,7 +23,8 @@ the worst loop lag of any generator process). The end: a table on stdout, and wi
 number (config, streams, messages, latency, errors, generator processes and verdict, target CPU/RSS,
 the per-second timeline).
 
-The generator measures itself: every process samples its event-loop lag every 100 ms and its CPU; the
+The generator measures itself: every process samples its event-loop lag every 100 ms and its CPU, from
+the moment publishing starts (the burst of opening connections is not part of the measured window); the
 verdict says when the generator was the limit (`loadgen_report.verdict`). With `--target-pid` (repeatable)
 the target's processes and their children are sampled every second from /proc: CPU % of one core over
 the publishing window, RSS, RSS per open stream.
@@ -456,6 +457,9 @@ async def run_loadgen(options: LoadgenOptions, *, out: TextIO | None = None) -> 
             )
         if options.settle:
             await asyncio.sleep(options.settle)
+        for w in state.workers:
+            w.send({"type": "measure"})
+        state.monitor.reset()
         progress = asyncio.create_task(state.progress_loop())
         before = state.sampler.sample() if options.target_pids else None
         counts, publish_seconds = await state.publish(publisher)

@@ -128,9 +128,16 @@ class LoopLagMonitor:
         self.peak_cpu_percent = 0.0
 
     def start(self) -> None:
+        self.reset()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def reset(self) -> None:
+        """Forget what was measured so far (the connection burst before the measured window)."""
+        self.lag_us = Histogram()
+        self.recent_max_us = 0
+        self.peak_cpu_percent = 0.0
         self._cpu0 = self._window_cpu = process_cpu_seconds() or 0.0
         self._t0 = self._window_t = time.monotonic()
-        self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

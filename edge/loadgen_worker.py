@@ -7,6 +7,8 @@ multiprocessing: nothing of the parent's `__main__` is re-imported) and speaks J
     <- {"type": "connected", "open": n, "failed": n}          once every viewer is open or has failed,
                                                               or connect_timeout passed
     <- {"type": "progress", "delivered": n, "open": n, "lag_max_us": n, "cpu_percent": x}   every second
+    -> {"type": "measure"}                                    publishing starts: loop lag and CPU are
+                                                              measured from here (not the connect burst)
     -> {"type": "end", "ranges": {conversation_id: [first, last]}, "drain_timeout": 5}
     <- {"type": "result", ...}                                then exit 0
 
@@ -92,6 +94,9 @@ async def run(reader: asyncio.StreamReader) -> int:
         progress = asyncio.create_task(_progress(counters, monitor))
         try:
             command = await _read_command(reader)
+            while command is not None and command.get("type") == "measure":
+                monitor.reset()  # the measured window starts: the connection burst is not in it
+                command = await _read_command(reader)
             if command is None or command.get("type") != "end":
                 return 1
             pending = [t for t in tasks if not t.done()]
