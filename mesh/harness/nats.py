@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkit.errors import HarnessError
+from meshkit.harness.netns import exec_prefix
 from meshkit.harness.process import ManagedProcess, log_match
 from meshkit.render.nats_config import nats_server_config
 
@@ -114,11 +115,15 @@ def nats_server(
     ping_interval: str = "1s",
     ping_max: int = 3,
     start_timeout: float = 15.0,
+    host: str = HOST,
+    netns: str | None = None,
 ) -> Iterator[NatsServer]:
     """Run nats-server with a generated config in `workdir`; stop it on exit, also on exceptions.
 
     `domain` applies only with `jetstream`. `name` is the `server_name` (keep it stable across restarts
-    of a JetStream server), the log file name and the prefix of its files in `workdir`.
+    of a JetStream server), the log file name and the prefix of its files in `workdir`. `host` is the
+    address every listener binds (and the URLs name); `netns` runs the server inside that network
+    namespace (`meshkit.harness.netns`), where `host` must be one of its addresses.
     """
     binary = nats_server_binary()
     workdir = Path(workdir)
@@ -133,7 +138,7 @@ def nats_server(
             leaf_remote=leaf_remote,
             ping_interval=ping_interval,
             ping_max=ping_max,
-            host=HOST,
+            host=host,
         )
     )
 
@@ -147,14 +152,15 @@ def nats_server(
         if match is None:
             return False
         try:
-            leafz = _get_json(f"http://{HOST}:{match.group(1)}/leafz")
+            leafz = _get_json(f"http://{host}:{match.group(1)}/leafz")
         except (urllib.error.URLError, OSError, ValueError):
             return False
         return int(leafz.get("leafnodes", 0)) >= 1
 
+    prefix = [] if netns is None else exec_prefix(netns)
     proc = ManagedProcess(
         name,
-        [binary, "-c", str(config_path)],
+        [*prefix, binary, "-c", str(config_path)],
         log_dir=workdir,
         ready=ready,
         cwd=workdir,
@@ -165,7 +171,7 @@ def nats_server(
     try:
         server = NatsServer(
             name=name,
-            host=HOST,
+            host=host,
             port=int(log_match(proc, _CLIENT_RE).group(1)),
             http_port=int(log_match(proc, _HTTP_RE).group(1)),
             leaf_port=int(log_match(proc, _LEAF_RE).group(1)),
