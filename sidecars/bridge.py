@@ -342,24 +342,23 @@ class Bridge:
         next_line = began + 1.0
         while True:
             nc = Client()
-            connecting = asyncio.ensure_future(
-                nc.connect(
-                    servers=self._servers,
-                    name=f"meshkit-bridge {socket.gethostname()}",
-                    connect_timeout=2,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    pending_size=8 * 1024 * 1024,
-                    flush_timeout=2.0,
-                    error_cb=self._nats_error,
-                    disconnected_cb=self._nats_disconnected,
-                    reconnected_cb=self._nats_reconnected,
-                    closed_cb=self._nats_closed,
-                )
-            )
+            options: dict[str, Any] = {
+                "servers": self._servers,
+                "name": f"meshkit-bridge {socket.gethostname()}",
+                "connect_timeout": 2,
+                "allow_reconnect": True,
+                "max_reconnect_attempts": -1,
+                "reconnect_time_wait": 0.5,
+                "ping_interval": 5,
+                "max_outstanding_pings": 2,
+                "pending_size": 8 * 1024 * 1024,
+                "flush_timeout": 2.0,
+                "error_cb": self._nats_error,
+                "disconnected_cb": self._nats_disconnected,
+                "reconnected_cb": self._nats_reconnected,
+                "closed_cb": self._nats_closed,
+            }
+            connecting = asyncio.ensure_future(nc.connect(**options))
             try:
                 while not connecting.done():
                     await asyncio.wait({connecting}, timeout=max(0.0, next_line - time.monotonic()))

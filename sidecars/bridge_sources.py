@@ -136,7 +136,7 @@ class PubSubSource:
         client, self._client = self._client, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.aclose()

@@ -5,16 +5,18 @@ Built on `meshkit.harness.daemons.daemon()` (port 0 for the admin listener, the 
 ready line at once and turns `/readyz` on only once Redis and NATS are connected and the stream is
 ensured) and its `/metrics` as numbers (`metric()`). `stored_messages()` reads back what a JetStream
 stream holds (every message, its subject, exact bytes and `Nats-Msg-Id`), for tests to compare with
-what they wrote.
+what they wrote; `stored_count()` how many it holds; `eventually()` polls an async check (every 50 ms,
+with a deadline).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshkit.errors import HarnessError
 from meshkit.harness.daemons import RunningDaemon, daemon
 
-__all__ = ["RunningBridge", "StoredMessage", "bridge", "stored_messages"]
+__all__ = ["RunningBridge", "StoredMessage", "bridge", "eventually", "stored_count", "stored_messages"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +140,23 @@ async def stored_messages(
         return out
     finally:
         await nc.close()
+
+
+async def stored_count(nats_url: str, stream: str = "CHAT", *, domain: str | None = None) -> int:
+    """How many messages `stream` holds (0 while it does not exist)."""
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        return int((await nc.jetstream(domain=domain, timeout=5).stream_info(stream)).state.messages)
+    except nats.js.errors.NotFoundError:
+        return 0
+    finally:
+        await nc.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
+    """Return once `check()` is true (polled every 50 ms); AssertionError naming `what` after `within` s."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within:.0f} s: {what}")
+        await asyncio.sleep(0.05)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from meshkit.harness.nats import NatsServer, nats_server
 from meshkit.harness.redis import RedisServer
-from meshkit.harness.streaming import RunningBridge, StoredMessage, bridge, stored_messages
+from meshkit.harness.streaming import StoredMessage, bridge, eventually, stored_count, stored_messages
 
 STREAM_KEY = "chat.tokens"
 GROUP = "meshkit-bridge"
@@ -42,30 +42,11 @@ async def xadd_all(client: aioredis.Redis, payloads: list[bytes], key: str = STR
     await pipe.execute()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-async def stored_count(url: str, domain: str | None = None) -> int:
-    nc = await nats.connect(url)
-    try:
-        info = await nc.jetstream(domain=domain).stream_info("CHAT")
-        return int(info.state.messages)
-    except nats.js.errors.NotFoundError:
-        return 0
-    finally:
-        await nc.close()
-
-
-async def wait_stored(url: str, count: int, timeout: float = 20.0) -> list[StoredMessage]:
+async def wait_stored(url: str, count: int, within: float = 20.0) -> list[StoredMessage]:
     async def enough() -> bool:
         return await stored_count(url) >= count
 
-    await eventually(enough, f"{count} messages stored", timeout)
+    await eventually(enough, f"{count} messages stored", within)
     return await stored_messages(url)
 
 
@@ -82,6 +63,11 @@ def assert_each_once(stored: list[StoredMessage], expected: dict[tuple[str, int]
     missing = sorted(set(expected) - set(seen))
     assert not missing, f"{len(missing)} missing, e.g. {missing[:5]}"
     assert seen == expected  # bytes unchanged
+
+
+def stream_id(value: bytes) -> tuple[int, int]:
+    ms, _, seq = value.decode().partition("-")
+    return int(ms), int(seq)
 
 
 async def pending_count(client: aioredis.Redis) -> int:
@@ -227,7 +213,7 @@ async def test_consumer_killed_with_pending_entries_restarts_and_republishes_the
     assert await pending_count(inspect) >= 64  # the kill left them pending in the group
     with stream_bridge(tmp_path, redis, origin, name="killed") as second:  # the same consumer name
         await task
-        stored = await wait_stored(origin.url, total, timeout=30)
+        stored = await wait_stored(origin.url, total, within=30)
         assert_each_once(stored, payloads)
 
         async def all_acked() -> bool:
@@ -244,7 +230,7 @@ async def test_a_live_bridge_takes_over_the_pending_entries_of_a_dead_consumer(
     payloads = {("ha", seq): token("ha", seq) for seq in range(100)}
     await xadd_all(inspect, list(payloads.values()))
     # A bridge that read them and died before acknowledging: they sit in its pending list.
-    read = await inspect.xreadgroup(GROUP, "dead-bridge", {STREAM_KEY: ">"}, count=1000)
+    read: Any = await inspect.xreadgroup(GROUP, "dead-bridge", {STREAM_KEY: ">"}, count=1000)
     assert len(read[0][1]) == 100
     args = ("--claim-idle", "0.3", "--claim-every", "0.2")
     with stream_bridge(tmp_path, redis, origin, *args, name="live") as b:
@@ -279,12 +265,12 @@ async def test_sigterm_waits_for_the_acks_in_flight_and_exits_0(
     stored_ids = {m.msg_id for m in stored}
     pending = await inspect.xpending_range(STREAM_KEY, GROUP, min="-", max="+", count=10_000)
     pending_ids = {p["message_id"] for p in pending}
-    entries = await inspect.xrange(STREAM_KEY)
-    info = await inspect.xinfo_groups(STREAM_KEY)
-    delivered_upto = info[0]["last-delivered-id"]
+    entries: Any = await inspect.xrange(STREAM_KEY)
+    info: Any = await inspect.xinfo_groups(STREAM_KEY)
+    delivered_upto = stream_id(info[0]["last-delivered-id"])
     for entry_id, fields in entries:
         doc = json.loads(fields[b"data"])
-        acked = entry_id <= delivered_upto and entry_id not in pending_ids
+        acked = stream_id(entry_id) <= delivered_upto and entry_id not in pending_ids
         if acked:  # acknowledged only once stored
             assert f"{doc['conversation_id']}:{doc['sequence']}" in stored_ids, entry_id
 
@@ -399,7 +385,7 @@ async def test_nats_unreachable_at_start_keeps_trying_not_ready(tmp_path: Path, 
         async def progress_line() -> bool:
             return "waiting for NATS" in b.process.log_text()
 
-        await eventually(progress_line, "a progress line", timeout=5)
+        await eventually(progress_line, "a progress line", within=5)
         assert b.readyz()[0] == 503
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -19,31 +17,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meshkit.harness.nats import NatsServer, nats_server
 from meshkit.harness.redis import RedisServer
-from meshkit.harness.streaming import StoredMessage, bridge, stored_messages
+from meshkit.harness.streaming import StoredMessage, bridge, eventually, stored_count, stored_messages
 
 STREAM_KEY = "chat.tokens"
 
 
 def token(cid: str, seq: int) -> bytes:
     return json.dumps({"conversation_id": cid, "token": f"t{seq}", "sequence": seq, "done": False}).encode()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-async def stored_count(url: str, domain: str | None = None) -> int:
-    nc = await nats.connect(url)
-    try:
-        return int((await nc.jetstream(domain=domain).stream_info("CHAT")).state.messages)
-    except nats.js.errors.NotFoundError:
-        return 0
-    finally:
-        await nc.close()
 
 
 def sequences_once(stored: list[StoredMessage]) -> dict[str, list[int]]:
@@ -130,7 +110,7 @@ async def test_redis_killed_and_restarted_mid_run_streams_lose_nothing(
         async def everything() -> bool:
             return await stored_count(origin.url) >= total
 
-        await eventually(everything, f"all {total} stored", timeout=30)
+        await eventually(everything, f"all {total} stored", within=30)
         per_conversation = sequences_once(await stored_messages(origin.url))  # no duplicate
         expected = {f"r{c}": list(range(total // 15)) for c in range(15)}
         assert {cid: sorted(seqs) for cid, seqs in per_conversation.items()} == expected  # no loss
@@ -214,7 +194,7 @@ async def test_a_bridge_on_a_leaf_without_js_domain_is_not_ready_and_says_why(
         async def said_why() -> bool:
             return "not ensured yet" in b.process.log_text()
 
-        await eventually(said_why, "a progress line about the stream", timeout=10)
+        await eventually(said_why, "a progress line about the stream", within=10)
         status, doc = b.readyz()
         assert status == 503 and doc["stream"] == "not yet" and "stream CHAT" in doc["reason"]
         assert b.process.returncode is None
