@@ -294,8 +294,11 @@ class _Worker:
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
-            message = json.loads(line)
-            kind = message.get("type")
+            try:
+                message = json.loads(line)
+            except ValueError:  # a stray print of some library: not ours
+                continue
+            kind = message.get("type") if isinstance(message, dict) else None
             if kind == "connected" and self.connected and not self.connected.done():
                 self.connected.set_result(message)
             elif kind == "progress":
@@ -425,7 +428,9 @@ async def run_loadgen(options: LoadgenOptions, *, out: TextIO | None = None) -> 
     out = out or sys.stderr
     nofile = raise_nofile_limit()
     processes = min(options.processes, options.streams)
-    if problems := capacity_problems(options.streams, processes, nofile, ephemeral_ports()):
+    problems = capacity_problems(options.streams, processes, nofile, ephemeral_ports())
+    problems += [f"--target-pid {pid}: no such process" for pid in options.target_pids if not _alive(pid)]
+    if problems:
         raise ConfigError(problems)
     try:
         publisher = make_publisher(
@@ -494,6 +499,10 @@ async def run_loadgen(options: LoadgenOptions, *, out: TextIO | None = None) -> 
     if options.json_file is not None:
         write_json(options.json_file, report)
     return report
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
