@@ -60,8 +60,7 @@ from meshkit.edge.token_contract import CONVERSATION_ID, is_conversation_id
 from meshkit.errors import ClientError, ConfigError
 from meshkit.extproc.auth.identity import AuthFailure, Identity
 from meshkit.extproc.auth.jwks import JwksSource
-from meshkit.extproc.auth.jwt_verifier import JwtVerifier
-from meshkit.extproc.filters.auth import _read_secret
+from meshkit.extproc.auth.jwt_verifier import JwtVerifier, read_secret_file
 from meshkit.options import option, parse_seconds
 
 __all__ = [
@@ -157,7 +156,7 @@ class StreamAuth:
         o: StreamAuthOptions = options.get(StreamAuthOptions) or StreamAuthOptions()
         if not (o.jwt_secret_file or o.jwks):
             return None
-        secret = _read_secret(o.jwt_secret_file) if o.jwt_secret_file else None
+        secret = read_secret_file(o.jwt_secret_file) if o.jwt_secret_file else None
         jwks = JwksSource(o.jwks) if o.jwks else None
         verifier = JwtVerifier(
             secret=secret,

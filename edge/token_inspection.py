@@ -114,6 +114,7 @@ class TokenInspectionOptions:
         "redact matches in each token's text: a regex, or the preset `email`",
         parse=_patterns,
         metavar="REGEX",
+        repeat=True,
     )
     redact_replacement: str = option(REPLACEMENT, "what a redacted match becomes")
     inspector_subject: str = option(

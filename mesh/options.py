@@ -38,14 +38,19 @@ def option(
     parse: Parser | None = None,
     metavar: str | None = None,
     secret: bool = False,
+    repeat: bool = False,
 ) -> Any:
-    """A dataclass field that is also a flag, an env variable and a YAML key."""
+    """A dataclass field that is also a flag, an env variable and a YAML key.
+
+    `repeat`: the flag may be given several times (`--redact a --redact b`), and the parser gets the
+    list of values (the env variable and YAML give what they hold, as for any option)."""
     meta = {
         "help": help,
         "choices": tuple(choices) if choices else None,
         "parse": parse,
         "metavar": metavar,
         "secret": secret,
+        "repeat": repeat,
     }
     return dataclasses.field(default=default, metadata=meta)
 
@@ -198,6 +203,20 @@ def clashes(sections: Sequence[type[Any]]) -> list[str]:
     return out
 
 
+class _Repeated(argparse.Action):
+    """Collects every value of a repeatable flag into a list (the flag's default stays "not given")."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, _UNSET)
+        setattr(namespace, self.dest, [*([] if current is _UNSET else current), values])
+
+
 def add_flags(parser: argparse.ArgumentParser, sections: Sequence[type[Any]]) -> None:
     """One flag per field; flags default to "not given" so env and YAML can fill in."""
     if problems := clashes(sections):
@@ -220,6 +239,16 @@ def add_flags(parser: argparse.ArgumentParser, sections: Sequence[type[Any]]) ->
             metavar = (
                 "{" + ",".join(choices) + "}" if choices else f.metadata.get("metavar") or f.name.upper()
             )
+            if f.metadata.get("repeat"):
+                parser.add_argument(
+                    flag_name(f.name),
+                    dest=f.name,
+                    default=_UNSET,
+                    action=_Repeated,
+                    help=f"{help_text}; repeat the flag for several",
+                    metavar=metavar,
+                )
+                continue
             parser.add_argument(
                 flag_name(f.name), dest=f.name, default=_UNSET, help=help_text, metavar=metavar
             )

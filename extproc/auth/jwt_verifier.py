@@ -53,6 +53,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -325,3 +326,22 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
     if isinstance(role, str) and role:
         found.append("role:" + role)
     return frozenset(scope for scope in found if _SCOPE.fullmatch(scope))
+
+
+MIN_SECRET_BYTES = 32
+
+
+def read_secret_file(path: str) -> bytes:
+    """An HS256 secret from `--jwt-secret-file` (stripped); ConfigError when unreadable or short."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError([f"--jwt-secret-file: cannot read {path}: {exc.strerror or exc}"]) from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            [
+                f"--jwt-secret-file: {path} holds {len(secret)} bytes; an HS256 secret needs "
+                f"{MIN_SECRET_BYTES} or more"
+            ]
+        )
+    return secret

@@ -32,7 +32,6 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -217,9 +216,9 @@ class AuthFilter(Filter):
         o = self.options
         if o.jwt_secret_file or o.jwks:
             from meshkit.extproc.auth.jwks import JwksSource
-            from meshkit.extproc.auth.jwt_verifier import JwtVerifier
+            from meshkit.extproc.auth.jwt_verifier import JwtVerifier, read_secret_file
 
-            secret = _read_secret(o.jwt_secret_file) if o.jwt_secret_file else None
+            secret = read_secret_file(o.jwt_secret_file) if o.jwt_secret_file else None
             self._jwks = JwksSource(o.jwks) if o.jwks else None
             self._jwt = JwtVerifier(
                 secret=secret,
@@ -424,18 +423,6 @@ def _rate_headers(decision: Any) -> tuple[tuple[str, str], ...]:
         ("x-ratelimit-remaining", str(max(0, decision.remaining))),
         ("x-ratelimit-reset", str(max(0, math.ceil(decision.reset_after)))),
     )
-
-
-def _read_secret(path: str) -> bytes:
-    try:
-        secret = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError([f"--jwt-secret-file: cannot read {path}: {exc.strerror or exc}"]) from None
-    if len(secret) < 32:
-        raise ConfigError(
-            [f"--jwt-secret-file: {path} holds {len(secret)} bytes; an HS256 secret needs 32 or more"]
-        )
-    return secret
 
 
 class _Refused(Exception):

@@ -108,3 +108,24 @@ def test_an_option_given_twice_in_yaml_is_a_problem_not_a_coin_toss() -> None:
             resolve([Opts, Other], command="x", env={}, config=config, groups=groups)
     got = resolve([Opts, Other], command="x", env={}, config={"other_thing": {"depth": 3}}, groups=groups)
     assert got[Other].depth == 3
+
+
+@dataclass(frozen=True)
+class Repeated:
+    patterns: tuple[str, ...] = option((), "patterns, one per flag", repeat=True)
+    names: tuple[str, ...] = option((), "names, comma-separated")
+
+
+def test_a_repeatable_flag_keeps_every_value_and_a_plain_one_the_last() -> None:
+    import argparse
+
+    from meshkit.options import add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, [Repeated])
+    args = parser.parse_args(["--patterns", "a{1,3}", "--patterns", "b", "--names", "x", "--names", "y,z"])
+    opts = resolve([Repeated], command="x", flags=vars(args), env={})[Repeated]
+    assert opts.patterns == ("a{1,3}", "b")  # a comma inside a value is not a separator
+    assert opts.names == ("y", "z")
+    untouched = resolve([Repeated], command="x", flags=vars(parser.parse_args([])), env={})[Repeated]
+    assert untouched == Repeated()
