@@ -61,6 +61,7 @@ from meshkit.edge.loadgen_resources import (
     raise_nofile_limit,
 )
 from meshkit.edge.loadgen_stats import Histogram
+from meshkit.edge.loadgen_worker import event_loop_name, run_on_fast_loop
 from meshkit.edge.token_contract import is_conversation_id
 from meshkit.errors import ConfigError, MeshkitError
 
@@ -240,7 +241,7 @@ def options_from_args(args: argparse.Namespace) -> LoadgenOptions:
 def run(args: argparse.Namespace) -> int:
     """`meshkit loadgen`: options -> run -> table (stdout), JSON file; the exit status of the docstring."""
     options = options_from_args(args)
-    report = asyncio.run(run_loadgen(options))
+    report = run_on_fast_loop(run_loadgen(options))
     print(render_table(report))
     return 0 if report["messages"]["exactly_once_in_order"] else 3
 
@@ -577,6 +578,7 @@ def _report(
             "duration": options.duration,
             "processes": len(state.workers),
             "ws": options.ws,
+            "event_loop": event_loop_name(),
         },
         "streams": {
             "planned": options.streams,

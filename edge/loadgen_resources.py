@@ -5,8 +5,8 @@
   workers or a respawned child are counted), sampled by the caller; `cpu_percent` is % of ONE core
   over a window (200 % = two cores busy). No psutil: two small reads per process.
 - `LoopLagMonitor`: a task sleeping 100 ms and recording how late it wakes (`Histogram` in µs). A late
-  wake-up means callbacks waited: the generator itself is the bottleneck. Its own CPU comes from
-  `/proc/self/stat` the same way.
+  wake-up means callbacks waited: the generator itself is the bottleneck (uvloop's timers tick in whole
+  milliseconds, so its lags read 0, 1, 2 ... ms). Its own CPU comes from `/proc/self/stat` the same way.
 - `raise_nofile_limit()`: the soft RLIMIT_NOFILE up to the hard limit (done at start, and in every
   worker process).
 - `capacity_problems()`: refuses a run that cannot be opened: every stream needs a descriptor in its

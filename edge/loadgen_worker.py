@@ -26,8 +26,8 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -35,7 +35,9 @@ from meshkit.edge.loadgen_resources import LoopLagMonitor, raise_nofile_limit
 from meshkit.edge.loadgen_stats import Tally
 from meshkit.edge.loadgen_viewers import OUTCOMES, ViewerState, WorkerCounters, run_sse_viewer, run_ws_viewer
 
-__all__ = ["main"]
+__all__ = ["event_loop_name", "main", "run_on_fast_loop"]
+
+T = TypeVar("T")
 
 CONNECT_GATE = 256  # connections being opened at once, per worker
 PROGRESS_INTERVAL = 1.0
@@ -174,19 +176,30 @@ def _result(
     }
 
 
-def main() -> int:
+def event_loop_name() -> str:
+    """`uvloop` when the `fast` extra is installed (every generator process runs on it), else `asyncio`."""
     try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_on_fast_loop(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`, on uvloop when it is installed."""
+    if event_loop_name() == "uvloop":
         import uvloop
 
-        uvloop.install()
-    except ImportError:  # the `fast` extra is optional
-        pass
+        return uvloop.run(main)
+    return asyncio.run(main)
 
+
+def main() -> int:
     async def go() -> int:
         return await run(await _stdin_lines())
 
     try:
-        return asyncio.run(go())
+        return run_on_fast_loop(go())
     except KeyboardInterrupt:
         return 130
 
