@@ -13,9 +13,9 @@ API (the `--listen` port)
 - `PURGE <path>` with optional `X-Purge-All: true` or `Surrogate-Key: k1 k2`: validated the way
   `mesh/varnish/meshkit.vcl` validates them (`meshkit.sidecars.purge_fanout.Purge`); a bad one is 400
   JSON and nothing is sent. Otherwise the path and that header go to every target concurrently (one
-  aiohttp session; `--target-timeout` per attempt; `--attempts` attempts when a target does not answer
-  or answers 5xx, waiting `--retry-backoff`, then twice that, ... between them; a 4xx is final). The
-  answer comes only when every target is done:
+  keep-alive `PurgeClient`, connections kept per target; `--target-timeout` per attempt; `--attempts`
+  attempts when a target does not answer or answers 5xx, waiting `--retry-backoff`, then twice that,
+  ... between them; a 4xx is final). The answer comes only when every target is done:
   - 200 `{"targets": [{"target": "10.0.0.7:6081", "status": 200, "ms": 3.1}, ...]}` when every
     target answered 200;
   - 502 with the same list otherwise: each target's last status (`null` when it never answered) and,
@@ -51,7 +51,7 @@ API (the `--listen` port)
   `meshkit_purge_replays_total{target,result=ok|failed|dropped|expired}`, `meshkit_purge_pending`,
   `meshkit_purge_log_errors_total`.
 - SIGTERM: the shared lifecycle (`meshkit.daemon`): readiness off, in-flight fan-outs get
-  `--drain-timeout`, then the replay loop, Redis, the target sources and the HTTP session close.
+  `--drain-timeout`, then the replay loop, Redis, the target sources and the HTTP clients close.
 
 Purge log (`--redis URL`, `meshkit.sidecars.purge_log`): a purge a target missed (no answer, 5xx,
 403) is kept in Redis, a list per target in order, and survives a broadcaster restart. A loop probes
@@ -93,7 +93,7 @@ from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds, parse_size
 from meshkit.sidecars.kube_endpoints import KubeConfig
-from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, RetryPolicy, deliver
+from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, PurgeClient, RetryPolicy, deliver
 from meshkit.sidecars.purge_log import Departures, PurgeLog, Replayer, ReplayMetrics
 from meshkit.sidecars.purge_targets import (
     DnsSource,
@@ -237,19 +237,19 @@ class Metrics:
 
 @dataclass
 class Broadcaster:
-    """What a request handler needs: targets, the policy, the session (set at start), metrics."""
+    """What a request handler needs: targets, the policy, the purge client (set at start), metrics."""
 
     targets: TargetSet
     policy: RetryPolicy
     token: bytes | None
     metrics: Metrics
-    session: aiohttp.ClientSession | None = None
+    session: PurgeClient | None = None
     purge_log: PurgeLog | None = None
     log_errors: Counter | None = None
     departures: Departures | None = None
 
-    def client(self) -> aiohttp.ClientSession:
-        assert self.session is not None, "the HTTP session starts before the listener"
+    def client(self) -> PurgeClient:
+        assert self.session is not None, "the purge client starts before the listener"
         return self.session
 
     async def keep(self, failed: list[Delivery], purge: Purge) -> set[str]:
@@ -448,25 +448,26 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
     policy = RetryPolicy(attempts=opts.attempts, timeout=opts.target_timeout, backoff=opts.retry_backoff)
     metrics = Metrics.create(life.registry)
     token = _read_token(opts.token_file)
-    session: list[aiohttp.ClientSession] = []
+    kube_session: list[aiohttp.ClientSession] = []  # the Kubernetes API's (k8s: targets only)
 
-    def client() -> aiohttp.ClientSession:
-        return session[0]
+    def kube_client() -> aiohttp.ClientSession:
+        return kube_session[0]
 
-    targets = _target_set(opts, metrics, client)
+    targets = _target_set(opts, metrics, kube_client)
     b = Broadcaster(targets, policy, token, metrics)
 
-    async def open_session() -> None:
-        b.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=16), auto_decompress=False
-        )
-        session.append(b.session)
+    async def open_clients() -> None:
+        b.session = PurgeClient()
+        if any(isinstance(source, KubeSource) for source in targets.sources):
+            kube_session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)))
 
-    async def close_session() -> None:
+    async def close_clients() -> None:
         if b.session is not None:
             await b.session.close()
+        for session in kube_session:
+            await session.close()
 
-    await life.start("http client", open_session, close_session)
+    await life.start("http clients", open_clients, close_clients)
     if opts.redis:
         purge_log = PurgeLog(opts.redis, opts.redis_prefix)
         replay_metrics = ReplayMetrics.create(life.registry)

@@ -34,12 +34,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshkit.errors import DependencyError
-from meshkit.sidecars.purge_fanout import Purge, RetryPolicy, deliver
+from meshkit.sidecars.purge_fanout import Purge, PurgeClient, RetryPolicy, deliver
 
 log = logging.getLogger("meshkit.purge_log")
 
@@ -185,7 +184,7 @@ class Replayer:
         self,
         purge_log: PurgeLog,
         targets: Callable[[], Collection[str]],
-        session: Callable[[], aiohttp.ClientSession],
+        session: Callable[[], PurgeClient],
         policy: RetryPolicy,
         interval: float,
         metrics: ReplayMetrics,
