@@ -17,7 +17,9 @@ ever waits on it, it only falls behind.
   resume far back, a late viewer of a long conversation): only the part below the log's start, then
   the log again;
 - `reset` when sequences are gone: below the subscription's first token (aged out of the stream), a
-  gap the hub skipped, or a hole a replay found;
+  gap the hub skipped, or a hole a replay found. It goes out right before the next token (adjacent
+  holes, say one in the replay and one in the log, make one reset), so `available_from` is always
+  the sequence that follows it;
 - a heartbeat after `heartbeat` seconds without anything to send; `reconnect` when the server shuts
   down (`closing`); the `done` message ends it.
 """
@@ -53,6 +55,8 @@ class Viewer:
     closing: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_sent: int = -1
+    gap_open: bool = False  # sequences are gone: a reset goes out before the next token
+    gap_requested: int | None = None
 
     def lag(self, log: ConversationLog) -> int:
         """Live tokens the viewer has not been sent yet (what `--client-queue` bounds)."""
@@ -165,8 +169,7 @@ async def pump(
         viewer.wake.clear()
         step = plan(viewer, log)
         if isinstance(step, Skipped):
-            reset()
-            await send(framer.reset(step.requested, step.available_from))
+            _gap(viewer, step.requested)
         elif isinstance(step, End):
             return "end"
         elif isinstance(step, Wait):
@@ -192,17 +195,28 @@ async def pump(
                 return "done"
 
 
+def _gap(viewer: Viewer, requested: int | None) -> None:
+    """Sequences from `requested` on are gone; said (one reset for adjacent holes) before the next token."""
+    if not viewer.gap_open:
+        viewer.gap_open, viewer.gap_requested = True, requested
+
+
 def _frame_token(
-    viewer: Viewer, message: TokenMessage, framer: Framer, delivered: Delivered
+    viewer: Viewer, message: TokenMessage, framer: Framer, delivered: Delivered, reset: Callable[[], None]
 ) -> tuple[bytes, bool]:
     if message.sequence <= viewer.last_sent:  # dedup on every path
         return b"", False
+    head = b""
+    if viewer.gap_open:
+        viewer.gap_open = False
+        reset()
+        head = framer.reset(viewer.gap_requested, message.sequence)
     viewer.last_sent = message.sequence
     viewer.cursor = message.sequence + 1
     delivered(message)
     if message.done:
-        return framer.done(message), True
-    return framer.token(message), False
+        return head + framer.done(message), True
+    return head + framer.token(message), False
 
 
 def _frame_entries(
@@ -214,26 +228,17 @@ def _frame_entries(
     reset: Callable[[], None],
 ) -> tuple[bytes, bool]:
     parts: list[bytes] = []
-    skipped_from: int | None = None
     seq = cursor
     for entry in log.read(cursor, READ_BATCH):
         if entry is None:
-            if skipped_from is None:
-                skipped_from = seq
+            _gap(viewer, seq)
             viewer.cursor = seq + 1
         else:
-            if skipped_from is not None:
-                reset()
-                parts.append(framer.reset(skipped_from, seq))
-                skipped_from = None
-            data, finished = _frame_token(viewer, entry, framer, delivered)
+            data, finished = _frame_token(viewer, entry, framer, delivered, reset)
             parts.append(data)
             if finished:
                 return b"".join(parts), True
         seq += 1
-    if skipped_from is not None:
-        reset()
-        parts.append(framer.reset(skipped_from, seq))
     return b"".join(parts), False
 
 
@@ -245,25 +250,20 @@ def _frame_replay(
     delivered: Delivered,
     reset: Callable[[], None],
 ) -> tuple[bytes, bool]:
-    """The replayed tokens (sorted, unique, in (after, until)), with a reset for every hole."""
+    """The replayed tokens (sorted, unique, in (after, until)); every hole noted as a gap."""
     parts: list[bytes] = []
     expected = None if step.after is None else step.after + 1
     for message in tokens:
-        if expected is None:
-            if message.sequence > 1:
-                reset()
-                parts.append(framer.reset(None, message.sequence))
-        elif message.sequence > expected:
-            reset()
-            parts.append(framer.reset(expected, message.sequence))
-        data, finished = _frame_token(viewer, message, framer, delivered)
+        if (expected is None and message.sequence > 1) or (
+            expected is not None and message.sequence > expected
+        ):
+            _gap(viewer, expected)
+        data, finished = _frame_token(viewer, message, framer, delivered, reset)
         parts.append(data)
         if finished:
             return b"".join(parts), True
         expected = message.sequence + 1
     if expected is None or expected < step.until:
-        # nothing stored (or nothing more) below the log's start: those sequences are gone
-        reset()
-        parts.append(framer.reset(expected, step.until))
+        _gap(viewer, expected)  # nothing (more) stored below the log's start: those are gone
     viewer.cursor = max(step.until, viewer.cursor or 0)
     return b"".join(parts), False

@@ -1,0 +1,95 @@
+"""The SSE and OpenAI framing of `meshkit sse`, read back with an EventSource-rules parser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshkit.edge.loadgen_sse_parser import SseParser
+from meshkit.edge.sse_format import OpenAIFramer, SseFramer, framer_for
+from meshkit.edge.token_contract import parse_token
+
+
+def message(seq: int, *, done: bool = False, **extra: object) -> bytes:
+    return json.dumps(
+        {"conversation_id": "c1", "token": f"w{seq}", "sequence": seq, "done": done, **extra}
+    ).encode()
+
+
+def test_sse_events_carry_the_raw_json_and_the_sequence_as_id() -> None:
+    framer = SseFramer(retry_ms=1500)
+    raw = message(7)
+    out = framer.preamble() + framer.token(parse_token(raw)) + framer.done(parse_token(message(8, done=True)))
+    assert out.startswith(b"retry: 1500\n\n")
+    events = SseParser().feed(out)
+    assert [(e.event, e.id) for e in events] == [("token", "7"), ("done", "8")]
+    assert events[0].data.encode() == raw  # unchanged, byte for byte
+    assert events[0].retry is None
+
+
+def test_a_message_with_newlines_still_reads_back_the_same() -> None:
+    raw = b'{\n  "conversation_id": "c1",\n  "token": "x",\r\n  "sequence": 3\n}'
+    events = SseParser().feed(SseFramer(1000).token(parse_token(raw)))
+    assert json.loads(events[0].data) == json.loads(raw)
+    assert events[0].id == "3"
+
+
+def test_reset_heartbeat_reconnect() -> None:
+    framer = SseFramer(1000)
+    events = SseParser().feed(framer.reset(3, 8) + framer.heartbeat() + framer.reconnect(250))
+    assert [(e.event, e.data) for e in events] == [
+        ("reset", '{"requested": 3, "available_from": 8}'),
+        ("reconnect", "{}"),
+    ]
+    assert events[1].retry == 250
+    assert framer.heartbeat().startswith(b":")  # a comment: EventSource dispatches nothing
+    assert b"id:" not in framer.reset(None, 8)  # the last event id stays the last token's
+
+
+def test_openai_chunks() -> None:
+    framer = OpenAIFramer("c1", "default-model")
+    out = framer.preamble()
+    out += framer.token(parse_token(message(1, ts=1700000000.5)))
+    out += framer.token(
+        parse_token(json.dumps({"conversation_id": "c1", "token": "", "sequence": 2}).encode())
+    )
+    out += framer.token(parse_token(message(3, model="m2")))
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    out += framer.done(parse_token(message(4, done=True, usage=usage)))
+    lines = [line for line in out.decode().split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"content": "w1"},
+        {"content": "w3"},
+        {"content": "w4"},
+        {},
+    ]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "stop"]
+    assert {c["id"] for c in chunks} == {"chatcmpl-c1"}
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert {c["created"] for c in chunks} == {1700000000}  # the first token's ts, for every chunk
+    assert [c["model"] for c in chunks] == ["default-model", "m2", "m2", "m2"]
+    assert [c["x_sequence"] for c in chunks] == [1, 3, 4, 4]
+    assert chunks[-1]["usage"] == usage and "usage" not in chunks[0]
+
+
+def test_openai_error_in_the_done_message_is_an_error_object() -> None:
+    out = OpenAIFramer("c1", "m").done(parse_token(message(5, done=True, error="model overloaded")))
+    lines = [line for line in out.decode().split("\n") if line]
+    assert json.loads(lines[-2][6:]) == {"error": {"message": "model overloaded", "type": "upstream_error"}}
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_openai_reset_is_a_chunk_saying_so() -> None:
+    chunk = json.loads(OpenAIFramer("c1", "m").reset(3, 8)[6:])
+    assert chunk["x_reset"] == {"requested": 3, "available_from": 8}
+    assert chunk["choices"][0]["delta"] == {}
+
+
+@pytest.mark.parametrize("fmt", ["xml", "SSE", "openai "])
+def test_unknown_format_is_refused(fmt: str) -> None:
+    with pytest.raises(ValueError, match="format must be"):
+        framer_for(fmt, "c1", retry_ms=1000, default_model="m")

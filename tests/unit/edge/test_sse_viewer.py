@@ -1,0 +1,194 @@
+"""The conversation log (order, dedup, gaps, bounds) and a viewer's plan and pump, without a network:
+the JetStream replay is a function over a list of stored tokens (the real one is tested in
+tests/integration/test_sse.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from meshkit.edge.conversation_log import ConversationLog, Skipped
+from meshkit.edge.loadgen_sse_parser import SseEvent, SseParser
+from meshkit.edge.sse_format import SseFramer
+from meshkit.edge.token_contract import TokenMessage, parse_token
+from meshkit.edge.viewer import End, Read, Replay, Viewer, ViewerCut, Wait, plan, pump
+
+
+def tok(seq: int, *, done: bool = False) -> TokenMessage:
+    raw = json.dumps({"conversation_id": "c1", "token": f"w{seq}", "sequence": seq, "done": done})
+    return parse_token(raw.encode())
+
+
+def seqs(log: ConversationLog, cursor: int) -> list[int | None]:
+    return [e.sequence if e is not None else None for e in log.read(cursor, 1000)]
+
+
+# -- the log ----------------------------------------------------------------------------------------
+def test_in_order_duplicates_dropped() -> None:
+    log = ConversationLog(100)
+    for seq in (1, 2, 2, 3, 1):
+        log.add(tok(seq))
+    assert seqs(log, 1) == [1, 2, 3]
+    assert log.duplicates == 2
+    assert (log.first_seq, log.next_seq) == (1, 4)
+
+
+def test_early_tokens_are_held_until_the_gap_fills() -> None:
+    log = ConversationLog(100)
+    assert [log.add(tok(s)) for s in (1, 2, 4, 5)] == [1, 1, 0, 0]
+    assert log.waiting_for == 3
+    assert log.add(tok(3)) == 3  # 3, then the held 4 and 5
+    assert seqs(log, 1) == [1, 2, 3, 4, 5]
+    assert log.waiting_for is None
+
+
+def test_a_skipped_gap_leaves_placeholders() -> None:
+    log = ConversationLog(100)
+    for seq in (1, 4, 5):
+        log.add(tok(seq))
+    assert log.skip_gap() == Skipped(2, 4)
+    assert seqs(log, 1) == [1, None, None, 4, 5]
+    assert log.add(tok(3)) == 0 and log.duplicates == 1  # too late: skipped is skipped
+
+
+def test_too_many_held_tokens_skip_the_gap_at_once() -> None:
+    log = ConversationLog(100, max_pending=3)
+    for seq in (1, 3, 4, 5):
+        log.add(tok(seq))
+    assert log.waiting_for == 2
+    log.add(tok(6))
+    assert seqs(log, 1) == [1, None, 3, 4, 5, 6]
+
+
+def test_bounded_by_capacity() -> None:
+    log = ConversationLog(4)
+    for seq in range(1, 101):
+        log.add(tok(seq))
+    assert len(log) == 4 and log.log_start == 97
+    assert seqs(log, 97) == [97, 98, 99, 100]
+    assert not log.holds_start
+    with pytest.raises(ValueError):
+        log.read(96, 10)
+
+
+def test_nothing_after_done() -> None:
+    log = ConversationLog(10)
+    for seq in (1, 3):
+        log.add(tok(seq))
+    log.add(tok(2, done=True))
+    log.add(tok(4))
+    assert seqs(log, 1) == [1, 2]
+    assert log.done_seq == 2 and log.waiting_for is None and log.after_done == 1
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+def log_of(*sequences: int, capacity: int = 100) -> ConversationLog:
+    log = ConversationLog(capacity)
+    for seq in sequences:
+        log.add(tok(seq))
+    return log
+
+
+def test_plan() -> None:
+    assert plan(Viewer("c1", None), ConversationLog(10)) == Wait()
+    assert plan(Viewer("c1", None), log_of(1, 2)) == Read(1)
+    assert plan(Viewer("c1", None), log_of(0, 1)) == Read(0)
+    assert plan(Viewer("c1", 3), log_of(1, 2)) == Wait()  # resumes after 2: waits for 3
+    assert plan(Viewer("c1", 2), log_of(1, 2)) == Read(2)
+    # the stream's first token is 8: 3..7 aged out
+    viewer = Viewer("c1", 3)
+    assert plan(viewer, log_of(8, 9)) == Skipped(3, 8)
+    assert plan(viewer, log_of(8, 9)) == Read(8)
+    viewer = Viewer("c1", None)
+    assert plan(viewer, log_of(8, 9)) == Skipped(None, 8)
+    # the memory log starts at 97 (capacity 4): older ones come from JetStream
+    assert plan(Viewer("c1", 50), log_of(*range(1, 101), capacity=4)) == Replay(49, 97)
+    assert plan(Viewer("c1", None), log_of(*range(1, 101), capacity=4)) == Replay(None, 97)
+    done = ConversationLog(10)
+    done.add(tok(1))
+    done.add(tok(2, done=True))
+    assert plan(Viewer("c1", 3), done) == End()
+
+
+def test_lag_counts_live_tokens_only() -> None:
+    log = ConversationLog(100)
+    for seq in range(1, 51):
+        log.add(tok(seq), backlog=True)  # the catch-up on what was stored
+    viewer = Viewer("c1", None, attach_seq=None)
+    assert viewer.lag(log) == 0
+    for seq in range(51, 61):
+        log.add(tok(seq))
+    assert viewer.lag(log) == 10
+    late = Viewer("c1", 5, attach_seq=61)  # joined now: what was there before is not lag
+    assert late.lag(log) == 0
+
+
+# -- the pump ---------------------------------------------------------------------------------------
+async def run(
+    viewer: Viewer, log: ConversationLog, stored: list[TokenMessage] | None = None
+) -> list[SseEvent]:
+    out = bytearray()
+
+    async def write(data: bytes) -> None:
+        out.extend(data)
+
+    async def replay(conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
+        return [t for t in stored or [] if (after is None or t.sequence > after) and t.sequence < until]
+
+    framer = SseFramer(1000)
+    await asyncio.wait_for(pump(viewer, log, framer, write, replay=replay, heartbeat=10, retry_ms=250), 5)
+    return SseParser().feed(bytes(out))
+
+
+async def test_pump_replays_below_the_log_then_reads_it() -> None:
+    stored = [tok(s) for s in range(1, 11)] + [tok(11, done=True)]
+    log = ConversationLog(3)
+    for t in stored:
+        log.add(t)
+    events = await run(Viewer("c1", 4), log, stored)
+    assert [int(e.id) for e in events] == list(range(4, 12))
+    assert events[-1].event == "done"
+
+
+async def test_pump_resets_for_holes_in_the_replay_and_in_the_log() -> None:
+    stored = [tok(s) for s in (1, 2, 5, 6, 7, 8)]
+    log = ConversationLog(3)
+    for t in stored:
+        log.add(t)
+    log.add(tok(11))
+    assert log.skip_gap() == Skipped(3, 5)  # 3, 4 never came
+    assert log.skip_gap() == Skipped(9, 11)  # nor 9, 10: in the log, the first of them in the replay's range
+    log.add(tok(12, done=True))
+    events = await run(Viewer("c1", None), log, stored)
+    shown = [(e.event, e.id if e.event != "reset" else json.loads(e.data)) for e in events]
+    assert shown == [
+        ("token", "1"),
+        ("token", "2"),
+        ("reset", {"requested": 3, "available_from": 5}),
+        ("token", "5"),
+        ("token", "6"),
+        ("token", "7"),
+        ("token", "8"),
+        ("reset", {"requested": 9, "available_from": 11}),
+        ("token", "11"),
+        ("done", "12"),
+    ]
+
+
+async def test_pump_live_then_reconnect_then_cut() -> None:
+    log = ConversationLog(10)
+    viewer = Viewer("c1", None)
+    task = asyncio.ensure_future(run(viewer, log))
+    for seq in (1, 2):
+        log.add(tok(seq))
+        viewer.wake.set()
+        await asyncio.sleep(0.01)
+    viewer.close()
+    events = await task
+    assert [(e.event, e.id) for e in events] == [("token", "1"), ("token", "2"), ("reconnect", "2")]
+    cut = Viewer("c1", None)
+    cut.cut("slow")
+    with pytest.raises(ViewerCut, match="slow"):
+        await run(cut, log)
