@@ -94,9 +94,16 @@ class NatsPublisher(_Errors):
     async def start(self) -> None:
         import nats
 
+        async def on_error(exc: Exception) -> None:  # nats-py's default prints a traceback
+            self._failed(f"nats: {exc!r}")
+
         try:
             self._nc = await nats.connect(
-                self.url, connect_timeout=CONNECT_TIMEOUT, max_reconnect_attempts=3, allow_reconnect=True
+                self.url,
+                connect_timeout=CONNECT_TIMEOUT,
+                max_reconnect_attempts=3,
+                allow_reconnect=True,
+                error_cb=on_error,
             )
         except Exception as exc:  # nats-py raises several unrelated types
             raise DependencyError("nats", f"cannot connect to {self.url}: {exc}") from None

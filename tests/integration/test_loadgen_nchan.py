@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,3 +128,41 @@ def test_a_target_that_is_not_there_is_counted_not_a_crash(tmp_path: Path) -> No
         and report["messages"]["missing"] == report["messages"]["expected"]
     )
     assert "connect" in " ".join(report["error_samples"]).lower()
+
+
+class KillOnFirstDelivery(io.StringIO):
+    """The progress stream: SIGKILLs nginx as soon as a progress line shows tokens being delivered."""
+
+    def __init__(self, server: NchanServer) -> None:
+        super().__init__()
+        self.server = server
+        self.killed = False
+
+    def write(self, text: str) -> int:
+        if not self.killed and re.search(r"delivered/s [1-9]", text):
+            self.server.process.kill()
+            self.killed = True
+        return super().write(text)
+
+
+async def test_nginx_killed_mid_run_is_disconnects_and_missing_tokens(tmp_path: Path) -> None:
+    with nchan_server(tmp_path) as server:
+        progress = KillOnFirstDelivery(server)
+        report = await run_loadgen(
+            LoadgenOptions(
+                target="nchan",
+                url=server.url,
+                conversations=5,
+                viewers=2,
+                rate=50,
+                duration=3,
+                drain_timeout=1,
+            ),
+            out=progress,
+        )
+    assert progress.killed
+    m = report["messages"]
+    assert 0 < m["delivered"] < m["expected"] and m["missing"] == m["expected"] - m["delivered"]
+    assert report["errors"]["disconnects"] == 10 and m["incomplete_viewers"] == 10
+    assert report["publish"]["errors"] > 0 and report["publish"]["first_error"]
+    assert m["exactly_once_in_order"] is False

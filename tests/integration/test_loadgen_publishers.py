@@ -4,6 +4,8 @@ the adapter expect it (a Redis Stream's `data` field, `chat.<id>.tokens`, `Nats-
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +103,19 @@ async def test_an_unreachable_publisher_is_a_dependency_error(tmp_path: Path) ->
     )
     with pytest.raises(DependencyError, match="redis"):
         await pub.start()
+
+
+def test_cli_with_an_unreachable_publisher_is_one_line_exit_1() -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "meshkit", "loadgen", "--target", "sse", "--url", "http://127.0.0.1:9"),
+            *("--nats", f"nats://127.0.0.1:{free_port()}", "--duration", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("meshkit loadgen: nats: cannot connect")
+    assert "Traceback" not in result.stderr
