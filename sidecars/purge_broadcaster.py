@@ -121,6 +121,13 @@ def _parse_attempts(value: Any) -> int:
     return attempts
 
 
+def _parse_watch_timeout(value: Any) -> int:
+    seconds = parse_non_negative_int(value)
+    if not 1 <= seconds <= 3600:
+        raise ValueError("expected 1 to 3600 seconds")
+    return seconds
+
+
 @dataclass(frozen=True)
 class PurgeBroadcasterOptions:
     listen: str = option(
@@ -181,7 +188,7 @@ class PurgeBroadcasterOptions:
     kube_watch_timeout: int = option(
         300,
         "seconds the API server keeps one EndpointSlice watch open (timeoutSeconds) before it is reopened",
-        parse=parse_non_negative_int,
+        parse=_parse_watch_timeout,
         metavar="SECONDS",
     )
 

@@ -186,7 +186,8 @@ class PurgeBroadcaster(HttpDaemon):
 def purge_broadcaster(
     workdir: Path, targets: Sequence[str], args: Sequence[str] = (), *, name: str = "purge-broadcaster"
 ) -> Iterator[PurgeBroadcaster]:
-    """`meshkit purge-broadcaster --targets HOST:PORT,...` on free loopback ports with extra `args`."""
+    """`meshkit purge-broadcaster --targets TARGET,...` (HOST:PORT, dns:NAME:PORT, k8s:NS/SVC:PORT) on free
+    loopback ports with extra `args` (`--kube-api` and `--kube-token-file` for a `FakeKube`)."""
     with daemon("purge-broadcaster", workdir, ["--targets", ",".join(targets), *args], name=name) as running:
         yield PurgeBroadcaster(running.process, running.command, running.addresses)
 

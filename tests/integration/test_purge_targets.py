@@ -205,6 +205,8 @@ def test_the_ready_endpoints_of_the_list_are_the_targets_and_a_purge_lands(
         resp = purge(server)
         assert resp.status == 200, resp.body
         assert states(pods, digest) == ["MISS", "MISS"]
+        server.process.stop()  # SIGTERM with a watch open: drained and closed, exit 0
+        assert server.process.returncode == 0
     listed = [q for m, p, q in kube.requests if f"/namespaces/{ns}/" in p]
     assert listed[0] == {"labelSelector": "kubernetes.io/service-name=varnish"}
     assert listed[1]["watch"] == "1" and listed[1]["allowWatchBookmarks"] == "true"
@@ -339,6 +341,7 @@ def test_k8s_options_are_checked_at_start(workdir: Path) -> None:
         ),
         (["--targets", "10.0.0.1:80,k8s:Cache/varnish:http"], "k8s:NAMESPACE/SERVICE:PORT"),
         (["--targets", "dns:varnish"], "dns:NAME:PORT"),
+        (["--targets", "k8s:cache/varnish:80", "--kube-watch-timeout", "0"], "1 to 3600"),
     ]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         done = subprocess.run(

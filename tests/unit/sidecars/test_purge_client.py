@@ -44,10 +44,11 @@ class RawServer:
 
 
 @asynccontextmanager
-async def raw_server(answer: Answer, **kw: int) -> AsyncIterator[RawServer]:
+async def raw_server(answer: Answer, host: str = "127.0.0.1", **kw: int) -> AsyncIterator[RawServer]:
     server = RawServer(answer, **kw)
-    listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
-    server.target = f"127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    listening = await asyncio.start_server(server.handle, host, 0)
+    port = listening.sockets[0].getsockname()[1]
+    server.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         yield server
     finally:
@@ -67,6 +68,14 @@ async def test_it_sends_the_purge_and_reuses_the_connection() -> None:
     first, every, keys = server.requests
     assert first == f"PURGE /v1/x?a=1 HTTP/1.1\r\nHost: {server.target}\r\nContent-Length: 0\r\n\r\n".encode()
     assert b"\r\nX-Purge-All: true\r\n" in every and b"\r\nSurrogate-Key: k1 k.2\r\n" in keys
+
+
+async def test_an_ipv6_target() -> None:
+    client = PurgeClient()
+    async with raw_server(lambda n: OK, host="::1") as server:
+        assert await client.purge(server.target, Purge("/")) == (200, '{"purged": "url"}')
+    await client.close()
+    assert server.target.startswith("[::1]:") and f"Host: {server.target}".encode() in server.requests[0]
 
 
 @pytest.mark.parametrize(
