@@ -395,8 +395,10 @@ class _Run:
                     flush=True,
                 )
 
-    async def publish(self, publisher: Publisher) -> tuple[list[int], float]:
-        """The schedule of the module docstring; (tokens per conversation, seconds spent publishing)."""
+    async def publish(self, publisher: Publisher) -> tuple[list[int], float, float]:
+        """The schedule of the module docstring: (tokens per conversation, seconds the tokens took,
+        seconds with the done messages). A schedule of T tokens spans T / rate seconds (the first one
+        goes at 0), so the tokens' time is measured up to one interval after the last one went."""
         options = self.options
         n = options.conversations
         total = max(0, round(options.rate * options.duration))
@@ -416,11 +418,12 @@ class _Run:
                 self.published = sent
             wait = start + sent / options.rate - time.monotonic()
             await asyncio.sleep(max(TICK, wait) if sent < total else 0)
+        tokens_seconds = time.monotonic() - start + (1 / options.rate if total else 0.0)
         await publisher.publish_batch(
             [(cid, counts[c] + 1, True) for c, cid in enumerate(self.conversations)]
         )
         self.published = sent + n
-        return counts, time.monotonic() - start
+        return counts, tokens_seconds, time.monotonic() - start
 
 
 async def run_loadgen(options: LoadgenOptions, *, out: TextIO | None = None) -> dict[str, Any]:
@@ -468,7 +471,7 @@ async def run_loadgen(options: LoadgenOptions, *, out: TextIO | None = None) -> 
         state.monitor.reset()
         progress = asyncio.create_task(state.progress_loop())
         before = state.sampler.sample() if options.target_pids else None
-        counts, publish_seconds = await state.publish(publisher)
+        counts, tokens_seconds, publish_seconds = await state.publish(publisher)
         after = state.sampler.sample() if options.target_pids else None
         ranges = {cid: [1, counts[c] + 1] for c, cid in enumerate(state.conversations)}
         for w in state.workers:
@@ -490,7 +493,7 @@ async def run_loadgen(options: LoadgenOptions, *, out: TextIO | None = None) -> 
         publisher,
         list(results),
         counts,
-        publish_seconds,
+        (tokens_seconds, publish_seconds),
         opened,
         connect_seconds,
         idle,
@@ -516,7 +519,7 @@ def _report(
     publisher: Publisher,
     results: list[dict[str, Any]],
     counts: list[int],
-    publish_seconds: float,
+    seconds: tuple[float, float],
     opened: int,
     connect_seconds: float,
     idle: Sample | None,
@@ -528,7 +531,8 @@ def _report(
     latency: Histogram = merged["latency"]
     tokens = sum(counts)
     asked = options.rate
-    achieved = tokens / publish_seconds if publish_seconds > 0 else None
+    tokens_seconds, publish_seconds = seconds
+    achieved = tokens / tokens_seconds if tokens and tokens_seconds > 0 else None
     lag = state.monitor.lag_us.summary_ms()
     processes = [
         {
@@ -593,6 +597,7 @@ def _report(
             "done_messages": len(counts),
             "published": tokens + len(counts),
             "seconds": round(publish_seconds, 3),
+            "tokens_seconds": round(tokens_seconds, 3),
             "asked_rate": asked,
             "achieved_rate": round(achieved, 1) if achieved is not None else 0.0,
             "errors": publisher.errors,
