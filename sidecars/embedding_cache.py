@@ -44,8 +44,9 @@ Caching
 - `usage`: what the upstream reported for the call this request made (its `prompt_tokens` and
   `total_tokens`); items served from the cache, or from another request's call, count 0 tokens. A
   fully cached answer has `usage: {"prompt_tokens": 0, "total_tokens": 0}`.
-- The answer is in the client's `encoding_format`; the floats are exactly the stored float32 values,
-  so `float` and `base64` answers agree bit for bit.
+- The answer is in the client's `encoding_format` (`meshkit.sidecars.embedding_answer`); the floats
+  are printed with 9 significant digits, which read back as exactly the stored float32 values, so
+  `float` and `base64` answers agree bit for bit.
 
 The store degrading (decided: never a failed request the upstream could answer)
 - a read that fails or does not finish within `--store-timeout` (0.5 s) is a miss; a write that fails
@@ -106,6 +107,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_seconds, parse_size
+from meshkit.sidecars.embedding_answer import embeddings_answer
 from meshkit.sidecars.embedding_readiness import EmbeddingReadiness
 from meshkit.sidecars.openai_http import json_error, openai_errors
 from meshkit.sidecars.openai_shapes import (
@@ -510,9 +512,8 @@ class Cache:
                 span.set_attribute("cache.store_hits", len(found))
         return vectors, in_memory
 
-    async def embed(
-        self, req: EmbeddingRequest, user: str | None, auth: str | None
-    ) -> tuple[dict[str, Any], str]:
+    async def embed(self, req: EmbeddingRequest, user: str | None, auth: str | None) -> tuple[bytes, str]:
+        """The answer's JSON body and its x-cache value (hit, miss, partial)."""
         keys = [item_key(req.model, req.dimensions, item) for item in req.items]
         vectors, from_memory = await self.cached(req.model, keys)
         hits = sum(1 for key in keys if key in vectors)
@@ -540,22 +541,10 @@ class Cache:
         self.metrics.hits.labels("memory").inc(memory_hits)
         self.metrics.hits.labels("store").inc(hits - memory_hits)
         cache = "hit" if not misses else "miss" if not hits else "partial"
-        entries = []
-        for index, key in enumerate(keys):
-            raw = vectors[key]
-            embedding: str | list[float] = (
-                base64.b64encode(raw).decode("ascii")
-                if req.encoding_format == "base64"
-                else list(struct.unpack(f"<{len(raw) // 4}f", raw))
-            )
-            entries.append({"object": "embedding", "index": index, "embedding": embedding})
-        doc = {
-            "object": "list",
-            "data": entries,
-            "model": req.model,
-            "usage": {"prompt_tokens": prompt, "total_tokens": total},
-        }
-        return doc, cache
+        body = embeddings_answer(
+            [vectors[key] for key in keys], req.encoding_format, req.model, prompt, total
+        )
+        return body, cache
 
 
 def _passed_through(status: int, body: bytes, retry_after: str | None) -> UpstreamError:
@@ -635,9 +624,7 @@ async def _embeddings(request: web.Request, cache: Cache, span: Any) -> web.Resp
         return json_error(exc.status, exc.body, exc.headers)
     cache.metrics.requests.labels(result).inc()
     span.set_attribute("embeddings.cache", result)
-    return web.Response(
-        body=json.dumps(answer).encode(), content_type="application/json", headers={"x-cache": result}
-    )
+    return web.Response(body=answer, content_type="application/json", headers={"x-cache": result})
 
 
 MAX_BODY = web.AppKey("max_body", int)
