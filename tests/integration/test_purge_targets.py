@@ -325,7 +325,7 @@ def test_a_wrong_token_is_logged_gives_no_targets_and_a_rotated_one_is_read(
         assert readyz(server).status == 200
 
 
-def test_k8s_options_are_checked_at_start(workdir: Path) -> None:
+def test_k8s_options_are_checked_at_start(workdir: Path, token_file: Path) -> None:
     for args, says in [
         (["--targets", "k8s:cache/varnish:http"], "KUBERNETES_SERVICE_HOST"),
         (
@@ -341,6 +341,17 @@ def test_k8s_options_are_checked_at_start(workdir: Path) -> None:
         ),
         (["--targets", "10.0.0.1:80,k8s:Cache/varnish:http"], "k8s:NAMESPACE/SERVICE:PORT"),
         (["--targets", "dns:varnish"], "dns:NAME:PORT"),
+        (
+            [
+                "--targets",
+                "k8s:varnish:80",
+                "--kube-api",
+                "http://127.0.0.1:1",
+                "--kube-token-file",
+                str(token_file),
+            ],
+            "namespace",
+        ),
         (["--targets", "k8s:cache/varnish:80", "--kube-watch-timeout", "0"], "1 to 3600"),
     ]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
