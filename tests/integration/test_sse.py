@@ -23,7 +23,7 @@ from meshkit.harness.edge_daemons import SseAdapter, sse_adapter
 from meshkit.harness.nats import NatsServer, nats_server
 
 from .conftest import request
-from .test_sse_support import leaf_subscriptions, metric, open_stream, publish, until
+from .test_sse_support import leaf_subscriptions, metric, open_stream, publish, settled, until
 
 pytestmark = pytest.mark.integration
 
@@ -256,6 +256,7 @@ async def test_duplicates_stored_twice_are_sent_once(
 def test_subject_injection_is_400_and_subscribes_nothing(
     adapter: SseAdapter, leaf: NatsServer, path: str
 ) -> None:
+    settled(adapter)
     before = leaf_subscriptions(leaf)
     bad = metric(adapter, "meshkit_sse_requests_total", '{result="bad_request"}')
     resp = request(adapter.url + path, "GET")
@@ -298,6 +299,7 @@ async def test_five_viewers_share_one_subscription_gone_after_they_leave(
     adapter: SseAdapter, leaf: NatsServer, js: JetStreamContext, session: aiohttp.ClientSession
 ) -> None:
     c = cid()
+    settled(adapter)
     before = leaf_subscriptions(leaf)
 
     async def consumers() -> list[str]:

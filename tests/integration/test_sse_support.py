@@ -134,3 +134,13 @@ async def until(predicate: Callable[[], bool], within: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not true after {within} s")
         await asyncio.sleep(0.05)
+
+
+def settled(adapter: SseAdapter, within: float = 10.0) -> None:
+    """Wait until the adapter holds no subscription (what earlier tests opened has been dropped), so
+    a count of the leaf's subscriptions taken now is stable."""
+    deadline = time.monotonic() + within
+    while metric(adapter, "meshkit_sse_conversations_subscribed") != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("the adapter still holds subscriptions")
+        time.sleep(0.05)
