@@ -380,8 +380,15 @@ class _Nats:
             if self._checker is None or self._checker.done():
                 self._checker = asyncio.ensure_future(self._check_stream())
 
+        said = False
+
         async def error(exc: Exception) -> None:
-            log.debug("NATS: %r", exc)
+            nonlocal said
+            if self.client is None and not said:  # still connecting: say why once (the start may wait)
+                said = True
+                log.warning("NATS %s not reachable yet: %r", self.opts.nats, exc)
+            else:
+                log.debug("NATS: %r", exc)
 
         servers = [u.strip() for u in self.opts.nats.split(",") if u.strip()]
         try:

@@ -8,6 +8,8 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -467,3 +469,32 @@ async def test_openai_format_read_by_the_openai_client(adapter: SseAdapter, js: 
 
     again = await asyncio.to_thread(resume)
     assert "".join(ch.choices[0].delta.content or "" for ch in again) == "t3 "
+
+
+# -- start-up -------------------------------------------------------------------------------------------
+def test_unreachable_nats_at_start_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    argv = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--nats", f"nats://127.0.0.1:{port}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "meshkit", "sse", *argv, "--start-timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "nats did not start" in done.stderr.splitlines()[-1]
+    assert "not reachable yet: ConnectionRefusedError" in done.stderr
+
+
+def test_bad_options_are_exit_2_all_at_once() -> None:
+    argv = ["--history", "0", "--heartbeat", "0", "--stream", "a.b", "--max-connections", "x"]
+    done = subprocess.run(
+        [sys.executable, "-m", "meshkit", "sse", *argv], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    for name in ("--max-connections", "--history", "--heartbeat", "--stream"):
+        assert name in done.stderr
+    assert "Traceback" not in done.stderr
