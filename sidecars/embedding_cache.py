@@ -694,7 +694,7 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         on_store=cache.store_reachable,
         timeout=min(1.0, max(opts.store_timeout, 0.1)),
     )
-    life.readiness.details["store"] = store.url
+    life.readiness.details["store_url"] = store.url
     await life.serve_app("http", opts.listen, embedding_cache_app(cache, max_body_bytes=opts.max_body_bytes))
 
 

@@ -15,7 +15,8 @@ region `AWS_REGION`/`AWS_DEFAULT_REGION`/the profile, else `us-east-1`). Refresh
 are refreshed in a thread every minute, never on the event loop; requests are signed with the last
 frozen copy. boto3 not installed: `--store s3://...` is refused with one line naming `meshkit[s3]`.
 
-Addressing: with `--s3-endpoint URL` (MinIO, SeaweedFS) path style `URL/BUCKET/KEY`; without it AWS,
+Addressing: with `--s3-endpoint URL` (MinIO, SeaweedFS; else boto3's own variables
+`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`) path style `URL/BUCKET/KEY`; without any of them AWS,
 virtual-hosted `https://BUCKET.s3.REGION.amazonaws.com/KEY` (path style for a bucket name with dots,
 which TLS cannot cover).
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -160,6 +162,9 @@ class S3Store:
 
         session = boto3.session.Session()
         self.region = session.region_name or DEFAULT_REGION
+        if not self.endpoint:
+            env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            self.endpoint = env.rstrip("/") if env else None
         credentials = session.get_credentials()
         if credentials is None:
             raise DependencyError(

@@ -150,8 +150,9 @@ def test_a_restarted_cache_answers_from_s3_with_its_memory_tier_empty(
     assert _embed(cache, texts)[0] == "miss"
     _eventually(lambda: _stored(bucket, _object_keys(bucket, texts)), "16 objects in the bucket")
     store = f"s3://{BUCKET}/{PREFIX}"
-    for args in ([], ["--memory-bytes", "0"]):
-        with embedding_cache(workdir, provider.base_url, store, args, s3=s3, name="ec-restart") as fresh:
+    by_variable = {**s3_environment(s3), "AWS_ENDPOINT_URL_S3": s3.endpoint_url}  # boto3's own variable
+    for args, how in (([], {"s3": s3}), (["--memory-bytes", "0"], {"env": by_variable})):
+        with embedding_cache(workdir, provider.base_url, store, args, name="ec-restart", **how) as fresh:
             assert _embed(fresh, texts) == ("hit", _expected(texts))
             assert _metric(fresh, 'meshkit_embedding_cache_hits_total{tier="store"}') == 16
             assert _metric(fresh, 'meshkit_embedding_cache_store_seconds_count{op="GetObject"}') == 16
@@ -260,6 +261,7 @@ def test_readyz_says_the_store_is_ok_and_is_503_with_the_upstream_down(
     ready = request(f"{cache.admin_url}/readyz", method="GET")
     assert ready.status == 200
     assert ready.json()["store"] == "ok" and ready.json()["upstream"] == "ok"
+    assert ready.json()["store_url"] == f"s3://{BUCKET}/{PREFIX}"
     dead = f"http://127.0.0.1:{_dead_port()}/v1"
     with embedding_cache(workdir, dead, f"s3://{BUCKET}/{PREFIX}", s3=s3, name="ec-noup") as server:
         ready = request(f"{server.admin_url}/readyz", method="GET")
