@@ -373,7 +373,7 @@ class Cache:
             op,
             count,
             more,
-            exc or type(exc).__name__,
+            str(exc) or type(exc).__name__,
         )
 
     def store_reachable(self, ok: bool) -> None:
@@ -390,12 +390,11 @@ class Cache:
             try:
                 async with asyncio.timeout(self.store_timeout):
                     found = await self.store.get_many(model, keys)
-            except TimeoutError as exc:
-                self._store_error(
-                    "read", TimeoutError(f"no answer within {self.store_timeout:g} s"), len(keys)
-                )
+            except TimeoutError:
+                late = TimeoutError(f"no answer within {self.store_timeout:g} s")
+                self._store_error("read", late, len(keys))
                 self.store_down_until = time.monotonic() + STORE_RETRY_AFTER
-                span.set_attribute("store.error", str(exc) or "timeout")
+                span.set_attribute("store.error", str(late))
                 return {}
             vectors: dict[str, bytes] = {}
             errors = [r for r in found if isinstance(r, OSError)]

@@ -181,3 +181,49 @@ def test_waiters_get_the_owners_upstream_error(tmp_path: Path) -> None:
         assert cache.inflight == {}
 
     asyncio.run(run())
+
+
+class GatedStore(FileStore):
+    """A real file store whose writes wait until the test opens the gate."""
+
+    def __init__(self, root: Path, gate: asyncio.Event) -> None:
+        super().__init__(root)
+        self.gate = gate
+
+    async def write(self, model: str, key: str, data: bytes) -> int:
+        await self.gate.wait()
+        return await super().write(model, key, data)
+
+
+def test_an_answered_item_is_a_hit_while_its_write_is_queued_and_from_the_store_after(
+    tmp_path: Path,
+) -> None:
+    """Memory tier off: the write queue answers until the store has the vector, then the store does;
+    the answer never waited for the write."""
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        registry = CollectorRegistry()
+        cache = Cache("http://unused", GatedStore(tmp_path, gate), Metrics.create(registry), 1.0)
+        cache.store.open()  # type: ignore[attr-defined]
+        calls: list[int] = []
+
+        async def upstream(*args: object) -> tuple[list[bytes], int, int]:
+            calls.append(1)
+            return [b"\x00\x00\x80?"], 1, 1
+
+        cache._call_upstream = upstream  # type: ignore[method-assign,assignment]
+        await cache.writer.start()
+        req = EmbeddingRequest("m", ("x",), "base64", None)
+        assert (await asyncio.wait_for(cache.embed(req, None, None), 1))[1] == "miss"  # gate still shut
+        assert (await cache.embed(req, None, None))[1] == "hit"  # from the write queue
+        assert registry.get_sample_value("meshkit_embedding_cache_hits_total", {"tier": "memory"}) == 1
+        gate.set()
+        await cache.writer.close(5)
+        later = Cache("http://unused", FileStore(tmp_path), Metrics.create(CollectorRegistry()), 1.0)
+        later._call_upstream = upstream  # type: ignore[method-assign,assignment]
+        body, result = await later.embed(req, None, None)
+        assert result == "hit" and json.loads(body)["data"][0]["embedding"] == "AACAPw=="
+        assert calls == [1]
+
+    asyncio.run(run())
