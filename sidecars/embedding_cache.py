@@ -193,7 +193,7 @@ class EmbeddingCacheOptions:
     )
     store_timeout: float = option(
         0.5,
-        "seconds a request's store lookup (and each store write, the readiness probe) may take",
+        "seconds a request's store lookup may take (then: misses, served upstream); also the probe",
         parse=parse_seconds,
         metavar="SECONDS",
     )
