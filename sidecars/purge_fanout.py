@@ -15,7 +15,9 @@ Measured here against a real Varnish: 58 us of CPU per request against aiohttp's
 broadcaster's CPU is what bounds a fan-out to 8 pods under concurrent purges. A kept connection the
 target closed meanwhile (Varnish's `timeout_idle`, 5 s) is seen at EOF before use, or fails at once
 and the attempt is made again once on a fresh connection (the target's idle ones are dropped): that
-costs no retry of the policy. A timeout or an error closes the connection it happened on.
+costs no retry of the policy. A timeout or an error closes the connection it happened on. At most
+`busy_per_target` (32) requests are in flight to one target; more wait for a slot within their
+attempt's timeout.
 """
 
 from __future__ import annotations
@@ -144,14 +146,26 @@ def _split(target: str) -> tuple[str, int]:
 class PurgeClient:
     """Keep-alive HTTP/1.1 connections to the targets, for `PURGE` (see the module docstring)."""
 
-    def __init__(self, idle_per_target: int = 16) -> None:
+    def __init__(self, idle_per_target: int = 16, busy_per_target: int = 32) -> None:
         self._idle: dict[str, deque[_Connection]] = {}
-        self._max_idle = idle_per_target
+        self._max_idle, self._max_busy = idle_per_target, busy_per_target
+        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # target -> (slots, [users])
         self._closed = False
 
     async def purge(self, target: str, purge: Purge) -> tuple[int, str]:
         """(status, the body's first 300 bytes); raises OSError, EOFError, BadAnswer. The caller bounds
-        it in time (a cancelled request closes its connection)."""
+        it in time, waiting for a slot included (a cancelled request closes its connection)."""
+        slots, users = self._slots.setdefault(target, (asyncio.Semaphore(self._max_busy), [0]))
+        users[0] += 1
+        try:
+            async with slots:
+                return await self._purge(target, purge)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._slots[target]
+
+    async def _purge(self, target: str, purge: Purge) -> tuple[int, str]:
         request = _request(target, purge)
         conn, reused = self._take(target), True
         while True:
@@ -179,12 +193,16 @@ class PurgeClient:
 
     def _take(self, target: str) -> _Connection | None:
         idle = self._idle.get(target)
-        while idle:
+        found = None
+        while idle and found is None:
             conn = idle.pop()
             if conn.usable:
-                return conn
-            conn.close()
-        return None
+                found = conn
+            else:
+                conn.close()
+        if idle is not None and not idle:
+            del self._idle[target]  # a target that left the set leaves nothing behind
+        return found
 
     def _keep(self, target: str, conn: _Connection) -> None:
         idle = self._idle.setdefault(target, deque())

@@ -21,10 +21,13 @@ class RawServer:
         self.answer, self.close_after = answer, close_after
         self.requests: list[bytes] = []
         self.connections = 0
+        self.open = self.most_open = 0
         self.target = ""
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
         n = 0
         try:
             while True:
@@ -40,6 +43,7 @@ class RawServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.open -= 1
             writer.close()
 
 
@@ -185,3 +189,14 @@ async def test_refused_is_an_error() -> None:
     client = PurgeClient()
     delivery = await deliver(client, target, Purge("/"), RetryPolicy(attempts=1, timeout=1))
     assert delivery.status is None and "ConnectionRefusedError" in (delivery.error or "")
+
+
+async def test_requests_in_flight_to_one_target_are_capped() -> None:
+    client = PurgeClient(idle_per_target=3, busy_per_target=3)
+
+    async with raw_server(lambda n: OK) as server:
+        results = await asyncio.gather(*(client.purge(server.target, Purge(f"/{i}")) for i in range(10)))
+    await client.close()
+    assert [status for status, _ in results] == [200] * 10
+    assert server.most_open == server.connections == 3  # never more than 3 at once, then reused
+    assert client._slots == {}  # nothing left for a target with nothing in flight
