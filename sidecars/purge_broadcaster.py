@@ -55,7 +55,7 @@ API (the `--listen` port)
 
 Purge log (`--redis URL`, `meshkit.sidecars.purge_log`): a purge a target missed (no answer, 5xx,
 403) is kept in Redis, a list per target in order, and survives a broadcaster restart. A loop probes
-every configured target with pending purges every `--replay-interval` seconds (one attempt each) and
+every current target with pending purges every `--replay-interval` seconds (one attempt each) and
 replays them oldest first, removing each once the target answered 200. A target that left the set is
 kept `--departed-keep` seconds (new purges are queued for it meanwhile; it gets them if it comes back),
 then its entries are dropped and counted (`meshkit.sidecars.purge_log`). New purges are still sent to
@@ -66,8 +66,8 @@ says `"pending": false`), logged and counted; Redis unreachable at start: the da
 
 Readiness with no targets: the shared lifecycle turns readiness on when `serve()` returns; a task here
 waits for that and from then on keeps it off while the set is empty (and never touches it once
-draining). A window of one event-loop turn remains between the two (see the report: `meshkit.daemon`
-could take a readiness condition).
+draining). A window of an event-loop turn or two remains between the two (a readiness condition that
+`meshkit.daemon` consults would close it).
 
 NOT DONE: telling a restarted pod that kept no cache (needs nothing) from one that was merely
 unreachable (both get the pending purges: harmless, a ban on an empty cache); Redis in `/readyz`;
