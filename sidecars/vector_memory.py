@@ -65,4 +65,9 @@ def parse_memory_size(value: object) -> int:
 
     if str(value).strip() == "0":
         return 0
-    return parse_size(value)
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        if "at most" in str(exc):  # parse_size's cap names Envoy's limits, which mean nothing here
+            raise ValueError("must be at most 1GiB (the largest size meshkit's options parse)") from None
+        raise
