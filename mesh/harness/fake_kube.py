@@ -3,6 +3,7 @@ on this machine (Debian and PyPI have none), so code that lists and watches Endp
 against this, which speaks the same JSON on the same paths.
 
     with FakeKube(token="t") as kube:                 # an aiohttp server in its own thread, on loopback
+                                                      # (tls=(cert, key): HTTPS, as the real one)
         kube.put_slice("cache", "varnish-abc", "varnish", [endpoint("127.0.0.1")], ports=[("http", 6081)])
         ... --kube-api kube.url --kube-token-file F ...
         kube.put_slice(..., [endpoint("127.0.0.1", ready=False)])   # MODIFIED, to every watcher
@@ -36,10 +37,12 @@ import asyncio
 import itertools
 import json
 import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -141,9 +144,16 @@ class FakeKube:
     """The fake API server (see the module docstring). Every method is safe to call from the test's
     thread; the server runs on its own event loop in a daemon thread."""
 
-    def __init__(self, token: str = "fake-kube-token", *, host: str = "127.0.0.1") -> None:  # noqa: S107
+    def __init__(
+        self,
+        token: str = "fake-kube-token",  # noqa: S107
+        *,
+        host: str = "127.0.0.1",
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.token = token
         self.host = host
+        self._tls = tls  # (certificate chain, key): HTTPS, as the real API server speaks
         self.port = 0
         self.gone_as_http = False
         self.bookmarks = True  # False: none sent, even when asked (servers may send none)
@@ -161,7 +171,7 @@ class FakeKube:
     # -- running ----------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self.port}"
 
     def __enter__(self) -> FakeKube:
         self.start()
@@ -200,7 +210,11 @@ class FakeKube:
             await runner.cleanup()
             raise HarnessError(f"fake kube: cannot bind {self.host}:{self.port}: {exc}") from None
         self.port = sock.getsockname()[1]
-        await web.SockSite(runner, sock).start()
+        context = None
+        if self._tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self._tls[0]), str(self._tls[1]))
+        await web.SockSite(runner, sock, ssl_context=context).start()
         self._runner = runner
 
     def stop(self) -> None:

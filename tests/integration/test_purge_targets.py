@@ -415,3 +415,47 @@ def test_a_target_gone_longer_than_departed_keep_has_its_purges_dropped(
         within(3, lambda: request(server.url + "/purges", method="GET").json()["pending"] == {}, "dropped")
         assert metric(server, "meshkit_purge_replays_total", f'result="expired",target="{b}"') == 1
         assert request(server.url + "/purges", method="GET").json()["departed"] == []
+
+
+def self_signed(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, made by the openssl command."""
+    cert, key = workdir / "fake-kube.crt", workdir / "fake-kube.key"
+    if not cert.exists():
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+                *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=fake-kube"),
+                *("-addext", "subjectAltName=IP:127.0.0.1"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    return cert, key
+
+
+def test_https_with_the_api_servers_ca_and_not_without_it(
+    workdir: Path, pods: Pods, token_file: Path
+) -> None:
+    if subprocess.run(["which", "openssl"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no openssl command to make a certificate")
+    cert, key = self_signed(workdir)
+    with FakeKube(token=TOKEN, tls=(cert, key)) as kube:
+        kube.put_slice(
+            "cache", "varnish-a", "varnish", [endpoint("127.0.0.1")], ports=[("http", pods.a.port)]
+        )
+        spec = "k8s:cache/varnish:http"
+        args = kube_args(kube, token_file, "--kube-ca-file", str(cert))
+        with purge_broadcaster(workdir, [spec], args, name="pt-k8s-tls") as server:
+            within(3, lambda: targets(server) == [target(pods.a)], "listed over HTTPS")
+        other_ca = Path("/etc/ssl/certs/ca-certificates.crt")
+        if other_ca.exists():  # a CA that did not sign it: refused, counted, no targets
+            args = kube_args(kube, token_file, "--kube-ca-file", str(other_ca))
+            with purge_broadcaster(workdir, [spec], args, name="pt-k8s-tls-bad") as server:
+                errors = f'kind="connection",source="{spec}"'
+                within(
+                    3,
+                    lambda: metric(server, "meshkit_purge_target_source_errors_total", errors) >= 1,
+                    "refused",
+                )
+                assert targets(server) == [] and "CERTIFICATE_VERIFY_FAILED" in server.process.log_text()
