@@ -41,3 +41,10 @@ def test_a_non_finite_component_falls_back_to_json_dumps() -> None:
     text = embeddings_answer([raw], "float", "m", 0, 0).decode()
     assert "[1.0, Infinity, NaN]" in text  # what json.dumps writes (as Python's json reads back)
     assert json.loads(text)["data"][0]["embedding"][0] == 1.0
+
+
+def test_negative_zero_keeps_its_sign_wherever_it_is() -> None:
+    for values in ([-0.0], [-0.0, 1.0], [1.0, -0.0], [1.0, -0.0, 2.0], [-0.0, -0.0, 1e-5]):
+        raw = struct.pack(f"<{len(values)}f", *values)
+        floats = json.loads(embeddings_answer([raw], "float", "m", 0, 0))["data"][0]["embedding"]
+        assert struct.pack(f"<{len(floats)}f", *floats) == raw, floats
