@@ -13,7 +13,8 @@ The loop (`EndpointSliceWatch.run`), as client-go's reflector does it:
     GET ...&watch=1&resourceVersion=<list's>&allowWatchBookmarks=true&timeoutSeconds=W    (the watch)
 - the watch is newline-delimited JSON events, ADDED/MODIFIED/DELETED (a whole EndpointSlice),
   BOOKMARK (only a newer resourceVersion), ERROR (a `Status`); the server ends it after W seconds, and
-  it is reopened from the last resourceVersion seen;
+  it is reopened from the last resourceVersion seen (after a backoff when it ended at once: a proxy
+  that cuts watches must not make a request loop);
 - 410 Gone (an expired resourceVersion: an HTTP 410 or an ERROR event with `code: 410`) -> a new list;
 - anything else (connection refused or dropped, 401/403, 5xx, a read silent for W + 15 s, bad JSON) ->
   counted, logged, and tried again after a backoff (0.2 s doubling to 10 s); the last good set is kept
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,10 +246,18 @@ class EndpointSliceWatch:
         while True:
             try:
                 version = await self.list()
-                backoff = BACKOFF_FIRST
+                backoff = quick = BACKOFF_FIRST
                 while True:
+                    began = time.monotonic()
                     version = await self.watch(version)
                     self._restart("timeout")  # the server ended it after timeoutSeconds: go on from there
+                    if time.monotonic() - began < min(
+                        1.0, self._watch_timeout / 2
+                    ):  # ended at once: a proxy?
+                        await asyncio.sleep(quick)
+                        quick = min(quick * 2, BACKOFF_MAX)
+                    else:
+                        quick = BACKOFF_FIRST
             except Gone as exc:
                 self._restart("gone")
                 log.info("endpointslices %s: %s: listing again", self.where, exc)

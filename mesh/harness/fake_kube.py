@@ -157,6 +157,7 @@ class FakeKube:
         self.port = 0
         self.gone_as_http = False
         self.bookmarks = True  # False: none sent, even when asked (servers may send none)
+        self.cut_watches = False  # True: every watch ends at once, empty (a proxy that cuts them)
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._version = itertools.count(1000)
         self._rv = next(self._version)
@@ -402,6 +403,9 @@ class FakeKube:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
+        if self.cut_watches:
+            await resp.write_eof()
+            return resp
         if too_old:
             status = _status(410, "Expired", f"too old resource version: {since} ({self._oldest})")
             await _send(resp, {"type": "ERROR", "object": status})

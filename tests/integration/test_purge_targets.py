@@ -302,6 +302,25 @@ def test_the_api_going_away_keeps_the_set_and_it_reconnects(
             )
 
 
+def test_watches_cut_at_once_are_reopened_with_a_backoff_not_in_a_loop(
+    workdir: Path, pods: Pods, kube: FakeKube, token_file: Path
+) -> None:
+    ns = f"ns-{uuid.uuid4().hex[:6]}"
+    kube.put_slice(ns, "varnish-a", "varnish", [endpoint("127.0.0.1")], ports=[("http", pods.a.port)])
+    kube.cut_watches = True
+    try:
+        with purge_broadcaster(
+            workdir, [f"k8s:{ns}/varnish:http"], kube_args(kube, token_file), name="pt-cut"
+        ) as server:
+            within(2, lambda: targets(server) == [target(pods.a)], "listed")
+            time.sleep(1.5)  # what is measured: how many watches 1.5 s of cut watches make
+            watches = sum(1 for m, p, q in kube.requests if f"/namespaces/{ns}/" in p and "watch" in q)
+            assert 2 <= watches <= 8, watches  # 0.2 + 0.4 + 0.8 s of backoff, not hundreds
+            assert targets(server) == [target(pods.a)]  # the set is kept
+    finally:
+        kube.cut_watches = False
+
+
 def test_a_wrong_token_is_logged_gives_no_targets_and_a_rotated_one_is_read(
     workdir: Path, pods: Pods, kube: FakeKube
 ) -> None:
