@@ -453,9 +453,12 @@ class Bridge:
         last_line = 0.0
         source = self.source
         while not self._stop_reading.is_set():
-            if not await window.wait_for_room(0.5):
+            # A whole batch's room (or half the window when that is smaller), then one read.
+            if not await window.wait_for_room(
+                0.5, need=min(self.opts.read_batch, max(1, window.max_inflight // 2))
+            ):
                 continue
-            count = max(1, min(self.opts.read_batch, window.max_inflight - len(window)))
+            count = max(1, min(self.opts.read_batch, window.room()))
             try:
                 batch = await source.read(count)
             except asyncio.CancelledError:
@@ -482,21 +485,21 @@ class Bridge:
                     log.info("bridge: Redis connection back")
                 self.redis_connected, down_since = True, None
                 backoff.reset()
+            self.stats.received += len(batch)
+            good: list[tuple[str, bytes, str, Any]] = []
             for item in batch:
-                await self._handle(window, item)
-
-    async def _handle(self, window: AckWindow, item: Received) -> None:
-        self.stats.received += 1
-        raw = item.data
-        if raw is None:
-            await self._dead_letter(item, MISSING_DATA, "the entry has no `data` field")
-            return
-        try:
-            msg = parse_token(raw, subject=item.channel)
-        except MalformedToken as exc:
-            await self._dead_letter(item, reason_label(exc), exc.reason)
-            return
-        await window.publish(msg.subject, raw, msg.message_id, item)
+                raw = item.data
+                if raw is None:
+                    await self._dead_letter(item, MISSING_DATA, "the entry has no `data` field")
+                    continue
+                try:
+                    msg = parse_token(raw, subject=item.channel)
+                except MalformedToken as exc:
+                    await self._dead_letter(item, reason_label(exc), exc.reason)
+                    continue
+                good.append((msg.subject, raw, msg.message_id, item))
+            if good:
+                await window.publish_many(good)
 
     async def _dead_letter(self, item: Received, reason: str, detail: str) -> None:
         payload = dead_letter(

