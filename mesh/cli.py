@@ -40,11 +40,11 @@ DAEMONS: dict[str, tuple[str, str]] = {
     ),
     "purge-broadcaster": (
         "meshkit.sidecars.purge_broadcaster",
-        "fans a PURGE out to every Varnish pod and answers once all did (static targets only)",
+        "fans a PURGE out to every Varnish pod (static, dns: or k8s: targets) and answers once all did",
     ),
     "embedding-cache": (
         "meshkit.sidecars.embedding_cache",
-        "an OpenAI-compatible /v1/embeddings that caches each input item (file:// store)",
+        "an OpenAI-compatible /v1/embeddings that caches each input item (file:// or s3:// store)",
     ),
     "sse": (
         "meshkit.edge.sse",

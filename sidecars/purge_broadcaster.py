@@ -369,9 +369,9 @@ def _read_token(path: str) -> bytes | None:
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"--token-file {path}: {exc.strerror}") from None
+        raise ConfigError([f"--token-file {path}: {exc.strerror}"]) from None
     if not token:
-        raise ConfigError(f"--token-file {path}: the file is empty")
+        raise ConfigError([f"--token-file {path}: the file is empty"])
     return token.encode()
 
 
