@@ -519,6 +519,7 @@ class Bridge:
             await self.nc.publish(DEADLETTER_SUBJECT, payload)
         except (NatsError, ConnectionError) as exc:
             self.stats.deadletter_failures += 1
+            self.source.release(item)
             self._throttle.warning(
                 "deadletter_failed",
                 "bridge: could not publish a dead letter (%r); a "

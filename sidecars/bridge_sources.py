@@ -68,6 +68,8 @@ class Source(Protocol):
 
     def confirm(self, item: Received) -> None: ...
 
+    def release(self, item: Received) -> None: ...
+
     async def flush_acks(self) -> int: ...
 
     async def close(self) -> None: ...
@@ -124,6 +126,9 @@ class PubSubSource:
 
     def confirm(self, item: Received) -> None:
         """Nothing to acknowledge in pub/sub."""
+
+    def release(self, item: Received) -> None:
+        """Nothing to give back in pub/sub (the message is gone)."""
 
     async def flush_acks(self) -> int:
         return 0
@@ -268,6 +273,12 @@ class StreamSource:
         if item.entry_id is not None:
             self._inflight.discard(item.entry_id)
             self._to_ack.append(item.entry_id)
+
+    def release(self, item: Received) -> None:
+        """`item` could not be handled now (its dead letter was not published): no longer in flight,
+        so the next re-read of this consumer's pending entries (after a reconnect) takes it again."""
+        if item.entry_id is not None:
+            self._inflight.discard(item.entry_id)
 
     @property
     def unacked(self) -> int:

@@ -149,6 +149,11 @@ class AckWindow:
         return len(self._inflight) + len(self._retry)
 
     @property
+    def fast_acks(self) -> bool:
+        """True when PubAcks are taken straight from nats-py's parser (`_install_fast_path`)."""
+        return self._restore is not None
+
+    @property
     def retrying(self) -> int:
         return len(self._retry)
 

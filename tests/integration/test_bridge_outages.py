@@ -158,6 +158,36 @@ async def test_redis_restarted_empty_the_group_is_created_again_and_new_entries_
     await client.aclose()
 
 
+async def test_pubsub_resubscribes_after_a_redis_restart(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer
+) -> None:
+    with bridge(tmp_path, redis.url, origin.url, ["--source", "pubsub"]) as b:
+        b.wait_ready()
+        client = aioredis.Redis.from_url(redis.url)
+        for seq in range(10):
+            assert await client.publish("chat.ps.tokens", token("ps", seq)) == 1
+        await client.aclose()
+        redis.kill()
+        redis.restart()
+        b.wait_ready()
+        client = aioredis.Redis.from_url(redis.url)
+
+        async def subscribed() -> bool:  # its PSUBSCRIBE is back on the new server
+            return any(int(c.get("psub", 0)) for c in await client.client_list())
+
+        await eventually(subscribed, "the bridge subscribed again")
+        for seq in range(10, 20):
+            assert await client.publish("chat.ps.tokens", token("ps", seq)) == 1
+        await client.aclose()
+
+        async def twenty() -> bool:
+            return await stored_count(origin.url) >= 20
+
+        await eventually(twenty, "tokens from before and after the restart stored")
+        assert sequences_once(await stored_messages(origin.url)) == {"ps": list(range(20))}
+        assert b.metric("meshkit_bridge_reconnects_total", dependency="redis") >= 1
+
+
 # -- through a leaf -----------------------------------------------------------------------------------
 @pytest.fixture
 def leaf(tmp_path: Path, origin: NatsServer) -> Iterator[NatsServer]:
