@@ -267,6 +267,8 @@ class Bridge:
         return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)  # bounded: only running tasks are kept
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("bridge: task %s failed", task.get_name(), exc_info=exc)
 
@@ -289,11 +291,11 @@ class Bridge:
                     left,
                     self.drain_timeout,
                 )
+        for task in list(self._tasks):  # the acker too: a batch it was sending goes back to the queue
+            await _cancel(task, within=1.0)
         with contextlib.suppress(*REDIS_ERRORS, RedisError, TimeoutError):
             async with asyncio.timeout(2.0):
                 await self.source.flush_acks()
-        for task in self._tasks:
-            await _cancel(task, within=1.0)
         if self.window is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):

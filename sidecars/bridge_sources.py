@@ -227,19 +227,21 @@ class StreamSource:
             return []
 
     async def _read_pending(self, count: int) -> list[Received] | None:
-        """The next batch of this consumer's own pending entries, or None once there are no more."""
-        reply = await self.client().xreadgroup(
-            self.group, self.consumer, {self.key: self._cursor}, count=count
-        )
-        entries = _entries(reply)
-        if not entries:
-            self._cursor = ">"
-            return None
-        self._cursor = entries[-1][0].decode()
-        fresh = [e for e in entries if e[0] not in self._inflight]
-        if fresh:
-            log.info("bridge: re-reading %d pending entries of consumer %s", len(fresh), self.consumer)
-        return self._take(fresh)
+        """The next batch of this consumer's own pending entries that are not in flight here, or None
+        once there are no more (the walk over the pending list goes on past entries in flight)."""
+        while True:
+            reply = await self.client().xreadgroup(
+                self.group, self.consumer, {self.key: self._cursor}, count=count
+            )
+            entries = _entries(reply)
+            if not entries:
+                self._cursor = ">"
+                return None
+            self._cursor = entries[-1][0].decode()
+            fresh = [e for e in entries if e[0] not in self._inflight]
+            if fresh:
+                log.info("bridge: re-reading %d pending entries of consumer %s", len(fresh), self.consumer)
+                return self._take(fresh)
 
     async def _claim(self, count: int) -> list[Received]:
         reply: Any = await self.client().xautoclaim(
@@ -285,15 +287,20 @@ class StreamSource:
         return len(self._to_ack)
 
     async def flush_acks(self) -> int:
-        """XACK what was confirmed, `ack_batch` ids per command; the number acknowledged. On an error the
-        ids stay queued (and the error is raised)."""
+        """XACK what was confirmed, `ack_batch` ids per command; the number acknowledged. Each batch is
+        taken off the queue before its command (two flushes at once never send or drop the same ids);
+        one that fails (Redis down, cancelled) is put back first, and the error raised."""
         done = 0
         while self._to_ack:
             batch = self._to_ack[: self.ack_batch]
-            await self.client().xack(self.key, self.group, *batch)
             del self._to_ack[: len(batch)]
+            try:
+                await self.client().xack(self.key, self.group, *batch)
+            except BaseException:
+                self._to_ack[:0] = batch
+                raise
             done += len(batch)
-        self.acked += done
+            self.acked += len(batch)
         return done
 
     async def lag(self) -> tuple[int | None, int | None]:
