@@ -200,3 +200,64 @@ async def test_requests_in_flight_to_one_target_are_capped() -> None:
     assert [status for status, _ in results] == [200] * 10
     assert server.most_open == server.connections == 3  # never more than 3 at once, then reused
     assert client._slots == {}  # nothing left for a target with nothing in flight
+
+
+BUSY = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
+
+
+async def test_bytes_past_an_answer_are_never_read_as_the_next_answer() -> None:
+    """A target that sends more than its answer (here a second, unasked 200 right behind the first):
+    the connection is not kept, and the next PURGE gets the target's own answer to it (503)."""
+    answered: list[int] = []
+
+    def answer(n: int) -> bytes:
+        answered.append(n)
+        return OK + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if len(answered) == 1 else BUSY
+
+    client = PurgeClient()
+    async with raw_server(answer) as server:
+        assert (await client.purge(server.target, Purge("/a")))[0] == 200
+        await asyncio.sleep(0.05)  # the extra answer is in the client's buffer by now
+        assert (await client.purge(server.target, Purge("/b")))[0] == 503
+    await client.close()
+    assert len(server.requests) == 2 and server.connections == 2
+
+
+async def test_bytes_arriving_on_an_idle_kept_connection_retire_it() -> None:
+    """An answer the target sends later, unasked (a 200 here), on a connection kept idle: that
+    connection is not used again; the next PURGE goes out on a fresh one and gets the real answer."""
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                requests.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(OK if len(requests) == 1 else BUSY)
+                if len(requests) == 1:
+                    await asyncio.sleep(0.02)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    target = f"127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    client = PurgeClient()
+    try:
+        assert (await client.purge(target, Purge("/a")))[0] == 200
+        await asyncio.sleep(0.1)
+        assert (await client.purge(target, Purge("/b")))[0] == 503
+    finally:
+        await client.close()
+        listening.close()
+    assert len(requests) == 2
+
+
+async def test_a_chunk_not_followed_by_crlf_is_not_an_answer() -> None:
+    client = PurgeClient()
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXY0\r\n\r\n"
+    async with raw_server(lambda n: answer, close_after=1) as server:
+        with pytest.raises(BadAnswer, match="CRLF"):
+            async with asyncio.timeout(2):
+                await client.purge(server.target, Purge("/"))
+    await client.close()
