@@ -7,6 +7,8 @@ requests the same way. A request that OpenAI would refuse raises `InvalidRequest
 
 Embeddings (`POST /v1/embeddings`): `input` is a string, a list of strings, a token array (a list of
 ints) or a list of token arrays (at most `MAX_EMBEDDING_ITEMS` items, none empty); `model` a string;
+a string (an item or `model`) holding a lone UTF-16 surrogate (JSON `"\ud800"`, which no UTF-8 text can
+carry) is refused with 400 naming it;
 `encoding_format` `float` (the default) or `base64`; `dimensions` a positive integer; `user` a string
 (ignored). Any other field is refused, as OpenAI does ("Unrecognized request argument supplied").
 
@@ -82,13 +84,25 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _utf8(text: str, param: str) -> str:
+    """`text` unless it holds a lone surrogate (JSON's `\\ud800` escapes allow them; UTF-8 does not)."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"'{param}' is not valid Unicode: it holds a lone surrogate (a broken \\u escape).", param
+            ) from None
+    return text
+
+
 def _model(doc: dict[str, Any]) -> str:
     model = doc.get("model")
     if model is None:
         raise InvalidRequest("you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise InvalidRequest(f"Invalid type for 'model': expected a string, got {model!r}.", "model")
-    return model
+    return _utf8(model, "model")
 
 
 # -- embeddings -----------------------------------------------------------------------------------
@@ -116,7 +130,7 @@ def _items(value: Any) -> tuple[Item, ...]:
     if isinstance(value, str):
         if not value:
             raise InvalidRequest("'input' cannot be an empty string.", "input")
-        return (value,)
+        return (_utf8(value, "input"),)
     if not isinstance(value, list):
         raise InvalidRequest(
             "'input' must be a string, an array of strings, an array of tokens or an array of token arrays.",
@@ -134,6 +148,7 @@ def _items(value: Any) -> tuple[Item, ...]:
         for i, text in enumerate(value):
             if not text:
                 raise InvalidRequest(f"'input[{i}]' cannot be an empty string.", f"input[{i}]")
+            _utf8(text, f"input[{i}]")
         return tuple(value)
     if all(isinstance(v, list) for v in value):
         return tuple(_token_array(v, f"input[{i}]") for i, v in enumerate(value))

@@ -222,8 +222,21 @@ def test_upstream_500_passed_through(client: openai.OpenAI, provider: DevUpstrea
         (json.dumps({"input": "x"}).encode(), "model"),
         (json.dumps({"model": MODEL, "input": "x", "encoding_format": "int8"}).encode(), "encoding_format"),
         (json.dumps({"model": MODEL, "input": "x", "temperature": 1}).encode(), "temperature"),
+        (b'{"model": "%s", "input": "half \\ud800 a pair"}' % MODEL.encode(), "input"),
+        (b'{"model": "%s", "input": ["fine", "\\udfff"]}' % MODEL.encode(), "input[1]"),
+        (b'{"model": "m\\ud83d", "input": "x"}', "model"),
     ],
-    ids=["bad-json", "empty", "mixed", "no-model", "encoding", "unknown-field"],
+    ids=[
+        "bad-json",
+        "empty",
+        "mixed",
+        "no-model",
+        "encoding",
+        "unknown-field",
+        "lone-surrogate",
+        "lone-surrogate-item",
+        "lone-surrogate-model",
+    ],
 )
 def test_bad_input_is_400(
     cache: EmbeddingCache, provider: DevUpstream, body: bytes, param: str | None
