@@ -142,7 +142,7 @@ class BridgeOptions:
     group: str = option("meshkit-bridge", "Streams: the consumer group (created at id 0 when missing)")
     consumer: str = option(
         "",
-        "Streams: this bridge's consumer name, stable across its restarts (default: the host name)",
+        "Streams: this bridge's consumer name, one per bridge, kept across its restarts (default: host name)",
     )
     claim_idle: float = option(
         30.0,
