@@ -5,8 +5,14 @@ nats-py's `js.publish()` is a request: one await per message, which caps a bridg
 `PUB` (header `Nats-Msg-Id`) whose reply subject is one of its own inboxes, `<inbox>.<n>`, and matches
 the PubAcks that come back on ONE wildcard subscription `<inbox>.*` to the messages still in flight:
 
-- `publish()` never awaits an ack. It waits (with a deadline, `wait_for_room(within)`) only while
-  `max_inflight` messages are unacknowledged: the window is the back-pressure that stops the reader.
+- `publish_many()` never awaits an ack: it builds the batch's `HPUB` commands itself and hands them
+  to nats-py's outbound buffer as one write (nats-py's `publish()` costs a few coroutines, a header
+  encoding and a subject check per message). The reader waits (with a deadline,
+  `wait_for_room(within, need)`) only while the window has no room for its next batch: the window is
+  the back-pressure that stops it.
+- PubAcks are taken straight from nats-py's protocol parser for the ack inbox's subscription
+  (`_install_fast_path`, `fast_acks`), skipping the `Msg`, header parsing and queue nats-py builds
+  for each message: measured, that was about half the bridge's CPU at 50k acks/s.
 - A PubAck (`{"stream": ..., "seq": ...}`, `"duplicate": true` when JetStream deduplicated it) calls
   `on_done(pending, duplicate)` once; the caller acks its source there (a Redis Stream entry is XACKed
   only now). Acks are recognised without a JSON parse (`"duplicate"` / `"error"` looked for in the
