@@ -64,10 +64,11 @@ the cost is at most an extra miss. Redis down: the purge is still fanned out and
 says `"pending": false`), logged and counted; Redis unreachable at start: the daemon does not start
 (one line, exit 1).
 
-Readiness with no targets: the shared lifecycle turns readiness on when `serve()` returns; a task here
-waits for that and from then on keeps it off while the set is empty (and never touches it once
-draining). A window of an event-loop turn or two remains between the two (a readiness condition that
-`meshkit.daemon` consults would close it).
+Readiness with no targets: `/readyz` asks `ready_when_targets`, the lifecycle's `Readiness.check`
+(`meshkit.admin`), which says 503 `"no purge targets"` whenever the set is empty: from the first
+`/readyz` on, with no window after `serve()` returns (a task that switched readiness off once the
+lifecycle had switched it on left one of an event-loop turn or two), and never once draining (the
+lifecycle asks the check only while it is otherwise ready). A ready answer says `"targets": "N"`.
 
 NOT DONE: telling a restarted pod that kept no cache (needs nothing) from one that was merely
 unreachable (both get the pending purges: harmless, a ban on an empty cache); Redis in `/readyz`;
@@ -89,6 +90,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from meshkit.admin import ReadyCheck
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds, parse_size
@@ -411,43 +413,17 @@ def _target_set(
     return targets
 
 
-class _ReadyWhenTargets:
-    """Keeps readiness off while the set is empty, once the lifecycle turned it on; hands readiness
-    back for good when draining starts."""
+def ready_when_targets(targets: TargetSet) -> ReadyCheck:
+    """The `Readiness.check` of the broadcaster: not ready while the target set is empty (the lifecycle
+    asks it only while it is otherwise ready, so draining stays draining)."""
 
-    def __init__(self, life: Lifecycle, targets: TargetSet) -> None:
-        self._life, self._targets = life, targets
-        self._draining, self._serving = False, False
-        self._task: asyncio.Task[None] | None = None
+    async def check() -> tuple[bool, str, dict[str, str]]:
+        current = targets.current()
+        if not current:
+            return False, "no purge targets", {}
+        return True, "serving", {"targets": str(len(current))}
 
-    def start(self) -> None:
-        self._targets.on_change(lambda _: self.apply())
-        self._life.on_draining(self._drain)
-        self._task = asyncio.create_task(self._await_serving(), name="readiness on targets")
-
-    async def _await_serving(self) -> None:
-        async with asyncio.timeout(self._life.options.start_timeout + 5):
-            # set right after serve() returns (a loop turn or two); the lifecycle offers no event
-            while not self._life.readiness.ready:  # noqa: ASYNC110
-                await asyncio.sleep(0.001)
-        self._serving = True
-        self.apply()
-
-    async def _drain(self) -> None:
-        self._draining = True
-
-    def apply(self) -> None:
-        if self._draining or not self._serving:
-            return
-        if self._targets.current():
-            self._life.readiness.set(True, "serving")
-        else:
-            self._life.readiness.set(False, "no purge targets")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    return check
 
 
 async def serve(options: Resolved, life: Lifecycle) -> None:
@@ -493,13 +469,8 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         await life.start("purge log replay", start_replayer, replayer.stop)
     if not opts.targets:
         log.warning("no --targets: every PURGE answers 503")
-    gate = _ReadyWhenTargets(life, targets)
-
-    async def start_gate() -> None:
-        gate.start()
-
     await life.start("target sources", targets.start, targets.stop)
-    await life.start("readiness on targets", start_gate, gate.stop)
+    life.readiness.check = ready_when_targets(targets)
     await life.serve_app("http", opts.listen, purge_broadcaster_app(b, max_body_bytes=opts.max_body_bytes))
 
 

@@ -1,0 +1,144 @@
+"""`meshkit purge-broadcaster` run in this process (`meshkit.daemon.run_daemon`), for what a child
+process cannot show: the lifecycle's own readiness at the very moment it reports ready, and the
+broadcaster's state after a churn of targets. Targets come from a `FakeKube` (its own thread) or are
+raw loopback servers; nothing is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, run_daemon
+from meshkit.harness.fake_kube import FakeKube, endpoint
+from meshkit.options import resolve
+from meshkit.sidecars import purge_broadcaster
+
+TOKEN = "test-kube-token"
+
+
+@dataclass
+class Running:
+    life: Lifecycle
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.life.addresses['http']}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.life.admin_address}"
+
+
+def options(**flags: Any) -> Resolved:
+    given = {"admin_listen": "127.0.0.1:0", "listen": "127.0.0.1:0", "drain_delay": "0", **flags}
+    sections = [*purge_broadcaster._sections(), DaemonOptions]
+    return resolve(sections, command="purge-broadcaster", flags={k: str(v) for k, v in given.items()}, env={})
+
+
+@asynccontextmanager
+async def running(**flags: Any) -> AsyncIterator[Running]:
+    lives: list[Lifecycle] = []
+
+    async def serve(opts: Resolved, life: Lifecycle) -> None:
+        lives.append(life)
+        await purge_broadcaster.serve(opts, life)
+
+    spec = Daemon("purge-broadcaster", "in-process", purge_broadcaster._sections, serve)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_daemon(spec, options(**flags), stop, ready=ready))
+    waiting = asyncio.ensure_future(ready.wait())
+    await asyncio.wait({task, waiting}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.is_set():
+        waiting.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise AssertionError("the broadcaster did not report ready within 10 s")
+    found = Running(lives[0], stop, task)
+    try:
+        yield found
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+
+
+async def get(url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def eventually(what: str, check: Callable[[], Awaitable[bool]], seconds: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        if await check():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {seconds:g} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    with FakeKube(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "kube-token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+def kube_flags(kube: FakeKube, token_file: Path, service: str = "varnish") -> dict[str, Any]:
+    return {
+        "targets": f"k8s:cache/{service}:http",
+        "kube_api": kube.url,
+        "kube_token_file": str(token_file),
+    }
+
+
+async def test_not_ready_from_the_moment_it_reports_ready_while_there_are_no_targets(
+    kube: FakeKube, token_file: Path
+) -> None:
+    """The lifecycle switches readiness on when serve() returns; the set is empty then (a Service
+    without endpoints): /readyz must say so at once, not a loop turn later."""
+    async with running(**kube_flags(kube, token_file)) as pb:
+        assert await pb.life.readiness.current() == (False, "no purge targets", {})
+        status, doc = await get(pb.admin_url + "/readyz")
+        assert status == 503 and doc["reason"] == "no purge targets"
+        kube.put_slice("cache", "varnish-a", "varnish", [endpoint("127.0.0.1")], ports=[("http", 6081)])
+
+        async def ready() -> bool:
+            return (await get(pb.admin_url + "/readyz"))[0] == 200
+
+        await eventually("ready with a target", ready)
+        assert (await get(pb.admin_url + "/readyz"))[1] == {
+            "status": "ready",
+            "reason": "serving",
+            "targets": "1",
+        }
+        kube.delete_slice("cache", "varnish-a")
+
+        async def not_ready() -> bool:
+            return (await get(pb.admin_url + "/readyz"))[1].get("reason") == "no purge targets"
+
+        await eventually("not ready once the set is empty", not_ready)
+        kube.put_slice("cache", "varnish-a", "varnish", [endpoint("127.0.0.1")], ports=[("http", 6081)])
+        await eventually("ready again", ready)
+        pb.stop.set()  # draining: not ready whatever the targets
+
+        async def draining() -> bool:
+            return not pb.life.readiness.ready
+
+        await eventually("draining", draining)
+        assert (await pb.life.readiness.current())[:2] == (False, "draining")
