@@ -3,7 +3,8 @@
 Layout: the vector of item `key` (a hex SHA-256) of `model` is the object
 `<PREFIX>/<model-safe>/<key>` (`model_dir()` of `meshkit.sidecars.vector_store`; no prefix: the key
 starts at the model folder), holding its float32 little-endian bytes (4 x dimensions). Per-item objects
-are the source of truth: nothing else is written.
+are the source of truth: nothing else is written. A prefix with an empty, `.` or `..` segment is
+refused (`s3_location`): the URL is normalised after signing, so every request would be a 403.
 
 The client (measured, see the README numbers): boto3 in a thread pool fetched the 16 items of one
 request in 43 ms p50 on loopback SeaweedFS (37 ms in the field notes; no faster than one after the

@@ -158,13 +158,20 @@ def parse_store_url(value: Any) -> str:
 
 
 def s3_location(text: str) -> tuple[str, str]:
-    """`s3://BUCKET/PREFIX` -> (bucket, prefix without slashes at either end), or `ValueError`."""
+    """`s3://BUCKET/PREFIX` -> (bucket, prefix without slashes at either end), or `ValueError` (also
+    for a prefix with an empty, `.` or `..` segment: see the message)."""
     parts = urlsplit(text)
     bucket, prefix = parts.netloc, unquote(parts.path).strip("/")
     if not _BUCKET.match(bucket) or ".." in bucket or parts.query or parts.fragment:
         raise ValueError(
             "expected s3://BUCKET/PREFIX with an S3 bucket name (3-63 of a-z 0-9 . -), "
             "for example s3://embeddings/cache"
+        )
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ValueError(
+            f"the prefix {prefix!r} has an empty, '.' or '..' segment: HTTP clients and S3 servers "
+            "normalise those away after the request is signed (every read and write refused); "
+            "for example s3://embeddings/cache/v1"
         )
     return bucket, prefix
 

@@ -254,6 +254,27 @@ def test_a_misconfigured_s3_refuses_to_start_with_one_line(
     assert "ready daemon=" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("prefix", ["cache/../elsewhere", "./cache", "cache//v1"])
+def test_a_prefix_with_dot_or_empty_segments_is_refused_at_the_start(
+    tmp_path: Path, s3: S3Server, prefix: str
+) -> None:
+    """aiohttp's URL normalises `..`, `.` (and SeaweedFS `//`) away after the request was signed, so
+    every GET and PUT got 403 SignatureDoesNotMatch while the bucket check at the start passed: a cache
+    that started, said ready and never cached anything."""
+    argv = meshkit_argv(
+        "embedding-cache",
+        "--listen=127.0.0.1:0",
+        "--admin-listen=127.0.0.1:0",
+        "--upstream=http://127.0.0.1:1/v1",
+        f"--store=s3://{BUCKET}/{prefix}",
+        f"--s3-endpoint={s3.endpoint_url}",
+    )
+    env = {**os.environ, **s3_environment(s3)}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "--store" in result.stderr and "segment" in result.stderr and "Traceback" not in result.stderr
+
+
 # -- readiness -----------------------------------------------------------------------------------------
 def test_readyz_says_the_store_is_ok_and_is_503_with_the_upstream_down(
     workdir: Path, cache: EmbeddingCache, s3: S3Server

@@ -74,6 +74,9 @@ def test_store_urls() -> None:
     for bad in ("s3://", "s3://UPPER/x", "s3://a/x", "s3://bad_name/x", "s3://b..c/x", "s3://bucket/x?y=1"):
         with pytest.raises(ValueError, match="s3://BUCKET/PREFIX"):
             parse_store_url(bad)
+    for bad in ("s3://bucket/a/../b", "s3://bucket/./a", "s3://bucket/a//b", "s3://bucket/a/%2E%2E/b"):
+        with pytest.raises(ValueError, match="segment"):
+            parse_store_url(bad)
 
 
 def test_s3_store_without_boto3_is_refused_with_one_line_naming_the_extra() -> None:
