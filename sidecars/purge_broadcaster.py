@@ -27,7 +27,8 @@ API (the `--listen` port)
   the purge log for it (not for a 400: the target's VCL refuses it, a replay would too).
 - `GET /purges`: `{"pending": {"HOST:PORT": [{"id", "at", "purge": {"path", "purge_all", "keys"}}]}}`,
   oldest first (empty without `--redis`), and `"departed"`: the targets that left the set less than
-  `--departed-keep` seconds ago (their purges are kept, see below).
+  `--departed-keep` seconds ago (their purges are kept, see below); 503 JSON
+  (`purge_log_unavailable`) while Redis does not answer.
 - `GET /targets`: `{"targets": [{"target", "sources": [...]}], "sources": [{"source", "kind",
   "targets", ...}]}`: the current set, which source named each target, and each source's own state
   (dns: `resolved_at`, `last_error`; k8s: `connected`, `resource_version`, `slices`, `last_error`).
@@ -89,6 +90,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from meshkit.admin import ReadyCheck
 from meshkit.daemon import Daemon, Lifecycle, Resolved
@@ -298,7 +300,9 @@ def _authorized(request: web.Request, token: bytes | None) -> bool:
         return True
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
-    return hmac.compare_digest(value.strip().encode(), token) and scheme.lower() == "bearer"
+    # the bytes as sent: aiohttp hands bytes that are not UTF-8 over as surrogates
+    sent = value.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(sent, token) and scheme.lower() == "bearer"
 
 
 async def _purge(request: web.Request) -> web.Response:
@@ -310,7 +314,12 @@ async def _purge(request: web.Request) -> web.Response:
             401, "unauthorized", "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
         )
     if request.method == "GET" and request.path == "/purges":
-        pending = await b.purge_log.pending() if b.purge_log is not None else {}
+        try:
+            pending = await b.purge_log.pending() if b.purge_log is not None else {}
+        except (RedisError, OSError) as exc:
+            if b.log_errors is not None:
+                b.log_errors.inc()
+            return _error(503, "purge_log_unavailable", f"the purge log (Redis) did not answer: {exc}"[:300])
         departed = b.departures.away() if b.departures is not None else []
         return web.json_response({"pending": pending, "departed": departed})
     if request.method == "GET" and request.path == "/targets":

@@ -17,6 +17,7 @@ import pytest
 
 from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, run_daemon
 from meshkit.harness.fake_kube import FakeKube, endpoint
+from meshkit.harness.redis import RedisServer, redis_server, redis_server_binary
 from meshkit.options import resolve
 from meshkit.sidecars import purge_broadcaster
 
@@ -142,3 +143,53 @@ async def test_not_ready_from_the_moment_it_reports_ready_while_there_are_no_tar
 
         await eventually("draining", draining)
         assert (await pb.life.readiness.current())[:2] == (False, "draining")
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    try:
+        redis_server_binary()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    with redis_server(tmp_path / "redis", name="pb-unit-redis") as server:
+        yield server
+
+
+async def raw_request(address: str, data: bytes) -> bytes:
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        async with asyncio.timeout(5):
+            return await reader.read(1 << 16)
+    finally:
+        writer.close()
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_401_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    async with running(targets="127.0.0.1:9", token_file=token) as pb:
+        answer = await raw_request(
+            pb.life.addresses["http"],
+            b"PURGE / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'"type": "unauthorized"' in answer and b"WWW-Authenticate: Bearer" in answer
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+
+
+async def test_pending_purges_with_redis_down_is_503_json_and_purges_still_answer(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(targets="127.0.0.1:9", redis=redis.url, target_timeout=0.2, attempts=1) as pb:
+        assert (await get(pb.url + "/purges"))[0] == 200
+        redis.kill()
+        status, doc = await get(pb.url + "/purges")
+        assert status == 503 and doc["error"]["type"] == "purge_log_unavailable", doc
+        async with aiohttp.ClientSession() as session, session.request("PURGE", pb.url + "/x") as resp:
+            listed = (await resp.json())["targets"]
+        assert resp.status == 502 and listed[0]["pending"] is False
+    assert "Error handling request" not in caplog.text
