@@ -36,9 +36,12 @@ Caching
   store (write-behind, `meshkit.sidecars.vector_writer`: the answer never waits for the store; a full
   queue, `--write-queue` items, drops the write and counts it). Identical items within one request are
   asked for once.
-- Identical concurrent misses coalesce: an item already being fetched by another request is waited
-  for (a dict of in-flight futures by key), not asked for again. (A request whose store read ended just
-  before another request's fetch of the same item finished may still ask the upstream again.)
+- Identical concurrent misses coalesce: an item already being fetched by another request with the
+  same `Authorization` is waited for (a dict of in-flight futures by (authorization, key)), not asked
+  for again. Requests with another API key make their own call: the waiters get the fetcher's answer,
+  errors included, and one tenant's 429 or refused key is not another's. (A request whose store read
+  ended just before another request's fetch of the same item finished may still ask the upstream
+  again.)
 - `x-cache`: `hit` when every item came from the cache (memory or store), `miss` when none did,
   `partial` otherwise (an item waited for from another request's upstream call counts as a miss).
 - `usage`: what the upstream reported for the call this request made (its `prompt_tokens` and
@@ -349,7 +352,8 @@ class Cache:
             on_dropped=metrics.writes_dropped.inc,
         )
         self.session: aiohttp.ClientSession | None = None
-        self.inflight: dict[str, asyncio.Future[bytes]] = {}
+        # (authorization, key) -> the vector being fetched: shared only by requests with the same key
+        self.inflight: dict[tuple[str | None, str], asyncio.Future[bytes]] = {}
         self.store_down_until = 0.0
         self._last_logged: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
@@ -461,10 +465,10 @@ class Cache:
     async def fetch(
         self, req: EmbeddingRequest, user: str | None, keys: dict[str, Item], auth: str | None
     ) -> Fetched:
-        """One upstream call for `keys` (key -> item); the futures of `self.inflight` are settled, the
-        vectors remembered and queued for the store."""
+        """One upstream call for `keys` (key -> item) with `auth`; its futures in `self.inflight` are
+        settled, the vectors remembered and queued for the store."""
         futures = {key: asyncio.get_running_loop().create_future() for key in keys}
-        self.inflight.update(futures)
+        self.inflight.update({(auth, key): future for key, future in futures.items()})
         try:
             vectors, prompt, total = await self._call_upstream(req, user, list(keys.values()), auth)
             got = dict(zip(keys, vectors, strict=True))
@@ -484,7 +488,7 @@ class Cache:
             raise
         finally:
             for key in futures:
-                self.inflight.pop(key, None)
+                self.inflight.pop((auth, key), None)
 
     # -- one request ------------------------------------------------------------------------------
     async def cached(self, model: str, keys: Sequence[str]) -> tuple[dict[str, bytes], set[str]]:
@@ -522,8 +526,8 @@ class Cache:
         for key, item in zip(keys, req.items, strict=True):
             if key in vectors or key in owned or key in waited:
                 continue
-            if key in self.inflight:
-                waited[key] = self.inflight[key]
+            if (auth, key) in self.inflight:
+                waited[key] = self.inflight[auth, key]
             else:
                 owned[key] = item
         prompt = total = 0

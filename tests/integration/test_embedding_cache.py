@@ -7,6 +7,7 @@ import base64
 import json
 import socket
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -286,6 +287,31 @@ def test_identical_concurrent_misses_coalesce(cache: EmbeddingCache, provider: D
     assert provider.stats()["calls"]["embeddings"] == 1
     assert all(vectors == _expected(list(texts)) for _, vectors in answers)
     assert all(result == "miss" for result, _ in answers)
+
+
+def test_a_miss_in_flight_for_another_api_key_is_not_shared_with_its_error(
+    cache: EmbeddingCache, provider: DevUpstream
+) -> None:
+    """Two tenants (API keys) miss the same item at once; the first one's call is refused (its rate
+    limit, its bad key): the second must get its own answer, not the other tenant's 429."""
+    texts = _unique("shared by two tenants")
+    provider.control(delay_ms=400, fail={"status": 429, "count": 1})
+
+    def one(key: str) -> Any:
+        c = openai.OpenAI(base_url=cache.base_url, api_key=key, max_retries=0, timeout=30)
+        try:
+            return _embed(c, input=texts)
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(one, "tenant-a")
+        time.sleep(0.15)  # tenant-a's call is upstream now (it takes 400 ms)
+        second = pool.submit(one, "tenant-b")
+        assert first.result() == 429
+        result, vectors, _answer = second.result()
+    assert result == "miss" and [_f32(v) for v in vectors] == _expected(list(texts))
+    assert provider.stats()["calls"]["embeddings"] == 2
 
 
 # -- the shared lifecycle ----------------------------------------------------------------------------
