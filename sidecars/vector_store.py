@@ -11,7 +11,9 @@ line. The S3 store is `meshkit.sidecars.s3_store`.
 `<root>/<model-safe>/<key[:2]>/<key>` (`key` a hex SHA-256). `model-safe` is the model name with every
 character outside `[A-Za-z0-9._-]` (and a leading dot) replaced by `_` and, when that changed anything,
 `-` and the first 8 hex digits of the name's SHA-256, so two models never share a folder
-and no name escapes `root`. A write goes to a temporary file in the same folder, then `os.replace`:
+and no name escapes `root`. A name longer than `MODEL_DIR_MAX` (200) characters is cut to 191 and gets
+the same digest: an item of a longer name could be neither read nor written (a file name holds 255
+bytes), and a lookup whose every item failed marks the store down for every request. A write goes to a temporary file in the same folder, then `os.replace`:
 a reader sees the old file, the new one or none, never half a vector.
 
 `FileStore.get`/`put`/`open` are blocking; its `VectorStore` methods run them in a thread (one thread
@@ -37,15 +39,16 @@ if TYPE_CHECKING:
     from meshkit.sidecars.s3_store import S3Store
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+MODEL_DIR_MAX = 200  # characters: one file name may have 255 bytes, an S3 key 1024 (the prefix too)
 
 
 def model_dir(model: str) -> str:
-    """`model` as one path-safe folder name (see the module docstring)."""
+    """`model` as one path-safe folder name of at most `MODEL_DIR_MAX` characters (module docstring)."""
     safe = _UNSAFE.sub("_", model)
     if safe.startswith("."):  # never ".", ".." or a hidden folder
         safe = "_" + safe[1:]
-    if safe != model:
-        safe = f"{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+    if safe != model or len(safe) > MODEL_DIR_MAX:
+        safe = f"{safe[: MODEL_DIR_MAX - 9]}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
     return safe
 
 

@@ -314,6 +314,28 @@ def test_a_miss_in_flight_for_another_api_key_is_not_shared_with_its_error(
     assert provider.stats()["calls"]["embeddings"] == 2
 
 
+def test_a_long_model_name_neither_fails_its_items_nor_takes_the_store_away_from_others(
+    workdir: Path, provider: DevUpstream, tmp_path: Path
+) -> None:
+    """A model name longer than a file name may be (255 bytes; S3 keys: 1024) made every read of its
+    items an OSError, and a lookup whose every item failed marks the store down for everyone: one
+    request with a long name sent everybody's cached items to the upstream."""
+    long_model = "m" * 300
+    texts = _unique("kept", "also kept")
+    args = ["--memory-bytes", "0"]
+    with embedding_cache(workdir, provider.base_url, tmp_path.as_uri(), args, name="ec-long-model") as server:
+        c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
+        assert _embed(c, input=texts)[0] == "miss"
+        for _ in range(2):
+            c.embeddings.create(model=long_model, input=texts)  # its items are cached too
+            assert _embed(c, input=texts)[0] == "hit"
+        raw = c.embeddings.with_raw_response.create(model=long_model, input=texts)
+        assert raw.headers.get("x-cache") == "hit"
+        metrics = request(f"{server.admin_url}/metrics", method="GET").body.decode()
+        assert "meshkit_embedding_cache_store_errors_total{" not in metrics  # no read nor write failed
+    assert provider.stats()["calls"]["embeddings"] == 2
+
+
 # -- the shared lifecycle ----------------------------------------------------------------------------
 def test_admin_endpoints(cache: EmbeddingCache, client: openai.OpenAI) -> None:
     _embed(client, input=_unique("counted"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -34,10 +35,17 @@ def test_item_key_separates_model_dimensions_and_item_kind() -> None:
 
 @pytest.mark.parametrize(
     ("model", "safe"),
-    [("text-embedding-3-small", "text-embedding-3-small"), ("org/model:v1", None), ("..", None)],
+    [
+        ("text-embedding-3-small", "text-embedding-3-small"),
+        ("org/model:v1", None),
+        ("..", None),
+        ("m" * 300, None),
+        ("é" * 300, None),
+    ],
 )
 def test_model_dir_is_path_safe(model: str, safe: str | None) -> None:
     name = model_dir(model)
+    assert len(name) <= 200 and re.fullmatch(r"[A-Za-z0-9._-]+", name)
     if safe is not None:
         assert name == safe
     else:
