@@ -13,8 +13,9 @@ character outside `[A-Za-z0-9._-]` (and a leading dot) replaced by `_` and, when
 `-` and the first 8 hex digits of the name's SHA-256, so two models never share a folder
 and no name escapes `root`. A name longer than `MODEL_DIR_MAX` (200) characters is cut to 191 and gets
 the same digest: an item of a longer name could be neither read nor written (a file name holds 255
-bytes), and a lookup whose every item failed marks the store down for every request. A write goes to a temporary file in the same folder, then `os.replace`:
-a reader sees the old file, the new one or none, never half a vector.
+bytes), and a lookup whose every item failed marks the store down for every request. A write goes to
+a temporary file in the same folder, then `os.replace`: a reader sees the old file, the new one or
+none, never half a vector.
 
 `FileStore.get`/`put`/`open` are blocking; its `VectorStore` methods run them in a thread (one thread
 for a whole `get_many`). `get` answers None for a vector that is not there (or whose length is not a
