@@ -396,6 +396,7 @@ class _Nats:
                 servers,
                 name="meshkit-sse",
                 connect_timeout=2,
+                drain_timeout=2,
                 reconnect_time_wait=0.25,
                 max_reconnect_attempts=-1,
                 ping_interval=5,
