@@ -33,9 +33,11 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# the VCL's own expressions (sub meshkit_purge)
-_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
-_KEYS = re.compile(r"^ *[A-Za-z0-9_.-]+( +[A-Za-z0-9_.-]+)* *$")
+# the VCL's own expressions (sub meshkit_purge), matched whole (`fullmatch`: a `$` would also match
+# before a trailing newline)
+_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
+_KEYS = re.compile(r" *[A-Za-z0-9_.-]+( +[A-Za-z0-9_.-]+)* *")
+_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class BadPurge(ValueError):
@@ -44,15 +46,27 @@ class BadPurge(ValueError):
 
 @dataclass(frozen=True)
 class Purge:
+    """Valid by construction (`BadPurge` otherwise), however it is made: from a request, from a purge
+    log entry (Redis is shared, and written by other versions too), or in code. Its path and header
+    value go into the request line and a header as they are, so nothing else may reach them."""
+
     path: str
     purge_all: bool = False
     keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not _PATH.fullmatch(self.path):
+            raise BadPurge("PURGE: the URL has characters outside RFC 3986")
+        if self.purge_all and self.keys:
+            raise BadPurge("send X-Purge-All or Surrogate-Key, not both")
+        if not all(isinstance(k, str) and _KEY.fullmatch(k) for k in self.keys):
+            raise BadPurge("Surrogate-Key: space-separated keys of A-Z a-z 0-9 _ . - only")
 
     @classmethod
     def parse(cls, path: str, purge_all: list[str], keys: list[str]) -> Purge:
         """From the raw (undecoded) path and every `X-Purge-All` / `Surrogate-Key` header value;
         raises `BadPurge` with the VCL's reason."""
-        if not _PATH.match(path):
+        if not _PATH.fullmatch(path):
             raise BadPurge("PURGE: the URL has characters outside RFC 3986")
         if purge_all and keys:
             raise BadPurge("send X-Purge-All or Surrogate-Key, not both")
@@ -62,7 +76,7 @@ class Purge:
             return cls(path, purge_all=True)
         if keys:
             joined = " ".join(keys)  # std.collect(req.http.Surrogate-Key, " ")
-            if not _KEYS.match(joined):
+            if not _KEYS.fullmatch(joined):
                 raise BadPurge("Surrogate-Key: space-separated keys of A-Z a-z 0-9 _ . - only")
             return cls(path, keys=tuple(joined.split()))
         return cls(path)
@@ -78,9 +92,18 @@ class Purge:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> Purge:
-        doc = json.loads(text)
-        return cls(str(doc["path"]), bool(doc.get("purge_all")), tuple(str(k) for k in doc.get("keys", ())))
+    def from_json(cls, text: object) -> Purge:
+        """From `to_json`'s text (or that JSON, parsed); `BadPurge` for anything else."""
+        try:
+            doc: Any = json.loads(text) if isinstance(text, str | bytes) else text
+            path, purge_all, keys = doc["path"], doc.get("purge_all", False), doc.get("keys", [])
+            if not isinstance(purge_all, bool) or not isinstance(keys, list):
+                raise TypeError("purge_all must be a boolean, keys a list")
+            return cls(path, purge_all, tuple(keys))
+        except (ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, BadPurge):
+                raise
+            raise BadPurge(f"not a purge: {type(exc).__name__}: {exc}"[:200]) from None
 
 
 @dataclass(frozen=True)

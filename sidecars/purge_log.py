@@ -11,7 +11,9 @@ removed only by the one that saw it at the head, by its id, atomically).
 `TargetSet`, which changes under it with dns:/k8s: sources) with pending purges is sent its oldest one
 (one attempt); on a 200 it is removed and the next one follows at once; on anything else the target
 waits for the next round. A 400 (the target's VCL refuses it; cannot change) is dropped with a log line
-rather than blocking everything behind it.
+rather than blocking everything behind it, and so is an entry that is not a valid purge (bad JSON, or a
+path or key `Purge` refuses: the log is shared and may be written by anything that reaches Redis) —
+never sent, since its path would go into the request line as it is.
 
 A target that left the set (a pod that went unready, was deleted, a name that stopped resolving to it)
 is "departed": its pending purges stay for `keep` seconds, and the broadcaster keeps queueing new
@@ -38,7 +40,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshkit.errors import DependencyError
-from meshkit.sidecars.purge_fanout import Purge, PurgeClient, RetryPolicy, deliver
+from meshkit.sidecars.purge_fanout import BadPurge, Purge, PurgeClient, RetryPolicy, deliver
 
 log = logging.getLogger("meshkit.purge_log")
 
@@ -88,11 +90,18 @@ class PurgeLog:
         members = await self._redis.smembers(self._targets_key)
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
-    async def head(self, target: str) -> tuple[bytes | str, Purge] | None:
+    async def head(self, target: str) -> tuple[bytes | str, Purge | BadPurge] | None:
+        """`target`'s oldest entry as stored, and its purge (or why it is not one: see `Replayer`)."""
         raw = await self._redis.lindex(self._list_key(target), 0)
         if raw is None:
             return None
-        return raw, Purge.from_json(json.dumps(json.loads(raw)["purge"]))
+        try:
+            doc = json.loads(raw)
+            return raw, Purge.from_json(doc["purge"] if isinstance(doc, dict) else doc)
+        except BadPurge as exc:
+            return raw, exc
+        except (ValueError, KeyError) as exc:
+            return raw, BadPurge(f"not a purge log entry: {type(exc).__name__}: {exc}"[:200])
 
     async def pop(self, target: str, raw: bytes | str) -> int:
         """Remove `raw` if it is still `target`'s oldest entry; what is left."""
@@ -113,8 +122,21 @@ class PurgeLog:
         for target in await self.targets():
             entries = await self._redis.lrange(self._list_key(target), 0, -1)
             if entries:
-                found[target] = [json.loads(e) for e in entries]
+                found[target] = [_shown(e) for e in entries]
         return found
+
+
+def _shown(raw: bytes | str) -> dict[str, Any]:
+    """An entry for `GET /purges`; one that is not a JSON object is shown as `{"invalid": <its start>}`
+    (the replayer drops it)."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        return doc
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return {"invalid": text[:200]}
 
 
 @dataclass
@@ -235,6 +257,11 @@ class Replayer:
     async def _replay(self, target: str) -> None:
         while (head := await self._log.head(target)) is not None:
             raw, purge = head
+            if isinstance(purge, BadPurge):  # never sent: it would reach the request line as it is
+                self._metrics.replays.labels(target, "dropped").inc()
+                await self._log.pop(target, raw)
+                log.error("purge log: an entry for %s is not a valid purge (%s): dropped", target, purge)
+                continue
             delivery = await deliver(self._session(), target, purge, self._policy)
             if delivery.ok or delivery.status == 400:
                 result = "ok" if delivery.ok else "dropped"

@@ -6,6 +6,7 @@ raw loopback servers; nothing is mocked."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,12 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, run_daemon
 from meshkit.harness.fake_kube import FakeKube, endpoint
 from meshkit.harness.redis import RedisServer, redis_server, redis_server_binary
 from meshkit.options import resolve
 from meshkit.sidecars import purge_broadcaster
+from meshkit.sidecars.purge_fanout import BadPurge, Purge
 
 TOKEN = "test-kube-token"
 
@@ -193,3 +196,87 @@ async def test_pending_purges_with_redis_down_is_503_json_and_purges_still_answe
             listed = (await resp.json())["targets"]
         assert resp.status == 502 and listed[0]["pending"] is False
     assert "Error handling request" not in caplog.text
+
+
+@asynccontextmanager
+async def recording_target() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A target that answers every request head with Varnish's 200 and records the bytes it got."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                received.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(b"HTTP/1.1 200 Purged\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{listening.sockets[0].getsockname()[1]}", received
+    finally:
+        listening.close()
+
+
+async def test_a_purge_log_entry_that_is_not_a_valid_purge_is_dropped_never_sent(redis: RedisServer) -> None:
+    """The log is shared (any broadcaster, any version, anything that reaches Redis writes it): an entry
+    whose path would inject a header into the request line, or that is not JSON, is dropped and counted,
+    and the valid entry behind it is replayed."""
+    prefix = "pb-unit-bad-entries"
+    client = aioredis.Redis.from_url(redis.url)
+    async with recording_target() as (target, received):
+        smuggled = "/a HTTP/1.1\r\nHost: x\r\nX-Purge-All: true\r\nContent-Length: 0\r\n\r\nPURGE /b"
+        entries = [
+            {"id": "1", "at": 0, "purge": {"path": smuggled, "purge_all": False, "keys": []}},
+            {"id": "2", "at": 0, "purge": {"path": "/c\n", "purge_all": False, "keys": []}},
+            {"id": "3", "at": 0, "purge": {"path": "/", "purge_all": False, "keys": ["a b"]}},
+            "not json {",
+            {"id": "5", "at": 0, "purge": {"path": "/v1/embeddings", "purge_all": False, "keys": []}},
+        ]
+        for entry in entries:
+            await client.rpush(
+                f"{prefix}:pending:{target}", entry if isinstance(entry, str) else json.dumps(entry)
+            )
+        await client.sadd(f"{prefix}:targets", target)
+        await client.rpush(f"{prefix}:pending:127.0.0.1:1", "not json {")  # a departed target's: kept
+        await client.sadd(f"{prefix}:targets", "127.0.0.1:1")
+        flags = {"redis": redis.url, "redis_prefix": prefix, "replay_interval": 0.1}
+        async with running(targets=target, **flags) as pb:
+
+            async def drained() -> bool:
+                status, doc = await get(pb.url + "/purges")
+                assert status == 200, doc
+                return list(doc["pending"]) == ["127.0.0.1:1"]
+
+            await eventually("the log emptied", drained)
+            async with aiohttp.ClientSession() as session, session.get(pb.admin_url + "/metrics") as resp:
+                metrics = await resp.text()
+            assert (await get(pb.url + "/purges"))[1]["pending"] == {
+                "127.0.0.1:1": [{"invalid": "not json {"}]
+            }
+    await client.aclose()
+    assert received == [
+        f"PURGE /v1/embeddings HTTP/1.1\r\nHost: {target}\r\nContent-Length: 0\r\n\r\n".encode()
+    ]
+    assert f'meshkit_purge_replays_total{{result="dropped",target="{target}"}} 4.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("path", "purge_all", "keys"),
+    [
+        ("/a\n", False, ()),
+        ("/a b", False, ()),
+        ("/", False, ("a\n",)),
+        ("/", False, ("a b",)),
+        ("/", True, ("k",)),
+    ],
+)
+def test_a_purge_is_valid_however_it_is_made(path: str, purge_all: bool, keys: tuple[str, ...]) -> None:
+    with pytest.raises(BadPurge):
+        Purge(path, purge_all, keys)
+    with pytest.raises(BadPurge):
+        Purge.from_json(json.dumps({"path": path, "purge_all": purge_all, "keys": list(keys)}))
+    if keys != ("a b",):  # one header naming two keys: valid as a request, not as one key
+        with pytest.raises(BadPurge):
+            Purge.parse(path, ["true"] if purge_all else [], list(keys))
