@@ -391,7 +391,8 @@ async def test_sigterm_tells_every_open_stream_to_reconnect(
     workdir: Path, leaf: NatsServer, js: JetStreamContext, session: aiohttp.ClientSession
 ) -> None:
     c = cid()
-    with sse_adapter(workdir, leaf.url, ["--heartbeat", "0.5"], name="sse-sigterm") as doomed:
+    args = ["--heartbeat", "0.5", "--drain-delay", "0.5"]
+    with sse_adapter(workdir, leaf.url, args, name="sse-sigterm") as doomed:
         readers = [await open_stream(session, doomed.stream_url(c)) for _ in range(2)]
         resumed = await open_stream(session, doomed.stream_url(c, last_event_id=1))
         await publish(js, c, [1, 2])
@@ -399,6 +400,9 @@ async def test_sigterm_tells_every_open_stream_to_reconnect(
             await reader.wait_for(lambda r: r.sequences == [1, 2])
         began = time.monotonic()
         doomed.process.signal(signal.SIGTERM)
+        # readiness goes off first; the streams are still open during --drain-delay
+        await until(lambda: request(doomed.admin_url + "/readyz", "GET").status == 503, what="not ready")
+        assert not any(r.ended.is_set() for r in readers)
         for reader in [*readers, resumed]:
             await reader.until_end(within=5)
             assert reader.events[-1].event == "reconnect"
@@ -406,6 +410,20 @@ async def test_sigterm_tells_every_open_stream_to_reconnect(
         assert doomed.process.wait(10) == 0
         assert time.monotonic() - began < 5
     assert resumed.sequences == [2]
+
+
+async def test_resume_after_the_done_token_ends_at_once(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    await publish(js, c, [1, 2, 3], done_at=3)
+    reader = await open_stream(session, adapter.stream_url(c), {"Last-Event-ID": "3"})
+    try:
+        await reader.until_end(within=5)
+    finally:
+        await reader.close()
+    assert reader.events == []
+    assert bytes(reader.raw) == b"retry: 1000\n\n"
 
 
 async def test_readyz_and_metrics(adapter: SseAdapter) -> None:
