@@ -15,7 +15,10 @@ The loop (`EndpointSliceWatch.run`), as client-go's reflector does it:
   BOOKMARK (only a newer resourceVersion), ERROR (a `Status`); the server ends it after W seconds, and
   it is reopened from the last resourceVersion seen (after a backoff when it ended at once: a proxy
   that cuts watches must not make a request loop);
-- 410 Gone (an expired resourceVersion: an HTTP 410 or an ERROR event with `code: 410`) -> a new list;
+- 410 Gone (an expired resourceVersion: an HTTP 410 or an ERROR event with `code: 410`) -> a new list,
+  at once after a watch that ran a while, after a backoff (0.2 s doubling to 10 s) when the 410 came
+  within a second of the list (a server whose lists are older than its watches' window, or a list that
+  is itself 410, would otherwise be listed in a loop);
 - anything else (connection refused or dropped, 401/403, 5xx, a read silent for W + 15 s, bad JSON) ->
   counted, logged, and tried again after a backoff (0.2 s doubling to 10 s); the last good set is kept
   meanwhile. Every request has a connect deadline, the list a total one, the watch a per-read one.
@@ -242,8 +245,9 @@ class EndpointSliceWatch:
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> None:
-        backoff = BACKOFF_FIRST
+        backoff = gone_backoff = BACKOFF_FIRST
         while True:
+            listing = time.monotonic()
             try:
                 version = await self.list()
                 backoff = quick = BACKOFF_FIRST
@@ -260,7 +264,13 @@ class EndpointSliceWatch:
                         quick = BACKOFF_FIRST
             except Gone as exc:
                 self._restart("gone")
-                log.info("endpointslices %s: %s: listing again", self.where, exc)
+                if time.monotonic() - listing < 1.0:  # the list's own version was too old already
+                    log.info("endpointslices %s: %s: listing again in %.1f s", self.where, exc, gone_backoff)
+                    await asyncio.sleep(gone_backoff)
+                    gone_backoff = min(gone_backoff * 2, BACKOFF_MAX)
+                else:
+                    log.info("endpointslices %s: %s: listing again", self.where, exc)
+                    gone_backoff = BACKOFF_FIRST
                 continue
             except asyncio.CancelledError:
                 raise

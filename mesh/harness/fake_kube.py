@@ -9,6 +9,7 @@ against this, which speaks the same JSON on the same paths.
         kube.put_slice(..., [endpoint("127.0.0.1", ready=False)])   # MODIFIED, to every watcher
         kube.delete_slice("cache", "varnish-abc")                    # DELETED
         kube.compact()            # every resourceVersion so far is too old: a watch from one gets 410
+        kube.expire_watches = True  # every watch from a resourceVersion gets 410, the list's own too
         kube.restart()            # down (every open watch cut), then up again on the same port
 
 What it serves, as the real API server does:
@@ -158,6 +159,9 @@ class FakeKube:
         self.gone_as_http = False
         self.bookmarks = True  # False: none sent, even when asked (servers may send none)
         self.cut_watches = False  # True: every watch ends at once, empty (a proxy that cuts them)
+        self.expire_watches = (
+            False  # True: every watch from a resourceVersion is 410 (lists from a stale cache)
+        )
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._version = itertools.count(1000)
         self._rv = next(self._version)
@@ -397,7 +401,7 @@ class FakeKube:
         except ValueError:
             return _status_response(400, "BadRequest", "resourceVersion and timeoutSeconds must be numbers")
         bookmarks = self.bookmarks and request.query.get("allowWatchBookmarks") == "true"
-        too_old = since != 0 and since < self._oldest
+        too_old = since != 0 and (since < self._oldest or self.expire_watches)
         if too_old and self.gone_as_http:
             return _status_response(410, "Expired", f"too old resource version: {since} ({self._oldest})")
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})

@@ -1,8 +1,10 @@
 """The Kubernetes client's parts that need no server: in-cluster config from the environment, the token
-re-read when its file changes, and watch events read line by line (410 -> Gone, ERROR, unknown types)."""
+re-read when its file changes, and watch events read line by line (410 -> Gone, ERROR, unknown types);
+and the list/watch loop against the fake API where its pacing matters (410 after every list)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -12,6 +14,7 @@ import aiohttp
 import pytest
 
 from meshkit.errors import ConfigError
+from meshkit.harness.fake_kube import FakeKube, endpoint
 from meshkit.sidecars.kube_endpoints import (
     MAX_EVENT_BYTES,
     EndpointSliceWatch,
@@ -129,3 +132,36 @@ def test_watch_events_change_the_set_and_errors_end_the_watch() -> None:
         with pytest.raises(KubeError) as caught:
             w._event(bad)
         assert caught.value.kind == "bad_answer"
+
+
+async def test_a_410_right_after_every_list_is_listed_again_with_a_backoff_not_in_a_loop(
+    tmp_path: Path,
+) -> None:
+    """A server whose lists are older than what its watches accept (every watch from the list's own
+    resourceVersion is 410): the set still comes from the lists, and they are not made in a loop."""
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    with FakeKube(token="t") as kube:
+        kube.put_slice("cache", "varnish-a", "varnish", [endpoint("10.0.0.1")], ports=[("http", 6081)])
+        kube.expire_watches = True
+        changed: list[tuple[str, ...]] = []
+        restarts: list[str] = []
+        config = KubeConfig.resolve(kube.url, str(token), "")
+        async with aiohttp.ClientSession() as session:
+            w = EndpointSliceWatch(
+                config,
+                lambda: session,
+                "cache",
+                "varnish",
+                "http",
+                changed=changed.append,
+                restart=restarts.append,
+            )
+            task = asyncio.create_task(w.run())
+            await asyncio.sleep(1.5)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        lists = [q for _, _, q in kube.requests if "watch" not in q]
+    assert changed == [("10.0.0.1:6081",)]
+    assert 2 <= len(lists) <= 6, len(lists)  # 0.2 + 0.4 + 0.8 s of backoff: about 4, not hundreds
+    assert set(restarts) == {"gone"}
