@@ -29,8 +29,10 @@ API (the `--listen` port)
 Sharing and slow clients: one JetStream subscription per conversation, shared by all its viewers
 (`conversation_hub.py`); a viewer is a cursor into the conversation's shared log, bounded by
 `--client-queue` live tokens; past that it is cut off (logged with the reason, counted) and can resume
-with Last-Event-ID (`viewer.py`). A client that disconnects leaves at once (its handler is cancelled),
-and the subscription goes with the last one.
+with Last-Event-ID (`viewer.py`). A client that stops reading when no more tokens come (so it never
+falls behind) is cut off the same way once one write has blocked for `--write-timeout` s. A client
+that disconnects leaves at once (its handler is cancelled), and the subscription goes with the last
+one.
 
 Admin port: `/healthz`; `/readyz` is 200 only while NATS is connected and the stream was reachable
 (checked at start and after every reconnect); `/metrics`: `meshkit_sse_open_streams`,
@@ -126,13 +128,19 @@ class SseOptions:
         250, "the `retry:` sent with `event: reconnect` at shutdown (ms)", parse=parse_non_negative_int
     )
     default_model: str = option("meshkit", "`model` of ?format=openai chunks when the message has none")
+    write_timeout: float = option(
+        30.0,
+        "seconds one write to a client may block (a client that stopped reading) before it is cut off",
+        parse=parse_seconds,
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_connections", "client_queue", "history"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}: must be at least 1")
-        for name in ("heartbeat", "consumer_heartbeat", "nats_timeout"):
+        for name in ("heartbeat", "consumer_heartbeat", "nats_timeout", "write_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')}: must be more than 0 seconds")
         if not self.stream or any(c in self.stream for c in ".*> "):
@@ -279,13 +287,27 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             }
         )
         await response.prepare(request)
-        await response.write(framer.preamble())
+
+        async def write(data: bytes) -> None:
+            try:
+                async with asyncio.timeout(opts.write_timeout):
+                    await response.write(data)
+            except TimeoutError:
+                reason = f"stalled client: a write blocked for {opts.write_timeout:g} s (--write-timeout)"
+                hub.metrics.slow_drops.inc()
+                log.warning(
+                    "stream %s: cut off: %s (it may resume after id %d)", cid, reason, viewer.last_sent
+                )
+                viewer.cut(reason)
+                raise ViewerCut(reason) from None
+
         try:
+            await write(framer.preamble())
             ended = await pump(
                 viewer,
                 conv.log,
                 framer,
-                response.write,
+                write,
                 replay=hub.replay,
                 heartbeat=opts.heartbeat,
                 retry_ms=opts.reconnect_retry_ms,
@@ -294,7 +316,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             )
         except DependencyError as exc:
             log.warning("stream %s: %s", cid, exc)
-            await response.write(b"event: error\ndata: " + error_body("unavailable", exc.message) + b"\n\n")
+            with contextlib.suppress(ViewerCut, ConnectionError):
+                await write(b"event: error\ndata: " + error_body("unavailable", exc.message) + b"\n\n")
             ended = "error"
         except ViewerCut:  # the hub aborted the connection: nothing more can be written
             return response

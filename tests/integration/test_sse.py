@@ -516,3 +516,22 @@ def test_bad_options_are_exit_2_all_at_once() -> None:
     for name in ("--max-connections", "--history", "--heartbeat", "--stream"):
         assert name in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout(
+    workdir: Path, leaf: NatsServer, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    c = cid()
+    args = ["--client-queue", "100000", "--write-timeout", "1"]  # the lag bound never applies here
+    with sse_adapter(workdir, leaf.url, args, name="sse-write-timeout") as adapter:
+        stalled = socket.create_connection(("127.0.0.1", adapter.port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        stalled.sendall(f"GET /stream/{c} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        try:
+            await until(lambda: metric(adapter, "meshkit_sse_open_streams") == 1, what="stream open")
+            await publish(js, c, range(1, 121), text="y" * 60_000)  # 7 MB, then nothing more
+            await until(lambda: metric(adapter, "meshkit_sse_slow_client_drops_total") == 1, within=10)
+            await until(lambda: metric(adapter, "meshkit_sse_open_streams") == 0, what="stream closed")
+        finally:
+            stalled.close()
+        assert "stalled client: a write blocked for 1 s" in adapter.process.log_text()
