@@ -2,7 +2,9 @@
 
 `embeddings_answer(vectors, encoding, model, prompt_tokens, total_tokens)` is OpenAI's
 `{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}], "model", "usage"}`
-for float32 little-endian `vectors` in input order.
+for float32 little-endian `vectors` in input order. It is `answer_body()` around each vector's
+`float_text()` or `base64_text()`: the embedding cache keeps a vector's float text in its memory tier
+and hands the texts it has to `answer_body()` itself, so a cached vector is printed once, not per answer.
 
 - `base64`: each vector's bytes as base64, as OpenAI sends them (what the official client asks for
   unless told otherwise).
@@ -47,17 +49,32 @@ def _floats(raw: bytes) -> str:
     return text
 
 
+def float_text(raw: bytes) -> bytes:
+    """One vector's `float` embedding as JSON: `[0.0123,...]` (what the memory tier keeps)."""
+    return ("[" + _floats(raw) + "]").encode("ascii")
+
+
+def base64_text(raw: bytes) -> bytes:
+    """One vector's `base64` embedding as JSON: a quoted base64 string."""
+    return b'"' + base64.b64encode(raw) + b'"'
+
+
+def answer_body(embeddings: Sequence[bytes], model: str, prompt_tokens: int, total_tokens: int) -> bytes:
+    """The whole answer around each item's embedding JSON (`float_text` or `base64_text`), in order."""
+    parts: list[bytes] = [b'{"object":"list","data":[']
+    for index, embedding in enumerate(embeddings):
+        if index:
+            parts.append(b",")
+        parts.append(b'{"object":"embedding","index":%d,"embedding":' % index)
+        parts.append(embedding)
+        parts.append(b"}")
+    usage = json.dumps({"prompt_tokens": prompt_tokens, "total_tokens": total_tokens})
+    parts.append(f'],"model":{json.dumps(model)},"usage":{usage}}}'.encode())
+    return b"".join(parts)
+
+
 def embeddings_answer(
     vectors: Sequence[bytes], encoding: str, model: str, prompt_tokens: int, total_tokens: int
 ) -> bytes:
-    parts: list[str] = []
-    for index, raw in enumerate(vectors):
-        if encoding == "base64":
-            embedding = '"' + base64.b64encode(raw).decode("ascii") + '"'
-        else:
-            embedding = "[" + _floats(raw) + "]"
-        parts.append(f'{{"object":"embedding","index":{index},"embedding":{embedding}}}')
-    usage = json.dumps({"prompt_tokens": prompt_tokens, "total_tokens": total_tokens})
-    return (
-        f'{{"object":"list","data":[{",".join(parts)}],"model":{json.dumps(model)},"usage":{usage}}}'
-    ).encode()
+    render = base64_text if encoding == "base64" else float_text
+    return answer_body([render(raw) for raw in vectors], model, prompt_tokens, total_tokens)

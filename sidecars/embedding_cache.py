@@ -49,7 +49,9 @@ Caching
   fully cached answer has `usage: {"prompt_tokens": 0, "total_tokens": 0}`.
 - The answer is in the client's `encoding_format` (`meshkit.sidecars.embedding_answer`); the floats
   are printed with 9 significant digits, which read back as exactly the stored float32 values, so
-  `float` and `base64` answers agree bit for bit.
+  `float` and `base64` answers agree bit for bit. Printing costs 0.3 ms per 1536 dims, so the memory
+  tier keeps each vector's float text once printed (charged to `--memory-bytes`; see
+  `vector_memory`): a cached float batch of 16 is assembled, not printed.
 
 The store degrading (decided: never a failed request the upstream could answer)
 - a read that fails or does not finish within `--store-timeout` (0.5 s) is a miss; a write that fails
@@ -110,7 +112,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_seconds, parse_size
-from meshkit.sidecars.embedding_answer import embeddings_answer
+from meshkit.sidecars.embedding_answer import answer_body, base64_text, float_text
 from meshkit.sidecars.embedding_readiness import EmbeddingReadiness
 from meshkit.sidecars.openai_http import json_error, openai_errors
 from meshkit.sidecars.openai_shapes import (
@@ -305,7 +307,11 @@ class Metrics:
             ),
             Gauge(f"{p}_store_up", "1 when the last readiness probe reached the store", registry=r),
             Gauge(f"{p}_upstream_up", "1 when the last readiness probe reached the upstream", registry=r),
-            Gauge(f"{p}_memory_bytes", "Bytes held by the memory tier (vectors + overhead)", registry=r),
+            Gauge(
+                f"{p}_memory_bytes",
+                "Bytes held by the memory tier (vectors, float texts, overhead)",
+                registry=r,
+            ),
             Gauge(f"{p}_memory_items", "Vectors held by the memory tier", registry=r),
             Counter(f"{p}_memory_evictions", "Vectors evicted from the memory tier", registry=r),
         )
@@ -544,10 +550,19 @@ class Cache:
         self.metrics.hits.labels("memory").inc(memory_hits)
         self.metrics.hits.labels("store").inc(hits - memory_hits)
         cache = "hit" if not misses else "miss" if not hits else "partial"
-        body = embeddings_answer(
-            [vectors[key] for key in keys], req.encoding_format, req.model, prompt, total
-        )
-        return body, cache
+        if req.encoding_format == "base64":
+            texts = {key: base64_text(vectors[key]) for key in dict.fromkeys(keys)}
+        else:
+            texts = {key: self._float_text(key, vectors[key]) for key in dict.fromkeys(keys)}
+        return answer_body([texts[key] for key in keys], req.model, prompt, total), cache
+
+    def _float_text(self, key: str, data: bytes) -> bytes:
+        """The vector's float JSON text: the memory tier's, else printed (and kept there)."""
+        text = self.memory.get_text(key)
+        if text is None:
+            text = float_text(data)
+            self.metrics.memory_evictions.inc(self.memory.put_text(key, text))
+        return text
 
 
 def _passed_through(status: int, body: bytes, retry_after: str | None) -> UpstreamError:

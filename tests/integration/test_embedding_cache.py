@@ -176,6 +176,42 @@ def test_base64_and_float_answers_agree(cache: EmbeddingCache, provider: DevUpst
     assert provider.stats()["calls"]["embeddings"] == 1
 
 
+def test_a_float_answer_is_printed_once_and_kept_in_the_memory_tier(
+    workdir: Path, provider: DevUpstream, tmp_path: Path
+) -> None:
+    """The float text of a vector is kept beside it (charged to the tier), so a cached float batch is
+    assembled from it; repeated items and the order still hold, bit for bit."""
+    texts = _unique("printed", "once", "printed")  # the first and the last are the same item
+    with embedding_cache(workdir, provider.base_url, tmp_path.as_uri(), name="ec-float-text") as server:
+
+        def answer(fmt: str) -> bytes:
+            body = json.dumps({"model": MODEL, "input": texts, "encoding_format": fmt}).encode()
+            resp = request(
+                f"{server.url}/v1/embeddings", body=body, headers={"content-type": "application/json"}
+            )
+            assert resp.status == 200, resp.body
+            return resp.body
+
+        def memory_bytes() -> float:
+            metrics = request(f"{server.admin_url}/metrics", method="GET").body.decode()
+            line = next(
+                x for x in metrics.splitlines() if x.startswith("meshkit_embedding_cache_memory_bytes ")
+            )
+            return float(line.split()[1])
+
+        answer("base64")
+        vectors_only = memory_bytes()
+        assert vectors_only == 2 * (4 * DEFAULT_DIMENSIONS + 232)  # two distinct items, no text
+        first = answer("float")
+        with_text = memory_bytes()
+        assert with_text > vectors_only + 2 * 4 * DEFAULT_DIMENSIONS  # ~21 KB of text per vector
+        assert answer("float") == first and memory_bytes() == with_text  # printed once, kept
+        data = json.loads(first)["data"]
+        assert [d["index"] for d in data] == [0, 1, 2]
+        assert [_f32(d["embedding"]) for d in data] == _expected(list(texts))
+    assert provider.stats()["calls"]["embeddings"] == 1
+
+
 # -- the file:// store across a restart ---------------------------------------------------------------
 def test_file_store_survives_a_restart(workdir: Path, provider: DevUpstream, tmp_path: Path) -> None:
     texts = _unique("persist", "me")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshkit.sidecars.vector_memory import ENTRY_OVERHEAD, VectorMemory, parse_memory_size
+from meshkit.sidecars.vector_memory import ENTRY_OVERHEAD, TEXT_OVERHEAD, VectorMemory, parse_memory_size
 
 VECTOR = 6144  # 1536 float32
 
@@ -41,6 +41,40 @@ def test_off_and_too_big_keep_nothing() -> None:
     assert small.get("a") is None and len(small) == 0
     with pytest.raises(ValueError):
         VectorMemory(-1)
+
+
+TEXT = 21000  # about what 1536 floats print as
+
+
+def test_a_rendered_text_is_charged_and_lives_and_dies_with_its_vector() -> None:
+    entry = VECTOR + ENTRY_OVERHEAD
+    memory = VectorMemory(2 * entry + TEXT + TEXT_OVERHEAD)
+    assert memory.put_text("a", b"[1]") == 0 and memory.get_text("a") is None  # no vector, no text
+    memory.put("a", _vec(1))
+    memory.put("b", _vec(2))
+    assert memory.put_text("a", b"x" * TEXT) == 0
+    assert memory.bytes == 2 * entry + TEXT + TEXT_OVERHEAD and memory.get_text("a") == b"x" * TEXT
+    assert memory.put_text("b", b"y" * TEXT) == 1  # no room for two texts: the LRU entry (a) goes
+    assert "a" not in memory and memory.get_text("a") is None
+    assert memory.bytes == entry + TEXT + TEXT_OVERHEAD and memory.get_text("b") == b"y" * TEXT
+    memory.put("b", _vec(3))  # a new vector: its old text is not its own
+    assert memory.get_text("b") is None and memory.bytes == entry
+    memory.put("c", _vec(4))
+    memory.put_text("c", b"z" * TEXT)
+    assert memory.put("d", _vec(5)) == 1  # b, the least recent, makes room
+    assert "b" not in memory and memory.get_text("c") == b"z" * TEXT
+    assert memory.put("e", _vec(6)) == 1  # c goes, and its text with it
+    assert "c" not in memory and memory.get_text("c") is None
+    assert memory.bytes == 2 * entry and len(memory) == 2
+
+
+def test_a_text_that_cannot_fit_beside_its_vector_is_not_kept() -> None:
+    memory = VectorMemory(VECTOR + ENTRY_OVERHEAD + 100)
+    memory.put("a", _vec(1))
+    assert memory.put_text("a", b"x" * TEXT) == 0
+    assert memory.get_text("a") is None and "a" in memory
+    off = VectorMemory(0)
+    assert off.put_text("a", b"[1]") == 0 and off.get_text("a") is None
 
 
 def test_parse_memory_size() -> None:
