@@ -449,11 +449,7 @@ async def test_openai_format_read_by_the_openai_client(adapter: SseAdapter, js: 
 
     c = cid()
     usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    await publish(js, c, range(1, 4), model="gpt-test")
-    await js.publish(
-        f"chat.{c}.tokens",
-        json.dumps({"conversation_id": c, "token": "", "sequence": 4, "done": True, "usage": usage}).encode(),
-    )
+    await publish(js, c, range(1, 3), model="gpt-test")  # two before the client comes, one after
 
     def read() -> list[ChatCompletionChunk]:
         client = openai.OpenAI(base_url=adapter.url, api_key="unused", max_retries=0, timeout=10)
@@ -466,7 +462,16 @@ async def test_openai_format_read_by_the_openai_client(adapter: SseAdapter, js: 
         )
         return list(stream)
 
-    chunks = await asyncio.to_thread(read)
+    streams = metric(adapter, "meshkit_sse_open_streams")
+    reading = asyncio.ensure_future(asyncio.to_thread(read))
+    await until(lambda: metric(adapter, "meshkit_sse_open_streams") > streams, what="the client's stream")
+    await asyncio.sleep(1.2)  # two heartbeat comments (--heartbeat 0.5) go through the client's parser
+    await publish(js, c, [3], model="gpt-test")
+    await js.publish(
+        f"chat.{c}.tokens",
+        json.dumps({"conversation_id": c, "token": "", "sequence": 4, "done": True, "usage": usage}).encode(),
+    )
+    chunks = await asyncio.wait_for(reading, 15)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "t1 t2 t3 "
     assert [ch.choices[0].finish_reason for ch in chunks] == [None, None, None, "stop"]
     assert {ch.model for ch in chunks} == {"gpt-test"}
