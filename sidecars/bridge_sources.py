@@ -110,7 +110,7 @@ class PubSubSource:
     async def _connect(self) -> Any:
         await self.close()
         self._client = redis_client(self.url, block=self.block, protocol=2)
-        conn = await self._client.connection_pool.get_connection()
+        conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         self._conn = conn
         await conn.send_command("PSUBSCRIBE", self.pattern)
         answer = await conn.read_response(timeout=CONNECT_TIMEOUT)

@@ -139,7 +139,9 @@ async def test_streams_entries_written_before_the_first_start_and_live_ones_are_
 
         async def lag_reported() -> bool:  # XINFO GROUPS, polled every 2 s
             m = b.metrics()
-            return m.get("meshkit_bridge_stream_lag") == 0 and m.get("meshkit_bridge_stream_pending") == 0
+            return bool(
+                m.get("meshkit_bridge_stream_lag") == 0 and m.get("meshkit_bridge_stream_pending") == 0
+            )
 
         await eventually(lag_reported, "lag and pending 0 in /metrics", within=6)
 
