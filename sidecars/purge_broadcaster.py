@@ -50,7 +50,10 @@ API (the `--listen` port)
   `meshkit_purge_target_source_errors_total{source,kind}` (resolution and list/watch errors),
   `meshkit_purge_watch_restarts_total{source,reason=timeout|gone|error}`, and with `--redis`
   `meshkit_purge_replays_total{target,result=ok|failed|dropped|expired}`, `meshkit_purge_pending`,
-  `meshkit_purge_log_errors_total`.
+  `meshkit_purge_log_errors_total`. The `target` series of a target that left the set are removed
+  (without `--redis` at once; with it once the purge log forgot the target: `--departed-keep` after
+  it left with nothing pending, or after its entries expired, plus `--departed-keep` more so a scrape
+  sees the last counts): pods that come and go do not grow the label values without bound.
 - SIGTERM: the shared lifecycle (`meshkit.daemon`): readiness off, in-flight fan-outs get
   `--drain-timeout`, then the replay loop, Redis, the target sources and the HTTP clients close.
 
@@ -98,7 +101,7 @@ from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds, parse_size
 from meshkit.sidecars.kube_endpoints import KubeConfig
 from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, PurgeClient, RetryPolicy, deliver
-from meshkit.sidecars.purge_log import Departures, PurgeLog, Replayer, ReplayMetrics
+from meshkit.sidecars.purge_log import Departures, PurgeLog, Replayer, ReplayMetrics, remove_series
 from meshkit.sidecars.purge_targets import (
     DnsSource,
     KubeSource,
@@ -464,7 +467,12 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         purge_log = PurgeLog(opts.redis, opts.redis_prefix)
         replay_metrics = ReplayMetrics.create(life.registry)
         b.purge_log, b.log_errors = purge_log, replay_metrics.errors
-        b.departures = Departures(opts.departed_keep)
+
+        def forgotten(target: str) -> None:  # gone for good: its series go too (bounded under churn)
+            remove_series(metrics.target_failures, target)
+            replay_metrics.forget(target)
+
+        b.departures = Departures(opts.departed_keep, forgotten)
         targets.on_change(b.departures.update)
         b.departures.update(targets.current())
         await life.start("redis (purge log)", purge_log.start, purge_log.close)
@@ -476,6 +484,16 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
             replayer.start()
 
         await life.start("purge log replay", start_replayer, replayer.stop)
+    else:  # nothing kept for a target that left: neither are its series
+        known = set(targets.current())
+
+        def left(current: tuple[str, ...]) -> None:
+            for target in known - set(current):
+                remove_series(metrics.target_failures, target)
+            known.clear()
+            known.update(current)
+
+        targets.on_change(left)
     if not opts.targets:
         log.warning("no --targets: every PURGE answers 503")
     await life.start("target sources", targets.start, targets.stop)

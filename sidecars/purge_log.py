@@ -28,6 +28,7 @@ entries of a target the broadcaster never saw in its set (from before a restart,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -165,14 +166,35 @@ class ReplayMetrics:
             ),
         )
 
+    def forget(self, target: str) -> None:
+        """Remove `target`'s series (a target forgotten by `Departures`)."""
+        for result in REPLAY_RESULTS:
+            remove_series(self.replays, target, result)
+
+
+REPLAY_RESULTS = ("ok", "failed", "dropped", "expired")
+
+
+def remove_series(counter: Counter, *labels: str) -> None:
+    """Remove one labelled series of `counter` if it exists."""
+    with contextlib.suppress(KeyError):
+        counter.remove(*labels)
+
 
 class Departures:
-    """When each target that left the set left it (monotonic seconds); fed by the set's changes."""
+    """When each target that left the set left it (monotonic seconds); fed by the set's changes.
 
-    def __init__(self, keep: float) -> None:
+    Bounded whatever the churn (a Service whose pods come and go for months): a target away for longer
+    than `keep` is forgotten once nothing is pending for it (`prune`, each replay round; `forget` once
+    its entries expired), and `forgotten(target)` is called `keep` seconds after that: the broadcaster
+    removes the target's metric series then (a last scrape still sees an `expired` count)."""
+
+    def __init__(self, keep: float, forgotten: Callable[[str], None] = lambda target: None) -> None:
         self.keep = keep
         self._left: dict[str, float] = {}
         self._known: set[str] = set()
+        self._gone: dict[str, float] = {}  # forgotten, series still shown until keep after this
+        self._forgotten = forgotten
 
     def update(self, current: Collection[str]) -> None:
         now = time.monotonic()
@@ -180,6 +202,7 @@ class Departures:
             self._left.setdefault(target, now)
         for target in current:
             self._left.pop(target, None)
+            self._gone.pop(target, None)
         self._known = set(current)
 
     def seen_away(self, target: str) -> None:
@@ -196,7 +219,22 @@ class Departures:
         return left is not None and time.monotonic() - left > self.keep
 
     def forget(self, target: str) -> None:
-        self._left.pop(target, None)
+        if self._left.pop(target, None) is not None:
+            self._gone.setdefault(target, time.monotonic())
+
+    def prune(self, pending: Collection[str]) -> None:
+        """Forget the targets away longer than `keep` with nothing in `pending` (the targets that have
+        entries); call `forgotten` for those forgotten over `keep` ago."""
+        now = time.monotonic()
+        for target in [t for t, left in self._left.items() if now - left > self.keep and t not in pending]:
+            self.forget(target)
+        for target in [t for t, at in self._gone.items() if now - at > self.keep]:
+            del self._gone[target]
+            self._forgotten(target)
+
+    def remembered(self) -> int:
+        """How many targets this holds anything for (the bound the tests check)."""
+        return len(self._left) + len(self._gone)
 
 
 class Replayer:
@@ -252,6 +290,7 @@ class Replayer:
                         self._departures.keep,
                         dropped,
                     )
+            self._departures.prune(await self._log.targets())
         self._metrics.pending.set(sum(len(v) for v in (await self._log.pending()).values()))
 
     async def _replay(self, target: str) -> None:

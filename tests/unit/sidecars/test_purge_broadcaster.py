@@ -280,3 +280,53 @@ def test_a_purge_is_valid_however_it_is_made(path: str, purge_all: bool, keys: t
     if keys != ("a b",):  # one header naming two keys: valid as a request, not as one key
         with pytest.raises(BadPurge):
             Purge.parse(path, ["true"] if purge_all else [], list(keys))
+
+
+async def metric_lines(pb: Running, name: str) -> list[str]:
+    async with aiohttp.ClientSession() as session, session.get(pb.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+async def churn(pb: Running, kube: FakeKube, pods: int) -> None:
+    """`pods` pods replacing each other in the Service, each missing one purge (nothing listens on
+    port 1): every one of them becomes a label value of the failure counters."""
+    for i in range(pods):
+        address = f"127.0.0.{i + 2}"
+        kube.put_slice("cache", "varnish-a", "varnish", [endpoint(address)], ports=[("http", 1)])
+
+        async def moved(address: str = address) -> bool:
+            doc = (await get(pb.url + "/targets"))[1]
+            return [t["target"] for t in doc["targets"]] == [f"{address}:1"]
+
+        await eventually(f"{address} is the target", moved)
+        async with aiohttp.ClientSession() as session, session.request("PURGE", pb.url + "/x") as resp:
+            assert resp.status == 502
+
+
+async def test_metric_series_of_targets_that_left_are_removed(kube: FakeKube, token_file: Path) -> None:
+    async with running(**kube_flags(kube, token_file), attempts=1) as pb:
+        await churn(pb, kube, 12)
+        failures = await metric_lines(pb, "meshkit_purge_target_failures_total")
+    assert failures == ['meshkit_purge_target_failures_total{target="127.0.0.13:1"} 1.0']
+
+
+async def test_with_a_purge_log_what_is_kept_per_departed_target_is_bounded(
+    kube: FakeKube, token_file: Path, redis: RedisServer
+) -> None:
+    flags = {"redis": redis.url, "redis_prefix": "pb-unit-churn", "replay_interval": 0.05}
+    async with running(**kube_flags(kube, token_file), attempts=1, departed_keep=0.2, **flags) as pb:
+        await churn(pb, kube, 12)
+        current = "127.0.0.13:1"
+
+        async def settled() -> bool:
+            failures = await metric_lines(pb, "meshkit_purge_target_failures_total")
+            replays = await metric_lines(pb, "meshkit_purge_replays_total")
+            doc = (await get(pb.url + "/purges"))[1]
+            return (
+                all(current in line for line in failures + replays)
+                and list(doc["pending"]) == [current]
+                and doc["departed"] == []
+            )
+
+        await eventually("only the current target's series, entries and departure left", settled)

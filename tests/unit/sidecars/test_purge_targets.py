@@ -243,3 +243,20 @@ def test_departures_keep_then_expire() -> None:
     time.sleep(0.25)
     assert departures.away() == [] and departures.expired("b:1") and departures.expired("c:1")
     assert not departures.expired("a:1")
+
+
+def test_departures_are_forgotten_once_nothing_is_pending_whatever_the_churn() -> None:
+    forgotten: list[str] = []
+    departures = Departures(keep=0.1, forgotten=forgotten.append)
+    for i in range(100):
+        departures.update([f"t{i}:1"])  # each pod replaced by the next
+    time.sleep(0.15)
+    departures.prune(["t5:1"])  # t5 still has purges pending: kept until they expire
+    assert departures.away() == [] and departures.expired("t5:1") and forgotten == []
+    time.sleep(0.15)
+    departures.prune(["t5:1"])
+    assert len(forgotten) == 98 and "t5:1" not in forgotten and departures.remembered() == 1
+    departures.forget("t5:1")  # its entries expired and were dropped
+    time.sleep(0.15)
+    departures.prune([])
+    assert forgotten[-1] == "t5:1" and departures.remembered() == 0
