@@ -44,6 +44,12 @@ Caching
   again.)
 - `x-cache`: `hit` when every item came from the cache (memory or store), `miss` when none did,
   `partial` otherwise (an item waited for from another request's upstream call counts as a miss).
+- `Surrogate-Key: model-<model-safe>` on every successful answer (`model-safe` is the store's folder
+  name, `model_dir()`: only `[A-Za-z0-9._-]`, at most 200 characters, a digest where the name had
+  anything else), so Varnish tags the object and an operator purges one model's answers with
+  `PURGE / + Surrogate-Key: model-text-embedding-3-small` through the purge broadcaster (this clears
+  Varnish only: the vectors stay in this cache's memory tier and store).
+  Errors carry none (Varnish does not store them).
 - `usage`: what the upstream reported for the call this request made (its `prompt_tokens` and
   `total_tokens`); items served from the cache, or from another request's call, count 0 tokens. A
   fully cached answer has `usage: {"prompt_tokens": 0, "total_tokens": 0}`.
@@ -125,7 +131,7 @@ from meshkit.sidecars.openai_shapes import (
 )
 from meshkit.sidecars.tracing import NO_TRACING, Tracing, otel_configured, otel_missing, tracing
 from meshkit.sidecars.vector_memory import VectorMemory, parse_memory_size
-from meshkit.sidecars.vector_store import VectorStore, open_store, parse_store_url
+from meshkit.sidecars.vector_store import VectorStore, model_dir, open_store, parse_store_url
 from meshkit.sidecars.vector_writer import WriteBehind
 
 log = logging.getLogger("meshkit.embedding_cache")
@@ -642,7 +648,13 @@ async def _embeddings(request: web.Request, cache: Cache, span: Any) -> web.Resp
         return json_error(exc.status, exc.body, exc.headers)
     cache.metrics.requests.labels(result).inc()
     span.set_attribute("embeddings.cache", result)
-    return web.Response(body=answer, content_type="application/json", headers={"x-cache": result})
+    headers = {"x-cache": result, "surrogate-key": surrogate_key(req.model)}
+    return web.Response(body=answer, content_type="application/json", headers=headers)
+
+
+def surrogate_key(model: str) -> str:
+    """The `Surrogate-Key` of a model's answers: `model-<model_dir(model)>`, only `[A-Za-z0-9_.-]`."""
+    return f"model-{model_dir(model)}"
 
 
 MAX_BODY = web.AppKey("max_body", int)

@@ -282,3 +282,23 @@ def test_chat_without_the_opt_in_is_never_cached(tier: Tier) -> None:
         )
         verdicts.append(raw.headers.get("x-cache"))
     assert verdicts == ["PASS", "PASS"]
+
+
+def test_a_surrogate_key_purge_of_one_model_misses_its_answers_only(tier: Tier) -> None:
+    """The embedding cache tags every answer `Surrogate-Key: model-<model>`: a purge by that key through
+    the broadcaster empties one model's answers from every pod, another model's stay."""
+    inputs = texts("tagged by model")
+    other = "other-embedding-model"
+
+    def other_cache() -> str:
+        raw = tier.client().embeddings.with_raw_response.create(model=other, input=inputs)
+        return raw.headers["x-cache"]
+
+    embed(tier, inputs)
+    other_cache()
+    assert embed(tier, inputs)[0]["x-cache"] == "HIT" and other_cache() == "HIT"
+    resp = purge(tier, "/", {"Surrogate-Key": f"model-{MODEL}"})
+    assert resp.status == 200, resp.body
+    assert [t["status"] for t in resp.json()["targets"]] == [200, 200]
+    assert embed(tier, inputs)[0]["x-cache"] == "MISS"
+    assert other_cache() == "HIT"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import struct
 import time
@@ -20,6 +21,7 @@ import pytest
 from meshkit.harness.daemons import DevUpstream, EmbeddingCache, dev_upstream, embedding_cache
 from meshkit.sidecars.fake_model import vector
 from meshkit.sidecars.openai_shapes import Item
+from meshkit.sidecars.vector_store import model_dir
 
 from .conftest import request
 
@@ -210,6 +212,27 @@ def test_a_float_answer_is_printed_once_and_kept_in_the_memory_tier(
         assert [d["index"] for d in data] == [0, 1, 2]
         assert [_f32(d["embedding"]) for d in data] == _expected(list(texts))
     assert provider.stats()["calls"]["embeddings"] == 1
+
+
+@pytest.mark.parametrize("model", [MODEL, "org/model:v1 (beta)"])
+def test_answers_carry_a_valid_surrogate_key_naming_the_model(
+    cache: EmbeddingCache, provider: DevUpstream, model: str
+) -> None:
+    """`Surrogate-Key: model-<model_dir(model)>`, for Varnish's purge by key (`[A-Za-z0-9_.-]+` only),
+    on a miss and a hit; an error carries none."""
+    c = openai.OpenAI(base_url=cache.base_url, api_key="x", max_retries=0, timeout=30)
+    inputs = _unique("tagged")
+    keys = []
+    for want in ("miss", "hit"):
+        raw = c.embeddings.with_raw_response.create(model=model, input=inputs)
+        assert raw.headers["x-cache"] == want
+        keys.append(raw.headers["surrogate-key"])
+    assert keys[0] == keys[1] == f"model-{model_dir(model)}"
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", keys[0])
+    if model == MODEL:
+        assert keys[0] == f"model-{MODEL}"
+    bad = request(f"{cache.url}/v1/embeddings", body=b"{}", headers={"content-type": "application/json"})
+    assert bad.status == 400 and "surrogate-key" not in {k.lower() for k in bad.headers}
 
 
 # -- the file:// store across a restart ---------------------------------------------------------------
