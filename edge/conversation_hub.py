@@ -20,7 +20,9 @@ Decisions:
   conversation longer than `--history`) gets them from a per-viewer replay (`replay()`: an ephemeral
   pull consumer on the subject from its first stored message, fetched in batches, up to the log's
   start, deleted after), then continues from the log: memory for the common case, JetStream for the
-  rest;
+  rest. Memory: a subscribed conversation holds at most `--history` messages (default 1024, the
+  default `--client-queue` too, so a viewer within its lag bound reads from memory), about its raw
+  JSON plus ~150 bytes each; a conversation with no viewer holds nothing;
 - a gap in token sequences (a token stored out of order, or never): held for `--gap-timeout` s; then
   the hub replays the subject from JetStream looking for the missing tokens, logs what it finds, and
   skips the rest (viewers get `event: reset` for them: never a silent gap);
@@ -58,7 +60,7 @@ REPLAY_BATCH = 256
 @dataclass(frozen=True)
 class HubSettings:
     stream: str = "CHAT"
-    history: int = 4096
+    history: int = 1024
     client_queue: int = 1024
     gap_timeout: float = 1.0
     consumer_heartbeat: float = 2.0

@@ -99,7 +99,7 @@ class SseOptions:
         1024, "live tokens a viewer may be behind before it is cut off", parse=parse_non_negative_int
     )
     history: int = option(
-        4096,
+        1024,
         "tokens kept in memory per subscribed conversation (older ones are replayed from JetStream)",
         parse=parse_non_negative_int,
     )
@@ -219,6 +219,10 @@ async def _json_errors(
         return _error(405, "method_not_allowed", f"{request.method}: only GET", {"Allow": "GET"})
     except web.HTTPException as exc:
         return _error(exc.status, "http_error", exc.reason)
+    except Exception:  # a bug: its traceback in the log, a JSON 500 to the client (before the stream)
+        log.exception("GET %s failed", request.path)
+        requests.labels("error").inc()
+        return _error(500, "server_error", "internal error (logged)")
 
 
 def _last_event_id(request: web.Request) -> int | None:
@@ -272,6 +276,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     adapter.open_streams += 1
     metrics.open_streams.inc()
     conv = None
+    response: web.StreamResponse | None = None
     try:
         try:
             conv = await hub.join(cid, viewer)
@@ -279,19 +284,19 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             metrics.requests.labels("unavailable").inc()
             return _error(503, "unavailable", exc.message, {"Retry-After": str(exc.retry_after)})
         metrics.requests.labels("ok").inc()
-        response = web.StreamResponse(
+        stream = response = web.StreamResponse(
             headers={
                 "Content-Type": framer.content_type,
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
             }
         )
-        await response.prepare(request)
+        await stream.prepare(request)
 
         async def write(data: bytes) -> None:
             try:
                 async with asyncio.timeout(opts.write_timeout):
-                    await response.write(data)
+                    await stream.write(data)
             except TimeoutError:
                 reason = f"stalled client: a write blocked for {opts.write_timeout:g} s (--write-timeout)"
                 hub.metrics.slow_drops.inc()
@@ -319,12 +324,20 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(ViewerCut, ConnectionError):
                 await write(b"event: error\ndata: " + error_body("unavailable", exc.message) + b"\n\n")
             ended = "error"
-        except ViewerCut:  # the hub aborted the connection: nothing more can be written
-            return response
+        except (ViewerCut, ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:  # a bug, once the stream has started: event: error, then the end
+            log.exception("stream %s failed", cid)
+            body = error_body("server_error", "internal error (logged)")
+            with contextlib.suppress(ViewerCut, ConnectionError):
+                await write(b"event: error\ndata: " + body + b"\n\n")
+            ended = "error"
         log.debug("stream %s ended: %s", cid, ended)
         with contextlib.suppress(ConnectionError):
-            await response.write_eof()
-        return response
+            await stream.write_eof()
+        return stream
+    except (ViewerCut, ConnectionError):  # cut off, or the client went away: nothing more to write
+        return response if response is not None else web.Response(status=499)
     finally:
         if conv is not None:
             hub.leave(conv, viewer)
