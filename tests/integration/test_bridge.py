@@ -13,6 +13,7 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ import redis.asyncio as aioredis
 
 from meshkit.harness.nats import NatsServer, nats_server
 from meshkit.harness.redis import RedisServer
-from meshkit.harness.streaming import StoredMessage, bridge, eventually, stored_count, stored_messages
+from meshkit.harness.streaming import (
+    RunningBridge,
+    StoredMessage,
+    bridge,
+    eventually,
+    stored_count,
+    stored_messages,
+)
 
 STREAM_KEY = "chat.tokens"
 GROUP = "meshkit-bridge"
@@ -97,7 +105,9 @@ async def deadletters(origin: NatsServer) -> AsyncIterator[list[dict[str, Any]]]
     await nc.close()
 
 
-def stream_bridge(tmp_path: Path, redis: RedisServer, origin: NatsServer, *args: str, name: str = "bridge"):  # type: ignore[no-untyped-def]
+def stream_bridge(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer, *args: str, name: str = "bridge"
+) -> AbstractContextManager[RunningBridge]:
     return bridge(
         tmp_path, redis.url, origin.url, ["--source", "stream", "--consumer", name, *args], name=name
     )
@@ -283,7 +293,9 @@ async def test_sigterm_waits_for_the_acks_in_flight_and_exits_0(
 
 
 # -- pub/sub ------------------------------------------------------------------------------------------
-def pubsub_bridge(tmp_path: Path, redis: RedisServer, origin: NatsServer, name: str = "bridge"):  # type: ignore[no-untyped-def]
+def pubsub_bridge(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer, name: str = "bridge"
+) -> AbstractContextManager[RunningBridge]:
     return bridge(tmp_path, redis.url, origin.url, ["--source", "pubsub"], name=name)
 
 
