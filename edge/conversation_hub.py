@@ -289,7 +289,9 @@ class ConversationHub:
         conv.gap_timer = None
         if conv.closed or conv.log.waiting_for is None:
             return
-        conv.gap_task = asyncio.ensure_future(self._fill_gap(conv))
+        conv.gap_task = task = asyncio.ensure_future(self._fill_gap(conv))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _fill_gap(self, conv: Conversation) -> None:
         """Look for the missing tokens in JetStream; skip what is not there."""
