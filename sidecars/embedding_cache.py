@@ -585,7 +585,8 @@ def _passed_through(status: int, body: bytes, retry_after: str | None) -> Upstre
 
 
 def _read_upstream_answer(body: bytes, count: int) -> tuple[list[bytes], int, int]:
-    """(vectors as float32 bytes in input order, prompt_tokens, total_tokens), or a 502."""
+    """(vectors as float32 bytes in input order, prompt_tokens, total_tokens), or a 502 (also for an
+    index outside 0..count-1 or a bool, a repeated index, and vectors of different lengths)."""
     try:
         doc = json.loads(body)
         data = doc["data"]
@@ -594,6 +595,8 @@ def _read_upstream_answer(body: bytes, count: int) -> tuple[list[bytes], int, in
         vectors: list[bytes | None] = [None] * count
         for entry in data:
             index, embedding = entry["index"], entry["embedding"]
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+                raise ValueError(f"an index is not one of 0..{count - 1}: {index!r}")
             if isinstance(embedding, str):
                 raw = base64.b64decode(embedding, validate=True)
             elif isinstance(embedding, list):
@@ -610,6 +613,8 @@ def _read_upstream_answer(body: bytes, count: int) -> tuple[list[bytes], int, in
         raise _bad_gateway(502, f"The upstream's answer is not an embeddings list: {exc}") from None
     if any(v is None for v in vectors):
         raise _bad_gateway(502, "The upstream's answer is missing embeddings.")
+    if len({len(v) for v in vectors if v is not None}) > 1:
+        raise _bad_gateway(502, "The upstream's answer has embeddings of different lengths.")
     return [v for v in vectors if v is not None], prompt, total
 
 

@@ -115,6 +115,25 @@ def test_upstream_answer_read_in_index_order() -> None:
         assert caught.value.status == 502
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        [{"index": -1, "embedding": [1.0]}, {"index": 0, "embedding": [2.0]}],  # -1 filled the last slot
+        [{"index": True, "embedding": [1.0]}, {"index": 0, "embedding": [2.0]}],  # True is 1 in Python
+        [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [2.0, 3.0]}],  # two lengths
+    ],
+    ids=["negative-index", "bool-index", "mixed-lengths"],
+)
+def test_an_upstream_answer_with_bad_indexes_or_lengths_is_a_502_never_cached(
+    data: list[dict[str, object]],
+) -> None:
+    """Each would have been cached under the item keys: a vector at the wrong item, or of two lengths
+    (one of them not this model's) in one batch."""
+    with pytest.raises(UpstreamError) as caught:
+        _read_upstream_answer(json.dumps({"data": data}).encode(), 2)
+    assert caught.value.status == 502
+
+
 class BrokenStore(FileStore):
     def get(self, model: str, key: str) -> bytes | None:
         raise PermissionError("read denied")
