@@ -42,6 +42,9 @@ Caching
   errors included, and one tenant's 429 or refused key is not another's. (A request whose store read
   ended just before another request's fetch of the same item finished may still ask the upstream
   again.)
+- With `dimensions`, a vector of another length is never served from the store (an object another
+  writer left at the key: a miss, then written over) nor kept (a provider that ignores `dimensions`
+  is answered through, uncached).
 - `x-cache`: `hit` when every item came from the cache (memory or store), `miss` when none did,
   `partial` otherwise (an item waited for from another request's upstream call counts as a miss).
 - `Surrogate-Key: model-<model-safe>` on every successful answer (`model-safe` is the store's folder
@@ -484,7 +487,10 @@ class Cache:
         try:
             vectors, prompt, total = await self._call_upstream(req, user, list(keys.values()), auth)
             got = dict(zip(keys, vectors, strict=True))
+            size = _size(req)
             for key, data in got.items():
+                if size is not None and len(data) != size:  # `dimensions` ignored: served, not kept
+                    continue
                 self._remember(key, data)
                 self.writer.submit(req.model, key, data)
             for key, future in futures.items():
@@ -503,9 +509,11 @@ class Cache:
                 self.inflight.pop((auth, key), None)
 
     # -- one request ------------------------------------------------------------------------------
-    async def cached(self, model: str, keys: Sequence[str]) -> tuple[dict[str, bytes], set[str]]:
-        """The vectors of `keys` the cache holds (memory, queued writes, the store), and the keys that
-        came from memory (the tier or the write queue)."""
+    async def cached(
+        self, model: str, keys: Sequence[str], size: int | None = None
+    ) -> tuple[dict[str, bytes], set[str]]:
+        """The vectors of `keys` the cache holds (memory, queued writes, the store; from the store only
+        those of `size` bytes when given), and the keys that came from memory (tier or write queue)."""
         vectors: dict[str, bytes] = {}
         missing: list[str] = []
         with self.tracing.span("cache.lookup") as span:
@@ -521,6 +529,8 @@ class Cache:
             span.set_attribute("cache.memory_hits", len(in_memory))
             if missing:
                 found = await self._lookup(model, missing)
+                if size is not None:  # not this many dimensions: another writer's, never served
+                    found = {key: data for key, data in found.items() if len(data) == size}
                 for key, data in found.items():
                     self._remember(key, data)
                 vectors.update(found)
@@ -530,7 +540,7 @@ class Cache:
     async def embed(self, req: EmbeddingRequest, user: str | None, auth: str | None) -> tuple[bytes, str]:
         """The answer's JSON body and its x-cache value (hit, miss, partial)."""
         keys = [item_key(req.model, req.dimensions, item) for item in req.items]
-        vectors, from_memory = await self.cached(req.model, keys)
+        vectors, from_memory = await self.cached(req.model, keys, _size(req))
         hits = sum(1 for key in keys if key in vectors)
         memory_hits = sum(1 for key in keys if key in from_memory)
         owned: dict[str, Item] = {}
@@ -569,6 +579,11 @@ class Cache:
             text = float_text(data)
             self.metrics.memory_evictions.inc(self.memory.put_text(key, text))
         return text
+
+
+def _size(req: EmbeddingRequest) -> int | None:
+    """The bytes of one of the request's vectors when it asks for `dimensions`, else None."""
+    return None if req.dimensions is None else 4 * req.dimensions
 
 
 def _passed_through(status: int, body: bytes, retry_after: str | None) -> UpstreamError:

@@ -19,9 +19,10 @@ import openai
 import pytest
 
 from meshkit.harness.daemons import DevUpstream, EmbeddingCache, dev_upstream, embedding_cache
+from meshkit.sidecars.embedding_cache import item_key
 from meshkit.sidecars.fake_model import vector
 from meshkit.sidecars.openai_shapes import Item
-from meshkit.sidecars.vector_store import model_dir
+from meshkit.sidecars.vector_store import FileStore, model_dir
 
 from .conftest import request
 
@@ -233,6 +234,24 @@ def test_answers_carry_a_valid_surrogate_key_naming_the_model(
         assert keys[0] == f"model-{MODEL}"
     bad = request(f"{cache.url}/v1/embeddings", body=b"{}", headers={"content-type": "application/json"})
     assert bad.status == 400 and "surrogate-key" not in {k.lower() for k in bad.headers}
+
+
+def test_a_stored_vector_of_the_wrong_length_for_dimensions_is_a_miss_and_replaced(
+    workdir: Path, provider: DevUpstream, tmp_path: Path
+) -> None:
+    """An object at an item's key that is not `dimensions` float32 long (a foreign writer, a bucket
+    shared with another deployment) was served as is: a 3-component answer to `dimensions: 64`."""
+    text = _unique("wrong length")[0]
+    store = FileStore(tmp_path)
+    store.open()
+    store.put(MODEL, item_key(MODEL, 64, text), _f32([1.0, 2.0, 3.0]))
+    with embedding_cache(workdir, provider.base_url, tmp_path.as_uri(), name="ec-wrong-length") as server:
+        c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
+        for want in ("miss", "hit"):
+            result, vectors, _answer = _embed(c, input=[text], dimensions=64)
+            assert result == want and [_f32(v) for v in vectors] == _expected([text], 64)
+    assert store.get(MODEL, item_key(MODEL, 64, text)) == _expected([text], 64)[0]  # written over
+    assert provider.stats()["calls"]["embeddings"] == 1
 
 
 # -- the file:// store across a restart ---------------------------------------------------------------
