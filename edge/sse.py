@@ -36,8 +36,9 @@ falls behind) is cut off the same way once one write has blocked for `--write-ti
 that disconnects leaves at once (its handler is cancelled), and the subscription goes with the last
 one.
 
-Admin port: `/healthz`; `/readyz` is 200 only while NATS is connected and the stream was reachable
-(checked at start and after every reconnect); `/metrics`: `meshkit_sse_open_streams`,
+Admin port: `/healthz`; `/readyz` is 200 only while NATS is connected and the stream answers
+(checked every `--ready-interval` s and right after a reconnect: a leaf cut from its origin keeps its
+clients connected, only the check notices); `/metrics`: `meshkit_sse_open_streams`,
 `meshkit_sse_conversations_subscribed`, `meshkit_sse_tokens_delivered_total`,
 `meshkit_sse_delivery_latency_seconds` (publish -> written, from the message's `ts`),
 `meshkit_sse_slow_client_drops_total`, `meshkit_sse_resets_total`,
@@ -63,7 +64,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -130,6 +131,12 @@ class SseOptions:
         250, "the `retry:` sent with `event: reconnect` at shutdown (ms)", parse=parse_non_negative_int
     )
     default_model: str = option("meshkit", "`model` of ?format=openai chunks when the message has none")
+    ready_interval: float = option(
+        2.0,
+        "seconds between two checks that the stream answers through NATS (/readyz)",
+        parse=parse_seconds,
+        metavar="SECONDS",
+    )
     write_timeout: float = option(
         30.0,
         "seconds one write to a client may block (a client that stopped reading) before it is cut off",
@@ -142,7 +149,7 @@ class SseOptions:
         for name in ("max_connections", "client_queue", "history"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}: must be at least 1")
-        for name in ("heartbeat", "consumer_heartbeat", "nats_timeout", "write_timeout"):
+        for name in ("heartbeat", "consumer_heartbeat", "nats_timeout", "write_timeout", "ready_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')}: must be more than 0 seconds")
         if not self.stream or any(c in self.stream for c in ".*> "):
@@ -400,7 +407,9 @@ class _Nats:
     life: Lifecycle
     client: Client | None = None
     draining: bool = False
-    _checker: asyncio.Task[None] | None = None
+    _probe: asyncio.Task[None] | None = None
+    _poke: asyncio.Event = field(default_factory=asyncio.Event)
+    _ok: bool = True  # what the last check found (a change is logged)
 
     def _set(self, ready: bool, reason: str) -> None:
         if not self.draining:
@@ -411,12 +420,12 @@ class _Nats:
             if self.draining:
                 return
             log.warning("NATS connection lost: not ready until it is back")
+            self._ok = False
             self._set(False, "nats disconnected")
 
         async def reconnected() -> None:
             log.info("NATS connection back")
-            if self._checker is None or self._checker.done():
-                self._checker = asyncio.ensure_future(self._check_stream())
+            self._poke.set()  # check the stream now
 
         said = False
 
@@ -469,22 +478,38 @@ class _Nats:
                     said = True
             await asyncio.sleep(0.5)
 
-    async def _check_stream(self) -> None:
-        """After a reconnect: ready again once the stream answers (tried every second)."""
-        while self.client is not None and self.client.is_connected:
-            try:
-                await self.js().stream_info(self.opts.stream)
-            except Exception as exc:
-                log.warning("stream %s not reachable after the reconnect: %r", self.opts.stream, exc)
-                self._set(False, f"stream {self.opts.stream} not reachable")
-                await asyncio.sleep(1.0)
-                continue
-            self._set(True, "serving")
-            return
+    async def _check(self) -> None:
+        """Every --ready-interval (and at once after a reconnect): does the stream answer? /readyz
+        follows (a leaf cut from its origin keeps its clients connected: only this notices)."""
+        while True:
+            if self.client is not None and self.client.is_connected:
+                try:
+                    async with asyncio.timeout(min(self.opts.nats_timeout, self.opts.ready_interval + 1)):
+                        await self.js().stream_info(self.opts.stream)
+                    problem = None
+                except Exception as exc:
+                    problem = exc
+                if (problem is None) != self._ok:
+                    if problem is None:
+                        log.info("stream %s reachable again: ready", self.opts.stream)
+                    else:
+                        log.warning("stream %s not reachable: not ready (%r)", self.opts.stream, problem)
+                self._ok = problem is None
+                self._set(self._ok, "serving" if self._ok else f"stream {self.opts.stream} not reachable")
+            self._poke.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.opts.ready_interval):
+                    await self._poke.wait()
+
+    async def start_checks(self) -> None:
+        self._probe = asyncio.ensure_future(self._check())
+
+    async def stop_checks(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
 
     async def close(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
         if self.client is not None and not self.client.is_closed:
             with contextlib.suppress(Exception):
                 await self.client.drain()
@@ -527,6 +552,7 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
 
     life.on_draining(draining)
     await _serve_streams(life, opts.listen, sse_app(adapter))
+    await life.start("readiness checks", conn.start_checks, conn.stop_checks)
 
 
 def _sections() -> list[type[Any]]:
