@@ -66,7 +66,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def read_json_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or `InvalidRequest` with OpenAI's wording."""
+    """The request body as a JSON object, or `InvalidRequest` with OpenAI's wording (also for JSON
+    nested too deeply to parse, a `RecursionError` that was a 500 with a traceback)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -75,6 +76,8 @@ def read_json_object(body: bytes) -> dict[str, Any]:
             "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was "
             "not valid JSON.)"
         ) from None
+    except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
+        raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
     if not isinstance(doc, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return doc

@@ -304,6 +304,7 @@ def test_upstream_500_passed_through(client: openai.OpenAI, provider: DevUpstrea
         (b'{"model": "%s", "input": "half \\ud800 a pair"}' % MODEL.encode(), "input"),
         (b'{"model": "%s", "input": ["fine", "\\udfff"]}' % MODEL.encode(), "input[1]"),
         (b'{"model": "m\\ud83d", "input": "x"}', "model"),
+        (b'{"model": "m", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     ],
     ids=[
         "bad-json",
@@ -315,6 +316,7 @@ def test_upstream_500_passed_through(client: openai.OpenAI, provider: DevUpstrea
         "lone-surrogate",
         "lone-surrogate-item",
         "lone-surrogate-model",
+        "nested-too-deep",
     ],
 )
 def test_bad_input_is_400(
