@@ -77,7 +77,7 @@ from meshkit.daemon import Daemon, Lifecycle, Resolved, bind, bound_address
 from meshkit.edge.conversation_hub import ConversationHub, HubMetrics, HubSettings
 from meshkit.edge.sse_format import framer_for
 from meshkit.edge.token_contract import CONVERSATION_ID, DEFAULT_STREAM, TokenMessage, is_conversation_id
-from meshkit.edge.viewer import Viewer, ViewerCut, pump
+from meshkit.edge.viewer import Viewer, ViewerClock, ViewerCut, pump
 from meshkit.errors import DependencyError, error_body
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds
 
@@ -303,17 +303,12 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         await stream.prepare(request)
 
         async def write(data: bytes) -> None:
+            """A write the ViewerClock watches: blocked past --write-timeout, the viewer is cut off."""
+            viewer.writing_since = time.monotonic()
             try:
-                async with asyncio.timeout(opts.write_timeout):
-                    await stream.write(data)
-            except TimeoutError:
-                reason = f"stalled client: a write blocked for {opts.write_timeout:g} s (--write-timeout)"
-                hub.metrics.slow_drops.inc()
-                log.warning(
-                    "stream %s: cut off: %s (it may resume after id %d)", cid, reason, viewer.last_sent
-                )
-                viewer.cut(reason)
-                raise ViewerCut(reason) from None
+                await stream.write(data)
+            finally:
+                viewer.writing_since = None
 
         try:
             await write(framer.preamble())
@@ -546,6 +541,17 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         adapter.hub = hub
 
     await life.start("conversation hub", start_hub, hub.close)
+
+    def stalled(viewer: Viewer) -> None:
+        reason = f"stalled client: a write blocked for {opts.write_timeout:g} s (--write-timeout)"
+        hub.metrics.slow_drops.inc()
+        on_cut(viewer, reason)
+        viewer.cut(reason)
+
+    clock = ViewerClock(
+        lambda: hub.viewers, heartbeat=opts.heartbeat, write_timeout=opts.write_timeout, stalled=stalled
+    )
+    await life.start("viewer clock", clock.start, clock.stop)
 
     async def draining() -> None:
         conn.draining = True

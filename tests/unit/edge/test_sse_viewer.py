@@ -192,3 +192,23 @@ async def test_pump_live_then_reconnect_then_cut() -> None:
     cut.cut("slow")
     with pytest.raises(ViewerCut, match="slow"):
         await run(cut, log)
+
+
+def test_the_clock_wakes_viewers_owing_a_heartbeat_and_hands_over_stalled_writers() -> None:
+    from meshkit.edge.viewer import ViewerClock
+
+    idle, busy, stuck, cut = (Viewer("c1", None) for _ in range(4))
+    idle.last_write = 100.0
+    busy.last_write = 109.5
+    stuck.writing_since = 100.0
+    cut.cut("slow")
+    cut.wake.clear()
+    stalled: list[Viewer] = []
+    clock = ViewerClock(
+        lambda: [idle, busy, stuck, cut], heartbeat=5, write_timeout=8, stalled=stalled.append
+    )
+    clock.check(now=110.0)
+    assert idle.wake.is_set() and not busy.wake.is_set()
+    assert stalled == [stuck] and not stuck.wake.is_set()
+    assert not cut.wake.is_set()
+    assert clock.tick == 1.0
