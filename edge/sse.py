@@ -89,9 +89,17 @@ MAX_LAST_EVENT_ID = (1 << 63) - 1
 @dataclass(frozen=True)
 class SseOptions:
     listen: str = option(
-        "127.0.0.1:8080", "HOST:PORT for GET /stream/{id} (port 0: any free port)", parse=parse_host_port
+        "127.0.0.1:8080",
+        "HOST:PORT for GET /stream/{id} (port 0: any free port)",
+        parse=parse_host_port,
+        metavar="HOST:PORT",
     )
-    nats: str = option("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated (the edge leaf)")
+    nats: str = option(
+        "nats://127.0.0.1:4222",
+        "NATS server URL(s), comma-separated (the edge leaf; may hold credentials: never logged)",
+        metavar="URL",
+        secret=True,
+    )
     js_domain: str = option("", "JetStream domain of the origin (a leaf's clients reach it only so)")
     stream: str = option(DEFAULT_STREAM, "JetStream stream holding chat.*.tokens")
     heartbeat: float = option(
@@ -428,7 +436,7 @@ class _Nats:
             nonlocal said
             if self.client is None and not said:  # still connecting: say why once (the start may wait)
                 said = True
-                log.warning("NATS %s not reachable yet: %r", self.opts.nats, exc)
+                log.warning("NATS not reachable yet: %r", exc)
             else:
                 log.debug("NATS: %r", exc)
 
@@ -448,7 +456,7 @@ class _Nats:
                 error_cb=error,
             )
         except Exception as exc:
-            raise DependencyError("nats", f"cannot connect to {self.opts.nats}: {exc!r}") from None
+            raise DependencyError("nats", f"cannot connect: {exc!r}") from None
 
     def js(self) -> Any:
         assert self.client is not None
