@@ -84,7 +84,14 @@ from meshkit.errors import ConfigError
 from meshkit.extproc.auth.events import _abort, _cancel, _redact_url
 from meshkit.logs import Throttle
 from meshkit.options import option, parse_seconds
-from meshkit.sidecars.bridge_deadletter import MISSING_DATA, REASONS, REJECTED, dead_letter, reason_label
+from meshkit.sidecars.bridge_deadletter import (
+    MAX_LETTER_BYTES,
+    MISSING_DATA,
+    REASONS,
+    REJECTED,
+    dead_letter,
+    reason_label,
+)
 from meshkit.sidecars.bridge_sources import PubSubSource, Received, Source, StreamSource
 from meshkit.sidecars.jetstream_publisher import AckWindow, Pending, PublisherStats
 
@@ -513,6 +520,7 @@ class Bridge:
                 await window.publish_many(good)
 
     async def _dead_letter(self, item: Received, reason: str, detail: str) -> None:
+        nc = self.nc
         payload = dead_letter(
             reason,
             detail,
@@ -520,14 +528,15 @@ class Bridge:
             data=item.data,
             channel=item.channel,
             entry_id=item.entry_id,
+            max_bytes=nc.max_payload if nc is not None and nc.is_connected else MAX_LETTER_BYTES,
         )
         where = (
             item.channel if item.channel is not None else (item.entry_id or b"").decode("ascii", "replace")
         )
         try:
-            if self.nc is None:
+            if nc is None:
                 raise ConnectionError("not connected to NATS")
-            await self.nc.publish(DEADLETTER_SUBJECT, payload)
+            await nc.publish(DEADLETTER_SUBJECT, payload)
         except (NatsError, ConnectionError) as exc:
             self.stats.deadletter_failures += 1
             self.source.release(item)

@@ -11,9 +11,12 @@ published (core NATS, at most once) to `chat.deadletter` as JSON:
 - `source`: `pubsub` (with `channel`) or `stream` (with `entry_id`);
 - `data`: the original bytes as a string when they are UTF-8, else base64 with `"encoding": "base64"`;
   `null` for a Streams entry without a `data` field.
-  Data over `MAX_DATA_BYTES` is cut there and `"truncated": true` is set (NATS's max_payload is
-  1 MiB). `chat.deadletter` is outside the CHAT stream's subjects on purpose: store it with a stream
-  of its own if it must be kept.
+  Data over `MAX_DATA_BYTES` is cut there and `"truncated": true` is set. The whole letter is kept
+  under `max_bytes` (the bridge passes NATS's `max_payload`, 1 MiB by default): JSON escaping can
+  make it six times the data (a control character is `\\u0001`), and a letter the client refuses
+  would leave its Streams entry pending, read and refused again after every reconnect; the data is
+  cut shorter until the letter fits. `chat.deadletter` is outside the CHAT stream's subjects on
+  purpose: store it with a stream of its own if it must be kept.
 
 A Streams entry is acknowledged once its dead letter has been handed to the NATS client.
 """
@@ -26,9 +29,10 @@ from typing import Any
 
 from meshkit.edge.token_contract import MalformedToken
 
-__all__ = ["REASONS", "dead_letter", "reason_label"]
+__all__ = ["MAX_LETTER_BYTES", "REASONS", "dead_letter", "reason_label"]
 
 MAX_DATA_BYTES = 256 * 1024
+MAX_LETTER_BYTES = 1 << 20  # NATS's default max_payload
 
 # parse_token()'s reasons (meshkit.edge.token_contract), by how they start, and the bridge's own.
 _PREFIXES = (
@@ -65,22 +69,38 @@ def dead_letter(
     data: bytes | None,
     channel: str | None = None,
     entry_id: bytes | None = None,
+    max_bytes: int = MAX_LETTER_BYTES,
 ) -> bytes:
-    """The JSON payload published to `chat.deadletter` (see the module docstring)."""
-    doc: dict[str, Any] = {"reason": reason, "detail": detail, "source": source}
+    """The JSON payload published to `chat.deadletter` (see the module docstring), at most
+    `max_bytes` long (the data cut shorter until it fits)."""
+    doc: dict[str, Any] = {"reason": reason, "detail": detail[:1000], "source": source}
     if channel is not None:
-        doc["channel"] = channel
+        doc["channel"] = channel[:1000]
     if entry_id is not None:
         doc["entry_id"] = entry_id.decode("ascii", "replace")
     if data is None:
         doc["data"] = None
-    else:
-        if len(data) > MAX_DATA_BYTES:
-            data = data[:MAX_DATA_BYTES]
-            doc["truncated"] = True
-        try:
-            doc["data"] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            doc["data"] = base64.b64encode(data).decode("ascii")
-            doc["encoding"] = "base64"
+        return _encode(doc)
+    cut = min(len(data), MAX_DATA_BYTES)
+    while True:
+        letter = _encode(_with_data(doc, data, cut))
+        if len(letter) <= max_bytes or cut == 0:
+            return letter
+        cut //= 2
+
+
+def _with_data(doc: dict[str, Any], data: bytes, cut: int) -> dict[str, Any]:
+    doc = dict(doc)
+    if cut < len(data):
+        data = data[:cut]
+        doc["truncated"] = True
+    try:
+        doc["data"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        doc["data"] = base64.b64encode(data).decode("ascii")
+        doc["encoding"] = "base64"
+    return doc
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()

@@ -197,6 +197,37 @@ async def test_streams_malformed_entries_are_dead_lettered_with_reasons_and_ackn
         assert [m.subject for m in stored] == ["chat.good.tokens"]  # nothing else reached the stream
 
 
+async def test_a_dead_letter_that_would_be_over_max_payload_is_cut_to_fit_and_the_entry_acknowledged(
+    tmp_path: Path,
+    redis: RedisServer,
+    inspect: aioredis.Redis,
+    origin: NatsServer,
+    deadletters: list[dict[str, Any]],
+) -> None:
+    # 300 KiB of control characters: not JSON; cut to 256 KiB for the letter, each byte then JSON-escaped
+    # to six (\u0001): 1.5 MiB, over NATS's 1 MiB max_payload. Such a letter was refused by the client
+    # every time, so the entry stayed pending and was read (and failed) again after every reconnect.
+    await inspect.xadd(STREAM_KEY, {"data": b"\x01" * (300 * 1024)})
+    await inspect.xadd(STREAM_KEY, {"data": token("after", 1)})
+    with stream_bridge(tmp_path, redis, origin) as b:
+        b.wait_ready()
+
+        async def lettered() -> bool:
+            return len(deadletters) >= 1
+
+        await eventually(lettered, "the dead letter of the oversized entry")
+        letter = deadletters[0]
+        assert letter["reason"] == "not_json" and letter["truncated"] is True
+        assert set(letter["data"]) == {"\x01"} and 0 < len(letter["data"]) < 300 * 1024
+
+        async def all_acked() -> bool:
+            return await pending_count(inspect) == 0
+
+        await eventually(all_acked, "the oversized entry acknowledged once lettered")
+        assert b.metric("meshkit_bridge_deadletter_failures_total") == 0
+        assert [m.subject for m in await wait_stored(origin.url, 1)] == ["chat.after.tokens"]
+
+
 async def test_consumer_killed_with_pending_entries_restarts_and_republishes_them_without_loss(
     tmp_path: Path, redis: RedisServer, inspect: aioredis.Redis, origin: NatsServer
 ) -> None:

@@ -69,6 +69,16 @@ def test_dead_letter_cuts_big_data_and_says_so() -> None:
     assert doc["truncated"] is True and len(doc["data"]) == MAX_DATA_BYTES
 
 
+@pytest.mark.parametrize("data", [b"\x01" * (300 * 1024), "\U0001f600".encode() * 70_000, b"\xff" * 300_000])
+def test_dead_letter_fits_max_bytes_whatever_the_escaping(data: bytes) -> None:
+    letter = dead_letter("not_json", "not JSON", source="stream", data=data, max_bytes=1 << 20)
+    assert len(letter) <= 1 << 20
+    doc = json.loads(letter)
+    assert doc["truncated"] is True and doc["data"]
+    small = dead_letter("not_json", "not JSON", source="stream", data=data, max_bytes=4096)
+    assert len(small) <= 4096 and json.loads(small)["truncated"] is True
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "x", "1.5", True, "2000000"])
 def test_positive_int_refuses(value: object) -> None:
     with pytest.raises(ValueError):
