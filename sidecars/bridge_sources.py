@@ -22,7 +22,9 @@ Streams (`--stream-key`, default `chat.tokens`; each entry's field `data` is the
   entries of this process still waiting for their PubAck are never handed out twice;
 - `confirm(entry)` queues its `XACK`; `flush_acks()` sends the queued ones in one command (the bridge's
   acker task calls it): an entry is acknowledged only after JetStream confirmed it (or after it was
-  dead-lettered). Acks that fail (Redis down) stay queued and go out after the reconnect;
+  dead-lettered). Acks that fail (Redis down) stay queued and go out after the reconnect; until then
+  a re-read of the pending list or a claim skips them (published again after an outage longer than
+  JetStream's 2-minute duplicate window, they would be stored twice);
 - an entry whose fields are empty (deleted from the stream while pending) or have no `data` comes out
   with `data=None`: the bridge dead-letters and acknowledges it, so it is never read again.
 
@@ -185,7 +187,8 @@ class StreamSource:
         self._next_claim = time.monotonic() + claim_every
         self._group_ready = False
         self._inflight: set[bytes] = set()  # read, not yet confirmed
-        self._to_ack: list[bytes] = []
+        self._to_ack: list[bytes] = []  # confirmed, XACK not sent yet (in order)
+        self._confirmed: set[bytes] = set()  # the same ids, to skip them on a re-read
         self.claimed = 0
         self.acked = 0
 
@@ -248,7 +251,7 @@ class StreamSource:
                 self._cursor = ">"
                 return None
             self._cursor = entries[-1][0].decode()
-            fresh = [e for e in entries if e[0] not in self._inflight]
+            fresh = self._fresh(entries)
             if fresh:
                 log.info("bridge: re-reading %d pending entries of consumer %s", len(fresh), self.consumer)
                 return self._take(fresh)
@@ -261,7 +264,7 @@ class StreamSource:
         if next_cursor == "0-0":  # a whole pass over the pending lists: the next one later
             self._next_claim = time.monotonic() + self.claim_every
         self._claim_cursor = next_cursor
-        fresh = [e for e in reply[1] if e[0] not in self._inflight]
+        fresh = self._fresh(reply[1])
         if fresh:
             self.claimed += len(fresh)
             log.info(
@@ -270,6 +273,13 @@ class StreamSource:
                 self.claim_idle,
             )
         return self._take(fresh)
+
+    def _fresh(self, entries: list[Any]) -> list[Any]:
+        """Entries of a re-read or a claim that are not being handled here already: neither in flight
+        nor confirmed and waiting for their XACK (published again, such an entry would be stored twice
+        once JetStream's duplicate window has passed, e.g. after a long Redis outage)."""
+        busy_a, busy_b = self._inflight, self._confirmed
+        return [e for e in entries if e[0] not in busy_a and e[0] not in busy_b]
 
     def _received(self, reply: Any) -> list[Received]:
         return self._take(_entries(reply))
@@ -285,6 +295,7 @@ class StreamSource:
         if item.entry_id is not None:
             self._inflight.discard(item.entry_id)
             self._to_ack.append(item.entry_id)
+            self._confirmed.add(item.entry_id)
 
     def release(self, item: Received) -> None:
         """`item` could not be handled now (its dead letter was not published): no longer in flight,
@@ -309,6 +320,7 @@ class StreamSource:
             except BaseException:
                 self._to_ack[:0] = batch
                 raise
+            self._confirmed.difference_update(batch)
             done += len(batch)
             self.acked += len(batch)
         return done

@@ -89,3 +89,24 @@ async def test_a_dead_consumers_idle_entries_are_claimed(redis: RedisServer, ins
     assert [r.data for r in claimed] == [b"0", b"1", b"2"] and live.claimed == 3
     assert await live.read(10) == []  # in flight here now: not claimed again
     await live.close()
+
+
+async def test_confirmed_entries_waiting_for_their_xack_are_not_handed_out_again(
+    redis: RedisServer, inspect: aioredis.Redis
+) -> None:
+    """Stored in JetStream, XACK not sent yet (Redis went away first): the re-read of the pending list
+    after the reconnect, and a claim pass, must not publish them a second time: once Redis was away
+    for longer than JetStream's 2-minute duplicate window, that second publish is a second copy."""
+    for i in range(4):
+        await inspect.xadd(KEY, {"data": b"%d" % i})
+    src = source(redis, claim_idle=0.0, claim_every=0.0)
+    got = await src.read(3)
+    for item in got:
+        src.confirm(item)
+    src.reset()  # the reconnect: pending entries are re-read first
+    assert [r.data for r in await src.read(10)] == [b"3"]  # the three confirmed ones are not
+    assert await src.read(10) == []  # nor claimed back (idle 0)
+    assert await src.flush_acks() == 3 and await pending(inspect) == 1
+    src.reset()  # acknowledged now: nothing skipped any more, nothing kept
+    assert await src.read(10) == []
+    await src.close()
