@@ -391,7 +391,7 @@ async def test_sigterm_tells_every_open_stream_to_reconnect(
     workdir: Path, leaf: NatsServer, js: JetStreamContext, session: aiohttp.ClientSession
 ) -> None:
     c = cid()
-    args = ["--heartbeat", "0.5", "--drain-delay", "0.5"]
+    args = ["--heartbeat", "0.5", "--drain-delay", "1"]
     with sse_adapter(workdir, leaf.url, args, name="sse-sigterm") as doomed:
         readers = [await open_stream(session, doomed.stream_url(c)) for _ in range(2)]
         resumed = await open_stream(session, doomed.stream_url(c, last_event_id=1))
