@@ -17,8 +17,8 @@ API (the `--listen` port)
   `{"requested": N, "available_from": M}` (N the first sequence wanted, `null` without Last-Event-ID;
   also sent for a gap in sequences nobody filled), right before token M. Without Last-Event-ID, a
   conversation whose first stored token is 0 or 1 counts as complete (sequences may start at either:
-  a lost token 0 before a stored 1 cannot be told apart). A resume after
-  the `done` token sends nothing and ends the response (a client closes on `event: done`).
+  a lost token 0 before a stored 1 cannot be told apart). A resume after the `done` token sends
+  nothing and ends the response (a client closes on `event: done`).
 - `?format=openai`: OpenAI Chat Completions chunks; resume there with `?last_event_id=<x_sequence>`
   (see `sse_format.py`).
 - 400 JSON before any subscription for an invalid id (`^[A-Za-z0-9_-]{1,128}$`: `a.>`, `*`, dots...),
