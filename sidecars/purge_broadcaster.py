@@ -273,14 +273,20 @@ class Broadcaster:
         if self.purge_log is None:
             return kept
         away = self.departures.away() if self.departures is not None else []
-        for target in [d.target for d in failed if d.status != 400] + away:  # 400: a replay would be too
-            try:
-                await self.purge_log.append(target, purge)
+        # once each (a target that failed may have left the set meanwhile), all at once: a Redis that
+        # does not answer costs one timeout, not one per target; 400: a replay would be refused too
+        targets = list(dict.fromkeys([d.target for d in failed if d.status != 400] + away))
+        log_ = self.purge_log
+        results = await asyncio.gather(*(log_.append(t, purge) for t in targets), return_exceptions=True)
+        for target, result in zip(targets, results, strict=True):
+            if result is None:
                 kept.add(target)
-            except Exception as exc:  # Redis down: the 502 still says which target missed it
+            elif isinstance(result, Exception):  # Redis down: the 502 still says which target missed it
                 if self.log_errors is not None:
                     self.log_errors.inc()
-                log.error("purge log: could not keep %s for %s: %r", purge.path, target, exc)
+                log.error("purge log: could not keep %s for %s: %r", purge.path, target, result)
+            else:
+                raise result
         return kept
 
     async def fan_out(self, purge: Purge, targets: tuple[str, ...]) -> list[Delivery]:

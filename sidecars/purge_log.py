@@ -173,6 +173,7 @@ class ReplayMetrics:
 
 
 REPLAY_RESULTS = ("ok", "failed", "dropped", "expired")
+STOP_DEADLINE = 3.0  # seconds Replayer.stop waits for the loop (a Redis call under way: its 2 s timeout)
 
 
 def remove_series(counter: Counter, *labels: str) -> None:
@@ -255,22 +256,33 @@ class Replayer:
         self._interval, self._metrics = interval, metrics
         self._departures = departures
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="purge-log-replay")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def stop(self, deadline: float = STOP_DEADLINE) -> None:
+        """Cancel the loop and wait for it, at most `deadline` seconds. redis-py can turn a cancellation
+        that lands as its socket timeout fires into a TimeoutError it then retries: the round goes on
+        as if nothing happened, so the loop also checks `_stopping` between rounds."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._task.cancel()
+        done, _ = await asyncio.wait({self._task}, timeout=deadline)
+        if not done:
+            log.warning("purge log: the replay loop did not stop within %g s: abandoned", deadline)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.replay_round()
             except Exception as exc:  # Redis down: try again next round
                 self._metrics.errors.inc()
                 log.warning("purge log: replay round failed: %r", exc)
+            if self._stopping:
+                return
             await asyncio.sleep(self._interval)
 
     async def replay_round(self) -> None:

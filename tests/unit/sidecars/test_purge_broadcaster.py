@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -330,3 +333,73 @@ async def test_with_a_purge_log_what_is_kept_per_departed_target_is_bounded(
             )
 
         await eventually("only the current target's series, entries and departure left", settled)
+
+
+@asynccontextmanager
+async def silent_target() -> AsyncIterator[str]:
+    """A target that takes the connection and the request and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # until the client gives up
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    finally:
+        for writer in held:
+            writer.close()
+        listening.close()
+
+
+async def test_a_target_that_leaves_during_the_purge_it_misses_gets_it_queued_once(
+    kube: FakeKube, token_file: Path, redis: RedisServer
+) -> None:
+    flags = {"redis": redis.url, "redis_prefix": "pb-unit-once", "replay_interval": 5}
+    async with silent_target() as target, running(**kube_flags(kube, token_file), **flags, attempts=1) as pb:
+        host, _, port = target.rpartition(":")
+        kube.put_slice("cache", "varnish-a", "varnish", [endpoint(host)], ports=[("http", int(port))])
+        await eventually("the target is in the set", lambda: _ready(pb))
+        async with aiohttp.ClientSession() as session:
+            purging = asyncio.ensure_future(session.request("PURGE", pb.url + "/x"))
+            await asyncio.sleep(0.3)  # its attempt is under way (--target-timeout 1)
+            kube.delete_slice("cache", "varnish-a")  # the pod leaves (unready) meanwhile
+            resp = await purging
+            assert resp.status == 502
+            resp.release()
+        pending = (await get(pb.url + "/purges"))[1]["pending"]
+    assert [e["purge"]["path"] for e in pending[target]] == ["/x"]
+
+
+async def _ready(pb: Running) -> bool:
+    return (await get(pb.admin_url + "/readyz"))[0] == 200
+
+
+async def test_a_redis_that_does_not_answer_costs_one_timeout_per_purge_and_does_not_hold_the_stop(
+    redis: RedisServer,
+) -> None:
+    """Redis stalls (SIGSTOP: it takes connections, answers nothing) during a purge four targets miss:
+    the 502 comes after one Redis timeout (2 s), not one per target; SIGTERM right after it, as the
+    replay loop's own Redis call times out, stops the daemon at once. (Before: redis-py could turn
+    that cancellation into a retried timeout, the loop went on and the stop waited for the closer's
+    30 s deadline: about one run in two. Three runs here.)"""
+    dead = ",".join(f"127.0.0.{i}:1" for i in range(2, 6))  # four targets, every one refuses
+    flags = {"redis": redis.url, "redis_prefix": "pb-unit-slow", "attempts": 1, "replay_interval": 0.01}
+    for _ in range(3):
+        async with running(targets=dead, **flags) as pb:
+            os.kill(redis.process.pid, signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.request("PURGE", pb.url + "/x") as resp,
+                ):
+                    listed = (await resp.json())["targets"]
+                took = time.monotonic() - began
+            finally:
+                os.kill(redis.process.pid, signal.SIGCONT)
+            assert resp.status == 502 and [t["pending"] for t in listed] == [False] * 4
+            assert took < 3.5, f"{took:.1f} s"  # the purge log's Redis timeout is 2 s
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 4.0
