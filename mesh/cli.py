@@ -52,7 +52,7 @@ DAEMONS: dict[str, tuple[str, str]] = {
     ),
     "bridge": (
         "meshkit.sidecars.bridge",
-        "moves LLM tokens from Redis (Streams or pub/sub) into JetStream, each stored once",
+        "moves LLM tokens from Redis (Streams or pub/sub) into NATS JetStream, each stored once",
     ),
 }
 
