@@ -158,9 +158,15 @@ class _AppListener:
         await self._runner.cleanup()
 
 
-async def start_app(address: str, app: web.Application, what: str) -> tuple[str, _AppListener]:
+async def start_app(
+    address: str, app: web.Application, what: str, *, handler_cancellation: bool = False
+) -> tuple[str, _AppListener]:
+    """`app` on a socket bound to `address`. `handler_cancellation`: a client that goes away cancels
+    its handler at once (aiohttp's switch; a long-lived stream leaves then, not at its next write)."""
     sock = bind(address, what=what)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, handler_cancellation=handler_cancellation
+    )
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
@@ -244,9 +250,18 @@ class Lifecycle:
         self.addresses[name] = address
         self._listeners.append((name, listener))
 
-    async def serve_app(self, name: str, address: str, app: web.Application, what: str = "--listen") -> str:
-        """Serve an aiohttp application on `address`; return the bound `HOST:PORT`."""
-        bound, listener = await start_app(address, app, what)
+    async def serve_app(
+        self,
+        name: str,
+        address: str,
+        app: web.Application,
+        what: str = "--listen",
+        *,
+        handler_cancellation: bool = False,
+    ) -> str:
+        """Serve an aiohttp application on `address`; return the bound `HOST:PORT`
+        (`handler_cancellation`: see `start_app`)."""
+        bound, listener = await start_app(address, app, what, handler_cancellation=handler_cancellation)
         self.add_listener(name, bound, listener)
         return bound
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from meshkit import daemon as lifecycle
 from meshkit import logs
@@ -431,3 +432,44 @@ async def test_a_readiness_check_decides_readyz_while_ready_and_joins_the_body(
     assert len(asked) == before
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.parametrize("cancellation", [True, False])
+async def test_serve_app_handler_cancellation_ends_a_handler_whose_client_went_away(
+    captured: io.StringIO, cancellation: bool
+) -> None:
+    """`serve_app(..., handler_cancellation=True)`: a client that disconnects cancels its handler at
+    once (a long-lived stream leaves then); off (the default), the handler runs on."""
+    entered, cancelled, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow(_: web.Request) -> web.StreamResponse:
+        entered.set()
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finished.set()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    life = Lifecycle("toy", DaemonOptions())
+    address = await life.serve_app("http", "127.0.0.1:0", app, handler_cancellation=cancellation)
+    try:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), 5)
+        writer.close()  # the client goes away while the handler waits
+        await writer.wait_closed()
+        if cancellation:
+            await asyncio.wait_for(cancelled.wait(), 5)
+            assert not finished.is_set()
+        else:
+            await asyncio.wait_for(finished.wait(), 5)
+            assert not cancelled.is_set()
+        del reader
+    finally:
+        await life.close()
