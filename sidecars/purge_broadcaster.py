@@ -12,7 +12,8 @@ of them have answered.
 API (the `--listen` port)
 - `PURGE <path>` with optional `X-Purge-All: true` or `Surrogate-Key: k1 k2`: validated the way
   `mesh/varnish/meshkit.vcl` validates them (`meshkit.sidecars.purge_fanout.Purge`); a bad one is 400
-  JSON and nothing is sent. Otherwise the path and that header go to every target concurrently (one
+  JSON and nothing is sent. The path is normalised as the ingress normalises the URLs Varnish stores
+  (`purge_fanout.ingress_path`: `//v1/./%65mbeddings` purges `/v1/embeddings`). Otherwise the path and that header go to every target concurrently (one
   keep-alive `PurgeClient`, connections kept per target; `--target-timeout` per attempt; `--attempts`
   attempts when a target does not answer or answers 5xx, waiting `--retry-backoff`, then twice that,
   ... between them; a 4xx is final). The answer comes only when every target is done:

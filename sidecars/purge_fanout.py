@@ -1,6 +1,11 @@
 """One purge and its delivery to one Varnish pod: validation (as meshkit.vcl does it), the request, the
 bounded retries. `meshkit.sidecars.purge_broadcaster` fans these out; the purge log replays them.
 
+The URL of a path purge is normalised as the ingress normalises what it forwards (`ingress_path`):
+Varnish compares it as a string with the URL it stored, which came through Envoy, so a purge of
+`//v1/./%65mbeddings` must ban `/v1/embeddings` (banning the literal would answer 200 and purge
+nothing anything could have cached).
+
 A `Purge` is what `mesh/varnish/meshkit.vcl` accepts: `PURGE <path>` (a ban on that exact URL), or
 `X-Purge-All: true`, or `Surrogate-Key: k1 k2` (keys `[A-Za-z0-9_.-]+`, separated by spaces). The
 path is checked against the VCL's RFC 3986 character set whatever the kind (the VCL checks it only
@@ -44,6 +49,37 @@ class BadPurge(ValueError):
     """A purge the VCL would refuse (400): nothing is sent."""
 
 
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+_SLASH_ESCAPE = re.compile(r"%2[fF]")
+
+
+def ingress_path(url: str) -> str:
+    """`url` (path and query) as the ingress hands it to Varnish, so as Varnish stored it: the path
+    normalised the way meshkit's rendered Envoy does it (`normalize_path`, `merge_slashes`,
+    `path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT`; checked against Envoy 1.40) -
+    percent-encoded unreserved characters decoded (`%65` is `e`; other escapes kept as written),
+    `%2F` as `/`, runs of slashes merged, `.` and `..` segments removed (RFC 3986 5.2.4); the query
+    as it is."""
+    path, mark, query = url.partition("?")
+    path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
+    path = re.sub(r"/{2,}", "/", _SLASH_ESCAPE.sub("/", path))
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        elif segment == ".":
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out) + mark + query
+
+
 @dataclass(frozen=True)
 class Purge:
     """Valid by construction (`BadPurge` otherwise), however it is made: from a request, from a purge
@@ -65,9 +101,11 @@ class Purge:
     @classmethod
     def parse(cls, path: str, purge_all: list[str], keys: list[str]) -> Purge:
         """From the raw (undecoded) path and every `X-Purge-All` / `Surrogate-Key` header value;
-        raises `BadPurge` with the VCL's reason."""
+        raises `BadPurge` with the VCL's reason. The path is what the ingress makes of it
+        (`ingress_path`): `/v1/./%65mbeddings` purges what `/v1/embeddings` cached."""
         if not _PATH.fullmatch(path):
             raise BadPurge("PURGE: the URL has characters outside RFC 3986")
+        path = ingress_path(path)
         if purge_all and keys:
             raise BadPurge("send X-Purge-All or Surrogate-Key, not both")
         if purge_all:

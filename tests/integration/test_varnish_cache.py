@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from meshkit.harness.daemons import Echo, Extproc, echo
+from meshkit.harness.daemons import Echo, Extproc, echo, purge_broadcaster
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.process import free_port
 from meshkit.harness.varnish import VarnishServer, varnish_server, varnishd_binary
@@ -528,3 +528,19 @@ def test_no_cache_on_an_answer_that_is_not_a_stream_still_stops_caching(stack: S
     data = json.dumps({"model": "m", "messages": [{"role": "user", "content": uuid.uuid4().hex}]}).encode()
     answers = twice(stack.url(CHAT), data, {"x-cache-chat": "on", "x-echo-header": "Cache-Control: no-cache"})
     assert caches(answers) == ["MISS", "MISS"]
+
+
+def test_a_purge_through_the_broadcaster_reaches_what_the_ingress_cached_however_the_path_is_written(
+    workdir: Path, stack: Stack
+) -> None:
+    """Varnish stores the URL the ingress forwarded, normalised by Envoy (dot segments, merged slashes,
+    escaped unreserved characters decoded); the broadcaster bans that URL, not the literal one."""
+    ns = uuid.uuid4().hex[:8]
+    path = f"/v1/embeddings-{ns}"
+    targets = [f"127.0.0.1:{p.varnish.port}" for p in stack.pods]
+    with purge_broadcaster(workdir, targets, name="vc-broadcaster") as pb:
+        for written in (f"//v1/./embeddings-{ns}", f"/v1/x/../%65mbeddings-{ns}", f"/v1%2Fembeddings-{ns}"):
+            bodies = cached(stack, path, 2)
+            resp = request(pb.url + written, method="PURGE")
+            assert resp.status == 200, resp.body
+            assert states(stack, path, bodies) == ["MISS"] * 2, written
