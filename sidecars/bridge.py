@@ -28,8 +28,9 @@ progress line every 5 s), `ensure_stream` runs once NATS answers (again when pub
 and `/readyz` is 200 only while Redis and NATS are connected and the stream is ensured (the JSON says
 which is missing). Redis lost: reads stop, reconnects with backoff (0.1 s doubled up to 2 s), a
 Streams consumer re-reads its pending entries; NATS lost: nats-py reconnects (every 0.5 s, forever),
-unacknowledged publishes are sent again. Reading stops while the window is full, so memory is
-bounded by `--max-inflight` messages plus one `--read-batch`.
+the publishes sent before the loss are sent again as soon as it is back (no waiting for
+`--ack-timeout`), others without a PubAck after `--ack-timeout`. Reading stops while the window is
+full, so memory is bounded by `--max-inflight` messages plus one `--read-batch`.
 
 SIGTERM (the shared lifecycle, `meshkit.daemon`): readiness off and reading stops at once; the
 messages in flight get up to `--drain-timeout` for their PubAcks; the confirmed Streams entries are
@@ -39,7 +40,8 @@ group: the next start (same `--consumer`) or another bridge (`--claim-idle`) pub
 Metrics (`/metrics`, admin port): `meshkit_bridge_received_total{source}`,
 `meshkit_bridge_published_total` (stored), `meshkit_bridge_duplicates_total` (PubAck duplicate),
 `meshkit_bridge_deadlettered_total{reason}`, `meshkit_bridge_deadletter_failures_total`,
-`meshkit_bridge_acked_total` (XACK), `meshkit_bridge_retries_total{reason=timeout|no_responders|error}`,
+`meshkit_bridge_acked_total` (XACK),
+`meshkit_bridge_retries_total{reason=timeout|no_responders|error|reconnect}`,
 `meshkit_bridge_inflight`, `meshkit_bridge_publish_ack_seconds` (histogram), `meshkit_bridge_stream_lag`
 and `meshkit_bridge_stream_pending` (`XINFO GROUPS`, every 2 s), `meshkit_bridge_claimed_total`,
 `meshkit_bridge_reconnects_total{dependency=redis|nats}`, `meshkit_bridge_connected{dependency}`.
@@ -454,10 +456,14 @@ class Bridge:
         if self.nats_connected and not self._closing:
             log.warning("bridge: NATS connection lost; reconnecting (unacknowledged publishes are retried)")
         self.nats_connected = False
+        if self.window is not None:
+            self.window.connection_lost()
 
     async def _nats_reconnected(self) -> None:
         self.stats.reconnects["nats"] += 1
         self.nats_connected = True
+        if self.window is not None:
+            self.window.reconnected()  # what went down with the old connection is sent again now
         self.source.reset()  # Streams: re-read what this consumer had pending (skips what is in flight)
         log.info("bridge: NATS connection back")
 

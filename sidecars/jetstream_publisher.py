@@ -25,6 +25,12 @@ the PubAcks that come back on ONE wildcard subscription `<inbox>.*` to the messa
 - An error PubAck (JetStream refused the message: too big for the stream's `max_msg_size`, ...) is
   retried `max_rejections` times, then `on_rejected(pending, description)`: the caller dead-letters
   it. Such a message cannot be stored, and retrying it forever would keep a window slot forever.
+- NATS reconnected (`connection_lost()` / `reconnected()`, called from the client's callbacks): the
+  messages sent before the connection was lost get no PubAck on the new one (the server never read
+  them, or its acks went down with the old connection), so they are published again at once (same
+  `Nats-Msg-Id`) instead of after `ack_timeout`, which kept a full window, and so the reader, stopped
+  that long after every reconnect; retries backing off are due at once too. Those sent while
+  disconnected sat in nats-py's buffer and go out on the new connection: they wait for their acks.
 - `drain(within)` waits for the window to empty (SIGTERM: what is in flight gets its acks).
 
 Order: messages go out in the order `publish()` was called; a retried one is sent again after the
@@ -101,7 +107,9 @@ class LatencyBuckets:
 class PublisherStats:
     published: int = 0  # stored (new)
     duplicates: int = 0  # PubAck duplicate=true
-    retries: dict[str, int] = field(default_factory=lambda: {"timeout": 0, "no_responders": 0, "error": 0})
+    retries: dict[str, int] = field(
+        default_factory=lambda: {"timeout": 0, "no_responders": 0, "error": 0, "reconnect": 0}
+    )
     rejected: int = 0
     latency: LatencyBuckets = field(default_factory=LatencyBuckets)
 
@@ -148,6 +156,7 @@ class AckWindow:
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._throttle = Throttle(log, interval=10.0)
+        self._lost_at: float | None = None
         self.on_no_responders: Callable[[], None] | None = None
 
     # -- state ---------------------------------------------------------------------------------------
@@ -211,6 +220,33 @@ class AckWindow:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._empty.wait(), within)
         return len(self)
+
+    def connection_lost(self) -> None:
+        """The NATS connection went down: what was sent until now may be lost with it."""
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+
+    def reconnected(self) -> int:
+        """The NATS connection is back: the messages sent before it was lost are published again now
+        (see the module docstring); how many."""
+        now = time.monotonic()
+        lost_at = self._lost_at if self._lost_at is not None else now
+        self._lost_at = None
+        moved = []
+        for p in self._inflight.values():  # in send order
+            if p.sent_at > lost_at:
+                break
+            moved.append(p)
+        for p in self._retry:
+            p.retry_at = now
+        for p in moved:
+            del self._inflight[p.token]
+            p.retry_at = now
+            self._retry.append(p)
+        self.stats.retries["reconnect"] += len(moved)
+        if moved:
+            log.info("bridge: publishing %d messages again after the NATS reconnect", len(moved))
+        return len(moved)
 
     # -- publishing ----------------------------------------------------------------------------------
     async def publish(self, subject: str, payload: bytes, msg_id: str, context: Any) -> None:

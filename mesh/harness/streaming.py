@@ -6,7 +6,8 @@ ready line at once and turns `/readyz` on only once Redis and NATS are connected
 ensured) and its `/metrics` as numbers (`metric()`). `stored_messages()` reads back what a JetStream
 stream holds (every message, its subject, exact bytes and `Nats-Msg-Id`), for tests to compare with
 what they wrote; `stored_count()` how many it holds; `eventually()` polls an async check (every 50 ms,
-with a deadline).
+with a deadline). `restarted_on_the_same_ports()` starts a (killed) nats-server again where its clients
+expect it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshkit.errors import HarnessError
 from meshkit.harness.daemons import RunningDaemon, daemon
+from meshkit.harness.nats import NatsServer, nats_server_binary
+from meshkit.harness.process import ManagedProcess
 
-__all__ = ["RunningBridge", "StoredMessage", "bridge", "eventually", "stored_count", "stored_messages"]
+__all__ = [
+    "RunningBridge",
+    "StoredMessage",
+    "bridge",
+    "eventually",
+    "restarted_on_the_same_ports",
+    "stored_count",
+    "stored_messages",
+]
 
 
 @dataclass(frozen=True)
@@ -160,3 +171,37 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {within:.0f} s: {what}")
         await asyncio.sleep(0.05)
+
+
+@contextmanager
+def restarted_on_the_same_ports(server: NatsServer, workdir: Path) -> Iterator[ManagedProcess]:
+    """`server` (stopped or killed) started again from its config with the client and monitoring ports
+    it had (its clients reconnect to that address); a leaf is ready once its `/leafz` lists the link
+    to its origin. Stopped on exit."""
+    config = server.config_path.read_text()
+    config = config.replace(f'listen: "{server.host}:-1"', f'listen: "{server.host}:{server.port}"', 1)
+    config = config.replace(f'http: "{server.host}:-1"', f'http: "{server.host}:{server.http_port}"', 1)
+    path = Path(workdir) / f"{server.name}-again.conf"
+    path.write_text(config)
+
+    def ready(proc: ManagedProcess) -> bool:
+        if "Server is ready" not in proc.log_text():
+            return False
+        if server.leaf_remote is None:
+            return True
+        try:
+            return server.leafnode_count() >= 1
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    proc = ManagedProcess(
+        f"{server.name}-again",
+        [nats_server_binary(), "-c", str(path)],
+        log_dir=Path(workdir),
+        ready=ready,
+        cwd=Path(workdir),
+        start_timeout=15,
+        stop_timeout=10.0,
+    )
+    with proc:
+        yield proc

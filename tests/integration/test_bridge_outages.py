@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meshkit.harness.nats import NatsServer, nats_server
 from meshkit.harness.redis import RedisServer
-from meshkit.harness.streaming import StoredMessage, bridge, eventually, stored_count, stored_messages
+from meshkit.harness.streaming import (
+    StoredMessage,
+    bridge,
+    eventually,
+    restarted_on_the_same_ports,
+    stored_count,
+    stored_messages,
+)
 
 STREAM_KEY = "chat.tokens"
 
@@ -228,3 +237,48 @@ async def test_a_bridge_on_a_leaf_without_js_domain_is_not_ready_and_says_why(
         status, doc = b.readyz()
         assert status == 503 and doc["stream"] == "not yet" and "stream CHAT" in doc["reason"]
         assert b.process.returncode is None
+
+
+async def test_publishes_lost_with_the_nats_connection_are_sent_again_at_once_on_reconnect(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer, leaf: NatsServer
+) -> None:
+    """The leaf the bridge publishes through is frozen (publishes pile up unread, no PubAck comes back)
+    and then SIGKILLed: what was in the window is lost with it and its acks will never come. After the
+    reconnect those messages must go out again at once, not after --ack-timeout (30 s here: the
+    window stayed full, the reader stopped, for that long)."""
+    client = aioredis.Redis.from_url(redis.url)
+    total = 2000
+    args = ["--source", "stream", "--js-domain", "origin", "--consumer", "rc", "--ack-timeout", "30"]
+    args += ["--max-inflight", "256", "--read-batch", "64"]
+    with bridge(tmp_path, redis.url, leaf.url, args) as b:
+        b.wait_ready()
+        leaf.process.signal(signal.SIGSTOP)
+        try:
+            for start in range(0, total, 100):
+                pipe = client.pipeline(transaction=False)
+                for i in range(start, start + 100):
+                    pipe.xadd(STREAM_KEY, {"data": token(f"n{i % 10}", i // 10)})
+                await pipe.execute()
+
+            async def window_full() -> bool:
+                return b.metric("meshkit_bridge_inflight") >= 200
+
+            await eventually(window_full, "the window full while the leaf is frozen", within=10)
+        finally:
+            leaf.process.kill()
+        with restarted_on_the_same_ports(leaf, tmp_path / "leaf"):
+            back = time.monotonic()
+
+            async def everything() -> bool:
+                return await stored_count(origin.url) >= total
+
+            await eventually(everything, f"all {total} stored soon after the reconnect", within=10)
+            assert time.monotonic() - back < 10
+            per_conversation = sequences_once(await stored_messages(origin.url))
+            assert {c: sorted(q) for c, q in per_conversation.items()} == {
+                f"n{c}": list(range(total // 10)) for c in range(10)
+            }
+            assert b.metric("meshkit_bridge_reconnects_total", dependency="nats") >= 1
+            assert b.metric("meshkit_bridge_retries_total", reason="reconnect") >= 200
+            assert b.metric("meshkit_bridge_retries_total", reason="timeout") == 0
+    await client.aclose()
