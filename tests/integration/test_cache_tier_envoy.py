@@ -1,7 +1,8 @@
 """The cache tier end to end, every piece real: the official `openai` client -> Envoy ingress (meshkit's
 body-hash over ext_authz HTTP; `/v1/embeddings` ring-hashed on x-body-hash) -> Varnish x2 (the shipped
-VCL) -> `meshkit embedding-cache` (file:// store) -> `meshkit dev-upstream`; PURGE through
-`meshkit purge-broadcaster` (purge log in Redis).
+VCL) -> `meshkit embedding-cache` (s3:// store) -> `meshkit dev-upstream`; PURGE through
+`meshkit purge-broadcaster` (purge log in Redis). The embedding cache keeps its vectors in a real S3
+(SeaweedFS) with its memory tier off, so a hit behind a Varnish miss is an S3 hit.
 
 Two cache layers answer: Varnish (`X-Cache: HIT|MISS`, a whole response per body) and the embedding
 cache behind it (`x-cache: hit|miss|partial`, per input item). The dev upstream's `/stats` counts what
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -35,6 +37,7 @@ from meshkit.harness.daemons import (
 )
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.redis import RedisServer, redis_server
+from meshkit.harness.s3 import S3Server, s3_server
 from meshkit.harness.varnish import VarnishServer, varnish_server, varnishd_binary
 from meshkit.render import Api, FrontConfig, meshkit_vcl
 
@@ -43,6 +46,7 @@ from .conftest import Response, request
 pytestmark = pytest.mark.integration
 
 MODEL = "text-embedding-3-small"
+BUCKET = "tier"
 EMBEDDINGS = "/v1/embeddings"
 CHAT = "/v1/chat/completions"
 
@@ -54,6 +58,7 @@ class Tier:
     cache: EmbeddingCache
     provider: DevUpstream
     broadcaster: PurgeBroadcaster
+    s3: S3Server
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.ingress.url(path="/v1"), api_key="x", max_retries=0, timeout=30)
@@ -79,16 +84,27 @@ class Tier:
 
 
 @pytest.fixture(scope="module")
-def tier(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+def tier(workdir: Path) -> Iterator[Tier]:
     try:
         varnishd_binary()
     except Exception as exc:  # the Debian package is missing
         pytest.skip(str(exc))
-    store = tmp_path_factory.mktemp("tier-vectors").as_uri()
     with (
+        s3_server(workdir / "tier-s3") as s3,
         redis_server(workdir / "tier-redis", name="tier-redis") as redis,
         dev_upstream(workdir, name="tier-provider") as provider,
-        embedding_cache(workdir, provider.base_url, store, name="tier-cache") as cache,
+    ):
+        client = boto3.client("s3", **s3.client_kwargs())
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="warm-up", Body=b"")  # weed grows its first volume now
+        yield from _tier(workdir, s3, redis, provider)
+
+
+def _tier(workdir: Path, s3: S3Server, redis: RedisServer, provider: DevUpstream) -> Iterator[Tier]:
+    store = f"s3://{BUCKET}/vectors"
+    args = ["--memory-bytes", "0", "--store-timeout", "0.5"]
+    with (
+        embedding_cache(workdir, provider.base_url, store, args, name="tier-cache", s3=s3) as cache,
         varnish_server(workdir, _vcl(cache, provider), name="tier-varnish-a") as va,
         varnish_server(workdir, _vcl(cache, provider), name="tier-varnish-b") as vb,
         purge_broadcaster(workdir, [f"127.0.0.1:{va.port}", f"127.0.0.1:{vb.port}"], _log_args(redis)) as pb,
@@ -103,7 +119,7 @@ def tier(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
             listen_port=0,
         )
         with envoy(config.render(), workdir) as ingress:
-            yield Tier(ingress, (va, vb), cache, provider, pb)
+            yield Tier(ingress, (va, vb), cache, provider, pb, s3)
 
 
 def _vcl(cache: EmbeddingCache, provider: DevUpstream) -> str:
@@ -166,8 +182,10 @@ def test_after_a_purge_varnish_misses_but_the_embedding_cache_answers_without_th
     tier: Tier,
 ) -> None:
     inputs = texts("purged")
+    stored = stored_count(tier)
     embed(tier, inputs)
     assert embed(tier, inputs)[0]["x-cache"] == "HIT"
+    assert wait_for_stored(tier, stored + 1)  # in S3 (the write goes after the answer)
     before = tier.provider_items()
     resp = purge(tier)
     assert resp.status == 200, resp.body
@@ -302,3 +320,40 @@ def test_a_surrogate_key_purge_of_one_model_misses_its_answers_only(tier: Tier) 
     assert [t["status"] for t in resp.json()["targets"]] == [200, 200]
     assert embed(tier, inputs)[0]["x-cache"] == "MISS"
     assert other_cache() == "HIT"
+
+
+def test_with_s3_stopped_the_tier_still_answers_from_the_provider(tier: Tier) -> None:
+    cached = texts("kept")
+    stored = stored_count(tier)
+    embed(tier, cached)
+    assert wait_for_stored(tier, stored + 1)
+    tier.s3.process.signal(signal.SIGSTOP)  # weed mini is one process: S3 stops answering
+    try:
+        started = time.monotonic()
+        fresh = texts("while s3 is down")
+        headers, vectors = embed(tier, fresh)  # nothing cached anywhere: the provider answers
+        assert headers["x-cache"] == "MISS" and len(vectors) == 1
+        purge(tier, "/", {"X-Purge-All": "true"})
+        before = tier.provider_items()
+        headers, _ = embed(tier, cached)  # Varnish purged, S3 unreachable: the provider again
+        assert headers["x-cache"] == "MISS"
+        assert tier.provider_items() - before == 1
+        assert time.monotonic() - started < 10  # bounded by --store-timeout, not a hang
+    finally:
+        tier.s3.process.signal(signal.SIGCONT)
+
+
+def stored_count(tier: Tier) -> int:
+    """Vectors in the bucket (tests run one at a time: a rise is this test's write)."""
+    client = boto3.client("s3", **tier.s3.client_kwargs())
+    return int(client.list_objects_v2(Bucket=BUCKET, Prefix="vectors/").get("KeyCount", 0))
+
+
+def wait_for_stored(tier: Tier, at_least: int, timeout: float = 10.0) -> bool:
+    """Whether the bucket holds `at_least` vectors within `timeout` (writes go after the answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stored_count(tier) >= at_least:
+            return True
+        time.sleep(0.1)
+    return False
