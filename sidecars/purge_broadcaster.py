@@ -13,10 +13,11 @@ API (the `--listen` port)
 - `PURGE <path>` with optional `X-Purge-All: true` or `Surrogate-Key: k1 k2`: validated the way
   `mesh/varnish/meshkit.vcl` validates them (`meshkit.sidecars.purge_fanout.Purge`); a bad one is 400
   JSON and nothing is sent. The path is normalised as the ingress normalises the URLs Varnish stores
-  (`purge_fanout.ingress_path`: `//v1/./%65mbeddings` purges `/v1/embeddings`). Otherwise the path and that header go to every target concurrently (one
-  keep-alive `PurgeClient`, connections kept per target; `--target-timeout` per attempt; `--attempts`
-  attempts when a target does not answer or answers 5xx, waiting `--retry-backoff`, then twice that,
-  ... between them; a 4xx is final). The answer comes only when every target is done:
+  (`purge_fanout.ingress_path`: `//v1/./%65mbeddings` purges `/v1/embeddings`). Otherwise the path
+  and that header go to every target concurrently (one keep-alive `PurgeClient`, connections kept
+  per target; `--target-timeout` per attempt; `--attempts` attempts when a target does not answer or
+  answers 5xx, waiting `--retry-backoff`, then twice that, ... between them; a 4xx is final). The
+  answer comes only when every target is done:
   - 200 `{"targets": [{"target": "10.0.0.7:6081", "status": 200, "ms": 3.1}, ...]}` when every
     target answered 200;
   - 502 with the same list otherwise: each target's last status (`null` when it never answered) and,
@@ -59,7 +60,8 @@ API (the `--listen` port)
   `--drain-timeout`, then the replay loop, Redis, the target sources and the HTTP clients close.
 
 Purge log (`--redis URL`, `meshkit.sidecars.purge_log`): a purge a target missed (no answer, 5xx,
-403) is kept in Redis, a list per target in order, and survives a broadcaster restart. A loop probes
+403) is kept in Redis, a list per target in order, and survives a broadcaster restart; past
+`--max-pending` entries for one target they are replaced by one purge of everything. A loop probes
 every current target with pending purges every `--replay-interval` seconds (one attempt each) and
 replays them oldest first, removing each once the target answered 200. A target that left the set is
 kept `--departed-keep` seconds (new purges are queued for it meanwhile; it gets them if it comes back),
@@ -102,7 +104,14 @@ from meshkit.errors import ConfigError
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds, parse_size
 from meshkit.sidecars.kube_endpoints import KubeConfig
 from meshkit.sidecars.purge_fanout import BadPurge, Delivery, Purge, PurgeClient, RetryPolicy, deliver
-from meshkit.sidecars.purge_log import Departures, PurgeLog, Replayer, ReplayMetrics, remove_series
+from meshkit.sidecars.purge_log import (
+    MAX_PENDING,
+    Departures,
+    PurgeLog,
+    Replayer,
+    ReplayMetrics,
+    remove_series,
+)
 from meshkit.sidecars.purge_targets import (
     DnsSource,
     KubeSource,
@@ -127,6 +136,13 @@ def _parse_attempts(value: Any) -> int:
     if not 1 <= attempts <= 10:
         raise ValueError("expected 1 to 10 attempts")
     return attempts
+
+
+def _parse_max_pending(value: Any) -> int:
+    count = parse_non_negative_int(value)
+    if count < 1:
+        raise ValueError("expected at least 1")
+    return count
 
 
 def _parse_watch_timeout(value: Any) -> int:
@@ -166,6 +182,11 @@ class PurgeBroadcasterOptions:
         secret=True,
     )
     redis_prefix: str = option("meshkit:purge-log", "prefix of the purge log's Redis keys")
+    max_pending: int = option(
+        MAX_PENDING,
+        "purges kept per target in the purge log; one more and they become one purge of everything",
+        parse=_parse_max_pending,
+    )
     replay_interval: float = option(
         1.0,
         "seconds between two probes of the targets with pending purges",
@@ -471,7 +492,7 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
 
     await life.start("http clients", open_clients, close_clients)
     if opts.redis:
-        purge_log = PurgeLog(opts.redis, opts.redis_prefix)
+        purge_log = PurgeLog(opts.redis, opts.redis_prefix, opts.max_pending)
         replay_metrics = ReplayMetrics.create(life.registry)
         b.purge_log, b.log_errors = purge_log, replay_metrics.errors
 

@@ -3,7 +3,10 @@
 Layout (prefix `--redis-prefix`, default `meshkit:purge-log`):
 - `<prefix>:targets`: a set of the targets that have pending purges;
 - `<prefix>:pending:<HOST:PORT>`: a list, oldest first, of JSON entries
-  `{"id", "at" (unix seconds), "purge": {"path", "purge_all", "keys"}}`.
+  `{"id", "at" (unix seconds), "purge": {"path", "purge_all", "keys"}}`, at most `max_pending`
+  (`--max-pending`, 10,000) per target: one more and the list is replaced, atomically, by a single
+  purge of everything (`"collapsed": true`), which covers every purge it held; a target that stays
+  unreachable for days (or refuses with 403 for ever) cannot grow Redis without bound.
 Redis keeps them across a broadcaster restart (and several broadcasters may share one log: an entry is
 removed only by the one that saw it at the head, by its id, atomically).
 
@@ -54,13 +57,33 @@ return redis.call('LLEN', KEYS[1])
 """
 
 
+# Append an entry; past `cap` entries the whole list becomes one purge of everything (which covers
+# every purge in it): a target that stays unreachable, or refuses with 403 for ever, costs at most
+# `cap` entries. Returns the list's length, -1 when it was collapsed.
+_APPEND = """
+local n = redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+if n > tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('RPUSH', KEYS[1], ARGV[4])
+  return -1
+end
+return n
+"""
+
+MAX_PENDING = 10_000  # entries per target before they collapse into one X-Purge-All (~1.5 MB)
+
+
 class PurgeLog:
-    def __init__(self, url: str, prefix: str = "meshkit:purge-log") -> None:
+    def __init__(self, url: str, prefix: str = "meshkit:purge-log", max_pending: int = MAX_PENDING) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=2.0
         )
         self._prefix = prefix
+        self._max_pending = max_pending
         self._pop = self._redis.register_script(_POP_HEAD)
+        self._append = self._redis.register_script(_APPEND)
+        self.collapsed = 0  # lists collapsed into one purge of everything (by this process)
 
     @property
     def _targets_key(self) -> str:
@@ -79,13 +102,19 @@ class PurgeLog:
         await self._redis.aclose()
 
     async def append(self, target: str, purge: Purge) -> None:
-        entry = json.dumps(
-            {"id": uuid.uuid4().hex, "at": round(time.time(), 3), "purge": json.loads(purge.to_json())}
+        """Queue `purge` for `target`; over `max_pending` entries the list collapses (see `_APPEND`)."""
+        everything = _entry(Purge("/", purge_all=True), collapsed=True)
+        found = await self._append(
+            keys=[self._list_key(target), self._targets_key],
+            args=[_entry(purge), target, self._max_pending, everything],
         )
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(self._list_key(target), entry)
-            pipe.sadd(self._targets_key, target)
-            await pipe.execute()
+        if int(found) < 0:
+            self.collapsed += 1
+            log.warning(
+                "purge log: over %d purges pending for %s: replaced by one purge of everything",
+                self._max_pending,
+                target,
+            )
 
     async def targets(self) -> list[str]:
         members = await self._redis.smembers(self._targets_key)
@@ -125,6 +154,13 @@ class PurgeLog:
             if entries:
                 found[target] = [_shown(e) for e in entries]
         return found
+
+
+def _entry(purge: Purge, *, collapsed: bool = False) -> str:
+    doc = {"id": uuid.uuid4().hex, "at": round(time.time(), 3), "purge": json.loads(purge.to_json())}
+    if collapsed:
+        doc["collapsed"] = True
+    return json.dumps(doc)
 
 
 def _shown(raw: bytes | str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, run_daemon
 from meshkit.harness.fake_kube import FakeKube, endpoint
+from meshkit.harness.process import free_port
 from meshkit.harness.redis import RedisServer, redis_server, redis_server_binary
 from meshkit.options import resolve
 from meshkit.sidecars import purge_broadcaster
@@ -202,7 +203,7 @@ async def test_pending_purges_with_redis_down_is_503_json_and_purges_still_answe
 
 
 @asynccontextmanager
-async def recording_target() -> AsyncIterator[tuple[str, list[bytes]]]:
+async def recording_target(port: int = 0) -> AsyncIterator[tuple[str, list[bytes]]]:
     """A target that answers every request head with Varnish's 200 and records the bytes it got."""
     received: list[bytes] = []
 
@@ -215,7 +216,7 @@ async def recording_target() -> AsyncIterator[tuple[str, list[bytes]]]:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    listening = await asyncio.start_server(handle, "127.0.0.1", port)
     try:
         yield f"127.0.0.1:{listening.sockets[0].getsockname()[1]}", received
     finally:
@@ -403,3 +404,33 @@ async def test_a_redis_that_does_not_answer_costs_one_timeout_per_purge_and_does
             assert took < 3.5, f"{took:.1f} s"  # the purge log's Redis timeout is 2 s
             stopping = time.monotonic()
         assert time.monotonic() - stopping < 4.0
+
+
+async def test_purges_pending_for_a_target_past_max_pending_become_one_purge_of_everything(
+    redis: RedisServer,
+) -> None:
+    port = free_port("127.0.0.1")
+    target = f"127.0.0.1:{port}"  # nothing listens there yet
+    flags = {"redis": redis.url, "redis_prefix": "pb-unit-cap", "max_pending": 5, "replay_interval": 0.1}
+    async with running(targets=target, attempts=1, **flags) as pb:
+        async with aiohttp.ClientSession() as session:
+            for i in range(8):
+                async with session.request("PURGE", f"{pb.url}/p{i}") as resp:
+                    assert resp.status == 502 and (await resp.json())["targets"][0]["pending"] is True
+        entries = (await get(pb.url + "/purges"))[1]["pending"][target]
+        assert [e["purge"] for e in entries] == [
+            {"path": "/", "purge_all": True, "keys": []},
+            {"path": "/p6", "purge_all": False, "keys": []},
+            {"path": "/p7", "purge_all": False, "keys": []},
+        ]
+        assert entries[0]["collapsed"] is True
+        async with recording_target(port) as (_, received):
+
+            async def replayed() -> bool:
+                return not (await get(pb.url + "/purges"))[1]["pending"]
+
+            await eventually("replayed", replayed)
+    assert [r.split(b"\r\n")[0] for r in received] == [b"PURGE / HTTP/1.1"] + [
+        f"PURGE /p{i} HTTP/1.1".encode() for i in (6, 7)
+    ]
+    assert b"X-Purge-All: true" in received[0]
