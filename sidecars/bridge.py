@@ -26,8 +26,9 @@ What it does (the contract is `meshkit.edge.token_contract`; the stream `meshkit
 Start and outages: the bridge never exits because Redis or NATS is down. It keeps connecting (a
 progress line every 5 s), `ensure_stream` runs once NATS answers (again when publishes find no stream),
 and `/readyz` is 200 only while Redis and NATS are connected and the stream is ensured (the JSON says
-which is missing). Redis lost: reads stop, reconnects with backoff (0.1 s doubled up to 2 s), a
-Streams consumer re-reads its pending entries; NATS lost: nats-py reconnects (every 0.5 s, forever),
+which is missing; the lifecycle's `Readiness.check` hook, `meshkit.admin`, asks the bridge's state).
+Redis lost: reads stop, reconnects with backoff (0.1 s doubled up to 2 s), a Streams consumer
+re-reads its pending entries; NATS lost: nats-py reconnects (every 0.5 s, forever),
 the publishes sent before the loss are sent again as soon as it is back (no waiting for
 `--ack-timeout`), others without a PubAck after `--ack-timeout`. Reading stops while the window is
 full, so memory is bounded by `--max-inflight` messages plus one `--read-batch`.
@@ -103,7 +104,6 @@ log = logging.getLogger("meshkit.bridge")
 
 PROGRESS_EVERY = 5.0  # s between "still waiting for ..." lines
 LAG_EVERY = 2.0  # s between XINFO GROUPS
-READINESS_EVERY = 0.05  # s: how often /readyz is brought in line with the connections
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _DOMAIN = re.compile(r"[A-Za-z0-9_-]{0,255}")
@@ -701,50 +701,20 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
     _check(opts)
     bridge = Bridge(opts, drain_timeout=life.options.drain_timeout)
     life.registry.register(bridge.collector())
-    draining = False
 
     async def on_draining() -> None:
-        nonlocal draining
-        draining = True
         bridge.stop_reading()
 
-    # /readyz follows the connections. The lifecycle turns readiness on once serve() returned, which
-    # here is before Redis and NATS answer: its `set(True, ...)` goes through this gate, which keeps it
-    # off until the bridge is ready (a lifecycle hook for a readiness check would be the clean way).
-    lifecycle_set = life.readiness.set
+    async def readiness() -> tuple[bool, str, dict[str, str]]:
+        """/readyz while the lifecycle says ready: 200 only while Redis and NATS are connected and the
+        stream is ensured (the lifecycle turns readiness on once serve() returned, which here is
+        before they answer); the body says which is missing. A read of the bridge's state: free."""
+        ready = bridge.ready
+        return ready, "serving" if ready else bridge.not_ready_reason(), bridge.details()
 
-    def gated_set(ready: bool, reason: str) -> None:
-        if ready and not bridge.ready:
-            lifecycle_set(False, bridge.not_ready_reason())
-        else:
-            lifecycle_set(ready, reason)
-
-    life.readiness.set = gated_set  # type: ignore[method-assign]
-
-    async def keep_readiness() -> None:
-        """Puts /readyz in line with the connections every READINESS_EVERY s, until SIGTERM."""
-        while not draining:
-            life.readiness.details = bridge.details()
-            if bridge.ready != life.readiness.ready:
-                lifecycle_set(bridge.ready, "serving" if bridge.ready else bridge.not_ready_reason())
-            elif not bridge.ready:
-                life.readiness.reason = bridge.not_ready_reason()
-            await asyncio.sleep(READINESS_EVERY)
-
-    readiness_task: asyncio.Task[None] | None = None
-
-    async def start() -> None:
-        nonlocal readiness_task
-        await bridge.start()
-        readiness_task = asyncio.create_task(keep_readiness(), name="bridge-readiness")
-
-    async def close() -> None:
-        if readiness_task is not None:
-            await _cancel(readiness_task)
-        await bridge.close()
-
+    life.readiness.check = readiness
+    await life.start("bridge", bridge.start, bridge.close)
     life.on_draining(on_draining)
-    await life.start("bridge", start, close)
 
 
 def _sections() -> list[type[Any]]:

@@ -282,3 +282,40 @@ async def test_publishes_lost_with_the_nats_connection_are_sent_again_at_once_on
             assert b.metric("meshkit_bridge_retries_total", reason="reconnect") >= 200
             assert b.metric("meshkit_bridge_retries_total", reason="timeout") == 0
     await client.aclose()
+
+
+async def test_readyz_is_503_until_redis_nats_and_the_stream_are_there_and_200_after(
+    tmp_path: Path, redis: RedisServer, origin: NatsServer
+) -> None:
+    """/readyz through the lifecycle's readiness check: never 200 while NATS is not there yet (nor
+    the stream: the origin's store is new), 200 once it is, 503 again while Redis is away."""
+    origin.process.stop()  # NATS not there at start: it comes back later where the bridge expects it
+    with bridge(tmp_path, redis.url, origin.url, ["--source", "stream", "--consumer", "rz"]) as b:
+
+        async def said_starting() -> bool:
+            return "ready daemon=bridge" in b.process.log_text()
+
+        await eventually(said_starting, "the ready line (serve() returned)")
+        for _ in range(10):  # serve() returned: the lifecycle's own readiness is on, the check's is not
+            status, doc = b.readyz()
+            assert status == 503, doc
+            assert doc["nats"] == "disconnected" and doc["stream"] == "not yet" and "nats" in doc["reason"]
+            await asyncio.sleep(0.05)
+        with restarted_on_the_same_ports(origin, tmp_path / "nats"):
+            doc = b.wait_ready()
+            assert doc == {
+                "status": "ready",
+                "reason": "serving",
+                "redis": "connected",
+                "nats": "connected",
+                "stream": "ensured",
+            }
+            redis.kill()
+
+            async def redis_missing() -> bool:
+                status, doc = b.readyz()
+                return status == 503 and doc["redis"] == "disconnected" and "redis" in doc["reason"]
+
+            await eventually(redis_missing, "503 naming Redis while it is away", within=10)
+            redis.restart()
+            assert b.wait_ready()["redis"] == "connected"
