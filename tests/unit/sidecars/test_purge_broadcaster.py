@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
 from meshkit.daemon import Daemon, DaemonOptions, Lifecycle, Resolved, run_daemon
 from meshkit.harness.fake_kube import FakeKube, endpoint
@@ -26,7 +27,8 @@ from meshkit.harness.process import free_port
 from meshkit.harness.redis import RedisServer, redis_server, redis_server_binary
 from meshkit.options import resolve
 from meshkit.sidecars import purge_broadcaster
-from meshkit.sidecars.purge_fanout import BadPurge, Purge
+from meshkit.sidecars.purge_fanout import BadPurge, Purge, PurgeClient, RetryPolicy
+from meshkit.sidecars.purge_log import Departures, PurgeLog, Replayer, ReplayMetrics
 
 TOKEN = "test-kube-token"
 
@@ -434,3 +436,25 @@ async def test_purges_pending_for_a_target_past_max_pending_become_one_purge_of_
         f"PURGE /p{i} HTTP/1.1".encode() for i in (6, 7)
     ]
     assert b"X-Purge-All: true" in received[0]
+
+
+async def test_a_replay_round_counts_what_is_pending_without_reading_it(redis: RedisServer) -> None:
+    """20,000 entries pending for targets that are away: a round costs next to no CPU (it read and
+    parsed every entry to set meshkit_purge_pending before: 0.77 s of CPU a round with 8 targets at
+    10,000 each, every --replay-interval)."""
+    purge_log = PurgeLog(redis.url, "pb-unit-count")
+    await purge_log.start()
+    entry = json.dumps({"id": "0" * 32, "at": 0, "purge": {"path": "/v1/x", "purge_all": False, "keys": []}})
+    try:
+        for t in range(2):
+            await purge_log._redis.rpush(f"pb-unit-count:pending:10.0.0.{t}:1", *[entry] * 10_000)
+            await purge_log._redis.sadd("pb-unit-count:targets", f"10.0.0.{t}:1")
+        metrics = ReplayMetrics.create(CollectorRegistry())
+        replayer = Replayer(purge_log, list, PurgeClient, RetryPolicy(), 1.0, metrics, Departures(60.0))
+        began = time.process_time()
+        await replayer.replay_round()
+        cpu = time.process_time() - began
+    finally:
+        await purge_log.close()
+    assert metrics.pending._value.get() == 20_000
+    assert cpu < 0.03, f"{cpu * 1000:.0f} ms of CPU"
