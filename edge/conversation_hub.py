@@ -27,15 +27,27 @@ Decisions:
   the hub replays the subject from JetStream looking for the missing tokens, logs what it finds, and
   skips the rest (viewers get `event: reset` for them: never a silent gap);
 - a message that breaks the token contract (the bridge dead-letters those, so it should never be in
-  the stream) is logged, counted and skipped.
+  the stream) is logged, counted and skipped;
+- token inspection (`token_inspection.py`, off by default) runs here, once per message, before it
+  enters the log: every viewer, and every resume from memory, gets the same bytes (redacted, replaced
+  by the inspector, or a `BlockedToken`). Checks run `INSPECT_WINDOW` at a time per conversation and
+  are logged in arrival order; past that window the subscription's callback waits (back-pressure on
+  nats-py's bounded pending queue, never an unbounded one here). Tokens replayed from JetStream (a
+  resume below the memory log, a gap fill) are inspected again, `INSPECT_WINDOW` at a time, on the way
+  out: redaction gives the same bytes; the inspector is asked again (its answer is its own); the audit
+  tap copies them again (copies carry conversation id and sequence: an audit reader dedups on them).
+  A check that raises (a bug: `check()` itself never raises for a failing inspector) blocks the token
+  (`inspection_error`), fail closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +57,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshkit.edge.conversation_log import ConversationLog
+from meshkit.edge.conversation_log import ConversationLog, blocked_token
 from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
+from meshkit.edge.token_inspection import TokenInspection
 from meshkit.edge.viewer import Viewer
 from meshkit.errors import DependencyError
 
@@ -55,6 +68,7 @@ __all__ = ["Conversation", "ConversationHub", "HubMetrics", "HubSettings"]
 log = logging.getLogger("meshkit.edge.hub")
 
 REPLAY_BATCH = 256
+INSPECT_WINDOW = 32  # inspection checks under way per conversation (and per replay) at most
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,7 @@ class Conversation:
     gap_task: asyncio.Task[None] | None = None
     caught_up: bool = False  # the subscription delivered everything stored when it was made
     closed: bool = False
+    inspecting: deque[tuple[asyncio.Future[TokenMessage], bool]] = field(default_factory=deque)
 
 
 class ConversationHub:
@@ -145,11 +160,13 @@ class ConversationHub:
         metrics: HubMetrics,
         *,
         on_cut: Callable[[Viewer, str], None] = lambda v, r: None,
+        inspection: TokenInspection | None = None,
     ) -> None:
         self._js = js
         self.settings = settings
         self.metrics = metrics
         self._on_cut = on_cut
+        self._inspection = inspection if inspection is not None and inspection.enabled else None
         self._conversations: dict[str, Conversation] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -202,7 +219,7 @@ class ConversationHub:
         subject = tokens_subject(conv.id)
 
         async def on_message(msg: Msg) -> None:
-            self._on_message(conv, msg)
+            await self._on_message(conv, msg)
 
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
         try:
@@ -241,7 +258,7 @@ class ConversationHub:
             log.debug("conversation %s: unsubscribe: %r", conv.id, exc)
 
     # -- messages ---------------------------------------------------------------------------------
-    def _on_message(self, conv: Conversation, msg: Msg) -> None:
+    async def _on_message(self, conv: Conversation, msg: Msg) -> None:
         if conv.closed:
             return
         try:
@@ -258,7 +275,36 @@ class ConversationHub:
             except Exception:  # not a JetStream message: cannot happen on this subscription
                 backlog = False
             conv.caught_up = not backlog
-        self.deliver(conv, token, backlog=backlog)
+        if self._inspection is None:
+            self.deliver(conv, token, backlog=backlog)
+            return
+        check = asyncio.ensure_future(self._inspected(token))
+        conv.inspecting.append((check, backlog))
+        check.add_done_callback(lambda _: self._deliver_inspected(conv))
+        if len(conv.inspecting) > INSPECT_WINDOW:  # back-pressure: the subscription waits
+            await asyncio.wait({conv.inspecting[0][0]}, timeout=self.settings.request_timeout)
+
+    async def _inspected(self, token: TokenMessage) -> TokenMessage:
+        """`token` as the viewers get it (see the module docstring)."""
+        assert self._inspection is not None
+        try:
+            result = await self._inspection.check(token)
+        except Exception:
+            log.exception("conversation %s: inspection of %d failed", token.conversation_id, token.sequence)
+            return blocked_token(token, "inspection_error")
+        if result.raw is None:
+            return blocked_token(token, result.reason)
+        if result.changed:
+            return dataclasses.replace(token, raw=result.raw)
+        return token
+
+    def _deliver_inspected(self, conv: Conversation) -> None:
+        """Log the checked messages at the head of the window, in arrival order."""
+        while conv.inspecting and conv.inspecting[0][0].done():
+            check, backlog = conv.inspecting.popleft()
+            if conv.closed or check.cancelled():
+                continue
+            self.deliver(conv, check.result(), backlog=backlog)
 
     def deliver(self, conv: Conversation, token: TokenMessage, *, backlog: bool = False) -> None:
         """Log `token` and wake the viewers (cutting off the ones too far behind)."""
@@ -365,7 +411,13 @@ class ConversationHub:
             self.metrics.replays.labels("failed").inc()
             raise DependencyError("nats", f"replay of {subject} failed: {exc!r}") from None
         self.metrics.replays.labels("ok").inc()
-        return [found[s] for s in sorted(found)]
+        tokens = [found[s] for s in sorted(found)]
+        if self._inspection is None:
+            return tokens
+        out: list[TokenMessage] = []
+        for begin in range(0, len(tokens), INSPECT_WINDOW):
+            out += await asyncio.gather(*(self._inspected(t) for t in tokens[begin : begin + INSPECT_WINDOW]))
+        return out
 
     # -- shutdown ---------------------------------------------------------------------------------
     def close_viewers(self) -> int:
@@ -383,6 +435,8 @@ class ConversationHub:
             conv.closed = True
             if conv.gap_timer is not None:
                 conv.gap_timer.cancel()
+            for check, _ in conv.inspecting:
+                check.cancel()
         await asyncio.gather(*(self._unsubscribe(c) for c in conversations), return_exceptions=True)
         for task in list(self._background):
             task.cancel()

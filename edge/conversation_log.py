@@ -23,17 +23,39 @@ sequence N on" by position. What it decides:
   reconnect: 200-275 tokens in the field notes' partition) do count: `--client-queue` absorbs them.
 
 The log is a list trimmed in halves (amortised O(1) per token, O(k) to read k tokens from any position).
+
+An entry holds what the viewers get: the message as published, or as token inspection changed it
+(redacted bytes in `raw`), or a `BlockedToken` in its place (inspection withheld it: viewers get
+`event: blocked` with its sequence as the id, so a resume stays gap-free). Inspection runs before a
+message enters the log, once per message, so every viewer and every resume from memory reads the
+same bytes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from meshkit.edge.token_contract import TokenMessage
 
-__all__ = ["ConversationLog", "Entry", "Skipped"]
+__all__ = ["BlockedToken", "ConversationLog", "Entry", "Skipped", "blocked_token"]
 
 Entry = TokenMessage | None  # None: a sequence that was skipped (a gap nobody filled)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedToken(TokenMessage):
+    """A token inspection withheld: `raw` is `{"conversation_id", "sequence", "reason"}` (what
+    `event: blocked` carries), never the token's text."""
+
+    reason: str = "blocked"
+
+
+def blocked_token(message: TokenMessage, reason: str | None) -> BlockedToken:
+    why = reason or "blocked"
+    cid, seq = message.conversation_id, message.sequence
+    raw = json.dumps({"conversation_id": cid, "sequence": seq, "reason": why}).encode()
+    return BlockedToken(cid, seq, message.done, raw, message.ts, why)
 
 
 @dataclass(frozen=True)

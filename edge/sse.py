@@ -62,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,154 +70,22 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshkit.daemon import Daemon, Lifecycle, Resolved, bind, bound_address
+from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.edge.conversation_hub import ConversationHub, HubMetrics, HubSettings
-from meshkit.edge.sse_format import framer_for
-from meshkit.edge.token_contract import CONVERSATION_ID, DEFAULT_STREAM, TokenMessage, is_conversation_id
+from meshkit.edge.sse_cors import CORS, Cors
+from meshkit.edge.sse_format import Framer, framer_for
+from meshkit.edge.sse_options import SseOptions
+from meshkit.edge.sse_streams import ADAPTER, Adapter, SseMetrics, admit, json_error, watching
+from meshkit.edge.sse_ws import websocket_stream
+from meshkit.edge.stream_auth import StreamAuth, StreamAuthOptions
+from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
 from meshkit.edge.viewer import Viewer, ViewerClock, ViewerCut, pump
 from meshkit.errors import DependencyError, error_body
-from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds
+
+__all__ = ["DAEMON", "SseOptions", "serve", "sse_app"]
 
 log = logging.getLogger("meshkit.edge.sse")
-
-MAX_LAST_EVENT_ID = (1 << 63) - 1
-
-
-@dataclass(frozen=True)
-class SseOptions:
-    listen: str = option(
-        "127.0.0.1:8080",
-        "HOST:PORT for GET /stream/{id} (port 0: any free port)",
-        parse=parse_host_port,
-        metavar="HOST:PORT",
-    )
-    nats: str = option(
-        "nats://127.0.0.1:4222",
-        "NATS server URL(s), comma-separated (the edge leaf; may hold credentials: never logged)",
-        metavar="URL",
-        secret=True,
-    )
-    js_domain: str = option("", "JetStream domain of the origin (a leaf's clients reach it only so)")
-    stream: str = option(DEFAULT_STREAM, "JetStream stream holding chat.*.tokens")
-    heartbeat: float = option(
-        15.0, "seconds without an event before a `: hb` comment", parse=parse_seconds, metavar="SECONDS"
-    )
-    max_connections: int = option(10_000, "open streams at most (beyond: 503)", parse=parse_non_negative_int)
-    client_queue: int = option(
-        1024, "live tokens a viewer may be behind before it is cut off", parse=parse_non_negative_int
-    )
-    history: int = option(
-        1024,
-        "tokens kept in memory per subscribed conversation (older ones are replayed from JetStream)",
-        parse=parse_non_negative_int,
-    )
-    gap_timeout: float = option(
-        1.0,
-        "seconds a gap in sequences may stay open before JetStream is asked and it is skipped (reset)",
-        parse=parse_seconds,
-        metavar="SECONDS",
-    )
-    consumer_heartbeat: float = option(
-        2.0,
-        "idle heartbeat of each conversation's ordered consumer (a dead one is re-created after 2 missed)",
-        parse=parse_seconds,
-        metavar="SECONDS",
-    )
-    nats_timeout: float = option(
-        5.0,
-        "seconds one JetStream request (subscribe, replay) may take",
-        parse=parse_seconds,
-        metavar="SECONDS",
-    )
-    retry_ms: int = option(
-        1000, "the `retry:` hint sent first on every stream (ms)", parse=parse_non_negative_int
-    )
-    reconnect_retry_ms: int = option(
-        250, "the `retry:` sent with `event: reconnect` at shutdown (ms)", parse=parse_non_negative_int
-    )
-    default_model: str = option("meshkit", "`model` of ?format=openai chunks when the message has none")
-    ready_interval: float = option(
-        2.0,
-        "seconds between two checks that the stream answers through NATS (/readyz)",
-        parse=parse_seconds,
-        metavar="SECONDS",
-    )
-    write_timeout: float = option(
-        30.0,
-        "seconds one write to a client may block (a client that stopped reading) before it is cut off",
-        parse=parse_seconds,
-        metavar="SECONDS",
-    )
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("max_connections", "client_queue", "history"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')}: must be at least 1")
-        for name in ("heartbeat", "consumer_heartbeat", "nats_timeout", "write_timeout", "ready_interval"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')}: must be more than 0 seconds")
-        if not self.stream or any(c in self.stream for c in ".*> "):
-            problems.append(f"--stream {self.stream!r}: a JetStream stream name (no dots, *, > or spaces)")
-        if not [u for u in self.nats.split(",") if u.strip()]:
-            problems.append("--nats: at least one URL")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-@dataclass
-class SseMetrics:
-    open_streams: Gauge
-    tokens_delivered: Counter
-    latency: Histogram
-    resets: Counter
-    requests: Counter
-
-    @classmethod
-    def create(cls, registry: CollectorRegistry) -> SseMetrics:
-        return cls(
-            Gauge("meshkit_sse_open_streams", "Streams open now", registry=registry),
-            Counter("meshkit_sse_tokens_delivered", "Token messages written to viewers", registry=registry),
-            Histogram(
-                "meshkit_sse_delivery_latency_seconds",
-                "From the message's ts (publish) to its write to a viewer",
-                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
-                registry=registry,
-            ),
-            Counter("meshkit_sse_resets", "event: reset sent (sequences gone)", registry=registry),
-            Counter("meshkit_sse_requests", "Requests answered, by result", ["result"], registry=registry),
-        )
-
-
-@dataclass
-class Adapter:
-    """What the handlers share: options, the hub (set at start), metrics, the open-stream count."""
-
-    opts: SseOptions
-    metrics: SseMetrics
-    hub: ConversationHub | None = None
-    open_streams: int = 0
-    closing: bool = False
-
-    def the_hub(self) -> ConversationHub:
-        assert self.hub is not None, "the hub starts before the listener"
-        return self.hub
-
-    def delivered(self, message: TokenMessage) -> None:
-        self.metrics.tokens_delivered.inc()
-        if message.ts is not None:
-            self.metrics.latency.observe(max(0.0, time.time() - message.ts))
-
-
-ADAPTER = web.AppKey("adapter", Adapter)
-
-
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=error_body(kind, message), content_type="application/json", headers=headers
-    )
 
 
 @web.middleware
@@ -230,137 +97,108 @@ async def _json_errors(
         return await handler(request)
     except web.HTTPNotFound:
         requests.labels("not_found").inc()
-        return _error(404, "not_found", f"no such path: {request.path} (GET /stream/{{conversation_id}})")
+        return json_error(
+            404, "not_found", f"no such path: {request.path} (GET /stream/{{id}} or /ws/{{id}})"
+        )
     except web.HTTPMethodNotAllowed:
         requests.labels("method_not_allowed").inc()
-        return _error(405, "method_not_allowed", f"{request.method}: only GET", {"Allow": "GET"})
+        return json_error(405, "method_not_allowed", f"{request.method}: only GET", {"Allow": "GET"})
     except web.HTTPException as exc:
-        return _error(exc.status, "http_error", exc.reason)
+        return json_error(exc.status, "http_error", exc.reason)
     except Exception:  # a bug: its traceback in the log, a JSON 500 to the client (before the stream)
-        log.exception("GET %s failed", request.path)
+        log.exception("%s %s failed", request.method, request.path)
         requests.labels("error").inc()
-        return _error(500, "server_error", "internal error (logged)")
-
-
-def _last_event_id(request: web.Request) -> int | None:
-    """The sequence the client has, from `Last-Event-ID` or `?last_event_id=`; ValueError if bad."""
-    given = request.headers.get("Last-Event-ID")
-    where = "Last-Event-ID"
-    if given is None or not given.strip():
-        given, where = request.query.get("last_event_id"), "last_event_id"
-    if given is None or not given.strip():
-        return None
-    text = given.strip()
-    if not text.isdigit() or int(text) > MAX_LAST_EVENT_ID:
-        raise ValueError(f"{where} must be a token sequence (a non-negative integer), not {given[:40]!r}")
-    return int(text)
+        return json_error(500, "server_error", "internal error (logged)")
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
     adapter = request.app[ADAPTER]
     opts, metrics = adapter.opts, adapter.metrics
-    cid = request.match_info["conversation_id"]
-    if not is_conversation_id(cid):
-        metrics.requests.labels("bad_request").inc()
-        shown = cid if len(cid) <= 64 else cid[:64] + "..."
-        return _error(
-            400, "invalid_request_error", f"conversation id {shown!r} must match {CONVERSATION_ID.pattern}"
+    framers: list[Framer] = []
+
+    def check() -> None:
+        framers.append(
+            framer_for(
+                request.query.get("format", "sse"),
+                request.match_info["conversation_id"],
+                retry_ms=opts.retry_ms,
+                default_model=opts.default_model,
+            )
         )
-    try:
-        last = _last_event_id(request)
-        framer = framer_for(
-            request.query.get("format", "sse"), cid, retry_ms=opts.retry_ms, default_model=opts.default_model
-        )
-    except ValueError as exc:
-        metrics.requests.labels("bad_request").inc()
-        return _error(400, "invalid_request_error", str(exc))
-    if adapter.closing:
-        metrics.requests.labels("shutting_down").inc()
-        return _error(503, "unavailable", "shutting down: reconnect", {"Retry-After": "1"})
-    if adapter.open_streams >= opts.max_connections:
-        metrics.requests.labels("over_capacity").inc()
-        return _error(
-            503,
-            "over_capacity",
-            f"{opts.max_connections} streams open (--max-connections)",
-            {"Retry-After": "1"},
-        )
+
+    admission = await admit(request, adapter, check)
+    if isinstance(admission, web.Response):
+        return admission
+    framer, cid = framers[0], admission.conversation_id
     hub = adapter.the_hub()
     transport = request.transport
-    viewer = Viewer(
-        cid, None if last is None else last + 1, abort=transport.abort if transport else lambda: None
-    )
-    adapter.open_streams += 1
-    metrics.open_streams.inc()
-    conv = None
     response: web.StreamResponse | None = None
     try:
-        try:
-            conv = await hub.join(cid, viewer)
-        except DependencyError as exc:
-            metrics.requests.labels("unavailable").inc()
-            return _error(503, "unavailable", exc.message, {"Retry-After": str(exc.retry_after)})
-        metrics.requests.labels("ok").inc()
-        stream = response = web.StreamResponse(
-            headers={
-                "Content-Type": framer.content_type,
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await stream.prepare(request)
-
-        async def write(data: bytes) -> None:
-            """A write the ViewerClock watches: blocked past --write-timeout, the viewer is cut off."""
-            viewer.writing_since = time.monotonic()
-            try:
-                await stream.write(data)
-            finally:
-                viewer.writing_since = None
-
-        try:
-            await write(framer.preamble())
-            ended = await pump(
-                viewer,
-                conv.log,
-                framer,
-                write,
-                replay=hub.replay,
-                heartbeat=opts.heartbeat,
-                retry_ms=opts.reconnect_retry_ms,
-                delivered=adapter.delivered,
-                reset=metrics.resets.inc,
+        async with watching(adapter, admission, transport.abort if transport else lambda: None) as (
+            viewer,
+            conv,
+        ):
+            metrics.requests.labels("ok").inc()
+            stream = response = web.StreamResponse(
+                headers={
+                    "Content-Type": framer.content_type,
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                }
             )
-        except DependencyError as exc:
-            log.warning("stream %s: %s", cid, exc)
-            with contextlib.suppress(ViewerCut, ConnectionError):
-                await write(b"event: error\ndata: " + error_body("unavailable", exc.message) + b"\n\n")
-            ended = "error"
-        except (ViewerCut, ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception:  # a bug, once the stream has started: event: error, then the end
-            log.exception("stream %s failed", cid)
-            body = error_body("server_error", "internal error (logged)")
-            with contextlib.suppress(ViewerCut, ConnectionError):
-                await write(b"event: error\ndata: " + body + b"\n\n")
-            ended = "error"
-        log.debug("stream %s ended: %s", cid, ended)
-        with contextlib.suppress(ConnectionError):
-            await stream.write_eof()
-        return stream
+            await stream.prepare(request)
+            try:
+                await stream.write(framer.preamble())
+                ended = await pump(
+                    viewer,
+                    conv.log,
+                    framer,
+                    stream.write,
+                    replay=hub.replay,
+                    heartbeat=opts.heartbeat,
+                    retry_ms=opts.reconnect_retry_ms,
+                    delivered=adapter.delivered,
+                    reset=metrics.resets.inc,
+                )
+            except DependencyError as exc:
+                log.warning("stream %s: %s", cid, exc)
+                with contextlib.suppress(ViewerCut, ConnectionError):
+                    await stream.write(
+                        b"event: error\ndata: " + error_body("unavailable", exc.message) + b"\n\n"
+                    )
+                ended = "error"
+            except (ViewerCut, ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception:  # a bug, once the stream has started: event: error, then the end
+                log.exception("stream %s failed", cid)
+                body = error_body("server_error", "internal error (logged)")
+                with contextlib.suppress(ViewerCut, ConnectionError):
+                    await stream.write(b"event: error\ndata: " + body + b"\n\n")
+                ended = "error"
+            if ended == "reauth":
+                metrics.reauths.inc()
+                log.info("stream %s: its token expired: reauth sent after id %d", cid, viewer.last_sent)
+            log.debug("stream %s ended: %s", cid, ended)
+            with contextlib.suppress(ConnectionError):
+                await stream.write_eof()
+            return stream
+    except DependencyError as exc:  # the subscription could not be made: nothing was sent yet
+        metrics.requests.labels("unavailable").inc()
+        return json_error(503, "unavailable", exc.message, {"Retry-After": str(exc.retry_after)})
     except (ViewerCut, ConnectionError):  # cut off, or the client went away: nothing more to write
         return response if response is not None else web.Response(status=499)
-    finally:
-        if conv is not None:
-            hub.leave(conv, viewer)
-        adapter.open_streams -= 1
-        metrics.open_streams.dec()
 
 
 def sse_app(adapter: Adapter) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[ADAPTER] = adapter
     app.router.add_get("/stream/{conversation_id}", _stream, allow_head=False)
+    app.router.add_get("/ws/{conversation_id}", websocket_stream, allow_head=False)
+    cors = Cors(adapter.opts.cors_origin, credentials=adapter.opts.cors_credentials)
+    if cors.enabled:
+        app.router.add_route("OPTIONS", "/stream/{conversation_id}", cors.preflight)
+        app.on_response_prepare.append(cors.on_prepare)
+    app[CORS] = cors
 
     async def on_shutdown(_: web.Application) -> None:
         # The listener no longer accepts: every open stream is told to reconnect (elsewhere) and ends.
@@ -372,34 +210,6 @@ def sse_app(adapter: Adapter) -> web.Application:
 
     app.on_shutdown.append(on_shutdown)
     return app
-
-
-class _StreamListener:
-    """The stream app on its socket, with handler cancellation: a client that goes away cancels its
-    handler at once (its viewer leaves, the subscription with the last one), instead of being noticed
-    at the next write. (`Lifecycle.serve_app` has no such switch.)"""
-
-    def __init__(self, runner: web.AppRunner) -> None:
-        self._runner = runner
-
-    async def stop(self, grace: float) -> None:
-        self._runner._shutdown_timeout = grace  # as meshkit.daemon's listener: aiohttp reads it in cleanup()
-        await self._runner.cleanup()
-
-
-async def _serve_streams(life: Lifecycle, address: str, app: web.Application) -> str:
-    sock = bind(address, what="--listen")
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
-    await runner.setup()
-    try:
-        await web.SockSite(runner, sock).start()
-    except BaseException:
-        await runner.cleanup()
-        sock.close()
-        raise
-    bound = bound_address(address, sock)
-    life.add_listener("http", bound, _StreamListener(runner))
-    return bound
 
 
 @dataclass
@@ -523,9 +333,28 @@ class _Nats:
 async def serve(options: Resolved, life: Lifecycle) -> None:
     opts: SseOptions = options[SseOptions]
     adapter = Adapter(opts, SseMetrics.create(life.registry))
+    adapter.auth = auth = StreamAuth.from_options(options)
+    if auth is not None:
+        for collector in auth.collectors():
+            life.registry.register(collector)
+        await life.start("stream auth (JWT keys)", auth.start, auth.close)
+    inspection = TokenInspection.from_options(options)
+    for collector in inspection.collectors():
+        life.registry.register(collector)
     conn = _Nats(opts, life)
     await life.start("nats", conn.connect, conn.close)
     await life.start(f"stream {opts.stream}", conn.wait_for_stream)
+    if inspection.enabled:
+
+        async def start_inspection() -> None:
+            await inspection.start(conn.client)
+
+        await life.start("token inspection", start_inspection, inspection.close)
+    log.info(
+        "stream auth %s; %s",
+        "on (JWT)" if auth is not None else "off",
+        inspection.summary(),
+    )
     settings = HubSettings(
         stream=opts.stream,
         history=opts.history,
@@ -543,7 +372,9 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
             viewer.last_sent,
         )
 
-    hub = ConversationHub(conn.js(), settings, HubMetrics.create(life.registry), on_cut=on_cut)
+    hub = ConversationHub(
+        conn.js(), settings, HubMetrics.create(life.registry), on_cut=on_cut, inspection=inspection
+    )
 
     async def start_hub() -> None:
         adapter.hub = hub
@@ -565,12 +396,12 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         conn.draining = True
 
     life.on_draining(draining)
-    await _serve_streams(life, opts.listen, sse_app(adapter))
+    await life.serve_app("http", opts.listen, sse_app(adapter), handler_cancellation=True)
     await life.start("readiness checks", conn.start_checks, conn.stop_checks)
 
 
 def _sections() -> list[type[Any]]:
-    return [SseOptions]
+    return [SseOptions, StreamAuthOptions, TokenInspectionOptions]
 
 
 DAEMON = Daemon(

@@ -19,6 +19,13 @@ does I/O, so a later transport (WebSocket JSON frames) is another framer beside 
                                                  last token received
     : hb                                         heartbeat comment
     retry: 250 / event: reconnect / data: {}     the server is shutting down: come back (elsewhere)
+    id: 8 / event: blocked / data: {"conversation_id": "c1", "sequence": 8, "reason": "pii"}
+                                                 token inspection withheld token 8; the id is kept
+                                                 (a resume after it is gap-free), its text is not sent
+    event: reauth / data: {"reason": "token_expired", "last_event_id": 12}
+                                                 the stream's JWT expired: the response ends; come
+                                                 back with a fresh token and Last-Event-ID (no id
+                                                 line: the last id stays the last token received)
 
 `OpenAIFramer` (`?format=openai`): only `data:` lines, read by OpenAI's client stream parser:
 
@@ -38,7 +45,25 @@ x_sequence>&format=openai`. A reset is a chunk with an empty delta and `x_reset:
 "available_from"}` (never a silent gap). A done message with an `error` ends with
 `data: {"error": {...}}` (the client raises `APIError`) instead of the `stop` chunk. The final chunk
 carries the done message's `usage` when it has one. On shutdown a `: reconnect` comment, then the
-stream ends without `[DONE]`.
+stream ends without `[DONE]`. A blocked token is a chunk with an empty delta, its `x_sequence` and
+`x_blocked: {"reason"}`; a reauth is `data: {"error": {"type": "reauth", "code": "token_expired",
+...}}` (the client raises `APIError`), then the end without `[DONE]`.
+
+`WsFramer` (`GET /ws/{id}`): one JSON text frame per event (the WebSocket handler sends each line
+of what the framer returns as its own frame):
+
+    {"event": "token", "id": 7, "data": {"conversation_id": "c1", "token": "Hel", ...}}
+    {"event": "done", "id": 9, "data": {...}}                  then a close with 1000
+    {"event": "reset", "data": {"requested": 3, "available_from": 6}}
+    {"event": "blocked", "id": 8, "data": {"conversation_id": "c1", "sequence": 8, "reason": "pii"}}
+    {"event": "reauth", "data": {"reason": "token_expired", "last_event_id": 12}}   then 1008
+    {"event": "reconnect", "data": {"retry_ms": 250}}          then a close with 1012
+    {"event": "error", "data": {"error": {...}}}               then a close with 1011
+
+`id` is the token's sequence, as the SSE id: resume with `?last_event_id=<the last id>`. `data` is
+the message's JSON as published (the raw bytes; a line break in a pretty-printed one, which JSON
+allows only as whitespace, becomes a space). No heartbeat frames: the server's WebSocket pings keep
+the connection alive and measure its round trip.
 """
 
 from __future__ import annotations
@@ -49,7 +74,7 @@ from typing import Any, Protocol
 
 from meshkit.edge.token_contract import TokenMessage
 
-__all__ = ["Framer", "OpenAIFramer", "SseFramer", "framer_for"]
+__all__ = ["Framer", "OpenAIFramer", "SseFramer", "WsFramer", "framer_for"]
 
 HEARTBEAT = b": hb\n\n"
 
@@ -70,6 +95,14 @@ class Framer(Protocol):
     def heartbeat(self) -> bytes: ...
 
     def reconnect(self, retry_ms: int) -> bytes: ...
+
+    def blocked(self, message: TokenMessage) -> bytes: ...
+
+    def reauth(self, last_event_id: int | None) -> bytes: ...
+
+
+def _reauth_data(last_event_id: int | None) -> bytes:
+    return json.dumps({"reason": "token_expired", "last_event_id": last_event_id}).encode()
 
 
 def _data_line(raw: bytes) -> bytes:
@@ -108,6 +141,12 @@ class SseFramer:
 
     def reconnect(self, retry_ms: int) -> bytes:
         return b"retry: %d\nevent: reconnect\ndata: {}\n\n" % retry_ms
+
+    def blocked(self, message: TokenMessage) -> bytes:
+        return b"id: %d\nevent: blocked\n%s\n" % (message.sequence, _data_line(message.raw))
+
+    def reauth(self, last_event_id: int | None) -> bytes:
+        return b"event: reauth\ndata: " + _reauth_data(last_event_id) + b"\n\n"
 
 
 class OpenAIFramer:
@@ -174,6 +213,65 @@ class OpenAIFramer:
 
     def reconnect(self, retry_ms: int) -> bytes:
         return b": reconnect\n\n"
+
+    def blocked(self, message: TokenMessage) -> bytes:
+        reason = getattr(message, "reason", "blocked")
+        choice = {"index": 0, "delta": {}, "finish_reason": None}
+        return self._chunk({}, choice, x_sequence=message.sequence, x_blocked={"reason": reason})
+
+    def reauth(self, last_event_id: int | None) -> bytes:
+        error = {
+            "message": "the stream's token expired: reconnect with a fresh one and ?last_event_id=",
+            "type": "reauth",
+            "code": "token_expired",
+            "last_event_id": last_event_id,
+        }
+        return b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _one_line(raw: bytes) -> bytes:
+    """JSON on one line: a raw line break in valid JSON is whitespace (never inside a string)."""
+    if b"\n" not in raw and b"\r" not in raw:
+        return raw
+    return raw.replace(b"\r", b" ").replace(b"\n", b" ")
+
+
+class WsFramer:
+    """JSON frames for the WebSocket transport, one per line (see the module docstring)."""
+
+    content_type = "application/json"
+
+    def preamble(self) -> bytes:
+        return b""
+
+    def _event(self, event: bytes, message: TokenMessage) -> bytes:
+        return b'{"event":"%s","id":%d,"data":%s}\n' % (event, message.sequence, _one_line(message.raw))
+
+    def token(self, message: TokenMessage) -> bytes:
+        return self._event(b"token", message)
+
+    def done(self, message: TokenMessage) -> bytes:
+        return self._event(b"done", message)
+
+    def blocked(self, message: TokenMessage) -> bytes:
+        return self._event(b"blocked", message)
+
+    def reset(self, requested: int | None, available_from: int) -> bytes:
+        data = json.dumps({"requested": requested, "available_from": available_from}).encode()
+        return b'{"event":"reset","data":%s}\n' % data
+
+    def heartbeat(self) -> bytes:
+        return b""  # the WebSocket pings instead
+
+    def reconnect(self, retry_ms: int) -> bytes:
+        return b'{"event":"reconnect","data":{"retry_ms":%d}}\n' % retry_ms
+
+    def reauth(self, last_event_id: int | None) -> bytes:
+        return b'{"event":"reauth","data":%s}\n' % _reauth_data(last_event_id)
+
+    @staticmethod
+    def error(body: bytes) -> bytes:
+        return b'{"event":"error","data":%s}\n' % body
 
 
 def framer_for(fmt: str, conversation_id: str, *, retry_ms: int, default_model: str) -> Framer:

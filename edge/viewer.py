@@ -21,7 +21,11 @@ ever waits on it, it only falls behind.
   holes, say one in the replay and one in the log, make one reset), so `available_from` is always
   the sequence that follows it;
 - a heartbeat after `heartbeat` seconds without anything to send; `reconnect` when the server shuts
-  down (`closing`); the `done` message ends it.
+  down (`closing`); the `done` message ends it;
+- `reauth` once `ends_at` (monotonic; the stream's JWT expired, `stream_auth.py`) has passed: checked
+  before every batch of tokens is framed, so no token goes out after it; the transport arms one timer
+  per stream (`expire_at()`) that wakes the pump then;
+- a `BlockedToken` in the log (token inspection withheld it) is framed as `blocked`, keeping its id.
 
 `ViewerClock` is the one task that keeps time for all viewers (heartbeats due, writes blocked past
 `--write-timeout`): a pump waits on its viewer's event only, with no timer of its own (two timers per
@@ -36,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshkit.edge.conversation_log import ConversationLog, Skipped
+from meshkit.edge.conversation_log import BlockedToken, ConversationLog, Skipped
 from meshkit.edge.sse_format import Framer
 from meshkit.edge.token_contract import TokenMessage
 
@@ -63,6 +67,24 @@ class Viewer:
     writing_since: float | None = None  # a write under way (to a client that may have stopped reading)
     gap_open: bool = False  # sequences are gone: a reset goes out before the next token
     gap_requested: int | None = None
+    ends_at: float | None = None  # monotonic: the stream's token expires then (reauth)
+    _expiry: asyncio.TimerHandle | None = None
+
+    def expire_at(self, ends_at: float) -> None:
+        """End the stream with `reauth` at `ends_at` (monotonic), waking the pump then."""
+        self.ends_at = ends_at
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(loop.time() + max(0.0, ends_at - time.monotonic()), self.wake.set)
+
+    def expired(self) -> bool:
+        return self.ends_at is not None and time.monotonic() >= self.ends_at
+
+    def cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     def lag(self, log: ConversationLog) -> int:
         """Live tokens the viewer has not been sent yet (what `--client-queue` bounds)."""
@@ -156,8 +178,9 @@ async def pump(
     delivered: Delivered = lambda _: None,
     reset: Callable[[], None] = lambda: None,
 ) -> str:
-    """Feed `viewer` until its conversation is done (`"done"`), the server closes (`"reconnect"`) or
-    the end was already sent before (`"end"`); `ViewerCut` when the hub cut it off."""
+    """Feed `viewer` until its conversation is done (`"done"`), the server closes (`"reconnect"`),
+    its token expired (`"reauth"`) or the end was already sent before (`"end"`); `ViewerCut` when the
+    hub cut it off."""
     viewer.last_write = time.monotonic()
 
     async def send(data: bytes) -> None:
@@ -167,7 +190,7 @@ async def pump(
                 await write(data)
             finally:
                 viewer.writing_since = None
-            viewer.last_write = time.monotonic()
+        viewer.last_write = time.monotonic()  # also for nothing (a WebSocket's heartbeat: its pings)
 
     while True:
         if viewer.cut_reason is not None:
@@ -175,6 +198,9 @@ async def pump(
         if viewer.closing:
             await send(framer.reconnect(retry_ms))
             return "reconnect"
+        if viewer.expired():
+            await send(framer.reauth(viewer.last_sent if viewer.last_sent >= 0 else None))
+            return "reauth"
         viewer.wake.clear()
         step = plan(viewer, log)
         if isinstance(step, Skipped):
@@ -188,6 +214,8 @@ async def pump(
             await viewer.wake.wait()  # a token, a cut, the shutdown, or ViewerClock: a heartbeat is due
         elif isinstance(step, Replay):
             tokens = await replay(viewer.conversation_id, step.after, step.until)
+            if viewer.expired():
+                continue  # expired while the replay ran: reauth, not those tokens
             out, finished = _frame_replay(viewer, step, tokens, framer, delivered, reset)
             await send(out)
             if finished:
@@ -217,6 +245,8 @@ def _frame_token(
         head = framer.reset(viewer.gap_requested, message.sequence)
     viewer.last_sent = message.sequence
     viewer.cursor = message.sequence + 1
+    if isinstance(message, BlockedToken):  # never a done one (inspection delivers those emptied)
+        return head + framer.blocked(message), message.done
     delivered(message)
     if message.done:
         return head + framer.done(message), True
