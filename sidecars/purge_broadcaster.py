@@ -89,7 +89,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,7 @@ class Broadcaster:
     purge_log: PurgeLog | None = None
     log_errors: Counter | None = None
     departures: Departures | None = None
+    keeping: set[asyncio.Task[set[str]]] = field(default_factory=set)
 
     def client(self) -> PurgeClient:
         assert self.session is not None, "the purge client starts before the listener"
@@ -312,8 +313,26 @@ class Broadcaster:
         return kept
 
     async def fan_out(self, purge: Purge, targets: tuple[str, ...]) -> list[Delivery]:
+        """Every target's delivery. Cancelled (the drain timeout ran out on SIGTERM while a target was
+        still being retried), the purge is first queued for each target that had not confirmed it:
+        the client gets no answer, and the purge is not lost for the pods that missed it."""
         session = self.client()
-        return list(await asyncio.gather(*(deliver(session, t, purge, self.policy) for t in targets)))
+        tasks = [asyncio.ensure_future(deliver(session, t, purge, self.policy)) for t in targets]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except asyncio.CancelledError:
+            confirmed = {
+                t
+                for t, task in zip(targets, tasks, strict=True)
+                if task.done() and not task.cancelled() and task.result().ok
+            }
+            missed = [Delivery(t, None, 0.0, error="cancelled") for t in targets if t not in confirmed]
+            keeping = asyncio.ensure_future(self.keep(missed, purge))
+            self.keeping.add(keeping)  # the purge log's close waits for these
+            keeping.add_done_callback(self.keeping.discard)
+            kept = await asyncio.shield(keeping)
+            log.warning("purge %s cancelled (stopping): queued for %s", purge.path, ", ".join(kept) or "none")
+            raise
 
 
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
@@ -503,7 +522,13 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         b.departures = Departures(opts.departed_keep, forgotten)
         targets.on_change(b.departures.update)
         b.departures.update(targets.current())
-        await life.start("redis (purge log)", purge_log.start, purge_log.close)
+
+        async def close_log() -> None:  # after the purges cancelled by the drain are queued
+            if b.keeping:
+                await asyncio.wait(set(b.keeping), timeout=5)
+            await purge_log.close()
+
+        await life.start("redis (purge log)", purge_log.start, close_log)
         replayer = Replayer(
             purge_log, targets.current, b.client, policy, opts.replay_interval, replay_metrics, b.departures
         )

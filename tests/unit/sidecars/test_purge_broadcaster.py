@@ -458,3 +458,29 @@ async def test_a_replay_round_counts_what_is_pending_without_reading_it(redis: R
         await purge_log.close()
     assert metrics.pending._value.get() == 20_000
     assert cpu < 0.03, f"{cpu * 1000:.0f} ms of CPU"
+
+
+async def test_a_purge_still_being_retried_when_the_drain_ends_is_queued_for_who_missed_it(
+    redis: RedisServer,
+) -> None:
+    """SIGTERM while a target is still being retried, and the drain timeout runs out first: the client
+    gets no answer, the pod that confirmed has it, and the pod that had not has it queued."""
+    prefix = "pb-unit-drain"
+    async with silent_target() as silent, recording_target() as (answering, _):
+        flags = {"redis": redis.url, "redis_prefix": prefix, "target_timeout": 5, "drain_timeout": 0.3}
+        async with (
+            running(targets=f"{answering},{silent}", **flags) as pb,
+            aiohttp.ClientSession() as session,
+        ):
+            purging = asyncio.ensure_future(session.request("PURGE", pb.url + "/v1/x"))
+            await asyncio.sleep(0.3)  # delivered to one, waiting on the other (5 s per attempt)
+            pb.stop.set()
+            with pytest.raises(aiohttp.ClientError):
+                await purging
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        kept = await client.lrange(f"{prefix}:pending:{silent}", 0, -1)
+        others = await client.lrange(f"{prefix}:pending:{answering}", 0, -1)
+    finally:
+        await client.aclose()
+    assert [json.loads(e)["purge"]["path"] for e in kept] == ["/v1/x"] and others == []
