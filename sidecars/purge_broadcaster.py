@@ -498,6 +498,20 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
     targets = _target_set(opts, metrics, kube_client)
     b = Broadcaster(targets, policy, token, metrics)
 
+    known = set(targets.current())
+
+    def left(current: tuple[str, ...]) -> None:  # targets that left the set leave nothing behind
+        gone = known - set(current)
+        known.clear()
+        known.update(current)
+        if b.session is not None:
+            b.session.forget(gone)
+        if b.departures is None:  # without a purge log: their series go at once (else: Departures)
+            for target in gone:
+                remove_series(metrics.target_failures, target)
+
+    targets.on_change(left)
+
     async def open_clients() -> None:
         b.session = PurgeClient()
         if any(isinstance(source, KubeSource) for source in targets.sources):
@@ -537,16 +551,6 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
             replayer.start()
 
         await life.start("purge log replay", start_replayer, replayer.stop)
-    else:  # nothing kept for a target that left: neither are its series
-        known = set(targets.current())
-
-        def left(current: tuple[str, ...]) -> None:
-            for target in known - set(current):
-                remove_series(metrics.target_failures, target)
-            known.clear()
-            known.update(current)
-
-        targets.on_change(left)
     if not opts.targets:
         log.warning("no --targets: every PURGE answers 503")
     await life.start("target sources", targets.start, targets.stop)

@@ -35,6 +35,7 @@ import json
 import re
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -285,6 +286,17 @@ class PurgeClient:
     def _drop_idle(self, target: str) -> None:
         for conn in self._idle.pop(target, ()):
             conn.close()
+
+    def forget(self, targets: Collection[str]) -> None:
+        """Close the kept connections of `targets` (they left the set: nothing would take them again,
+        and a target that never comes back must leave nothing behind)."""
+        for target in targets:
+            self._drop_idle(target)
+
+    @property
+    def kept(self) -> dict[str, int]:
+        """Idle connections kept, by target."""
+        return {target: len(conns) for target, conns in self._idle.items()}
 
     async def close(self) -> None:
         self._closed = True

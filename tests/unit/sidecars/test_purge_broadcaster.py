@@ -484,3 +484,52 @@ async def test_a_purge_still_being_retried_when_the_drain_ends_is_queued_for_who
     finally:
         await client.aclose()
     assert [json.loads(e)["purge"]["path"] for e in kept] == ["/v1/x"] and others == []
+
+
+async def test_kept_connections_to_targets_that_left_are_closed(kube: FakeKube, token_file: Path) -> None:
+    open_now: dict[str, int] = {}
+    servers: list[asyncio.Server] = []
+
+    async def start(host: str) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            open_now[target] += 1
+            try:
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 Purged\r\nContent-Length: 2\r\n\r\n{}")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                open_now[target] -= 1
+                writer.close()
+
+        server = await asyncio.start_server(handle, host, 0)
+        servers.append(server)
+        target = f"{host}:{server.sockets[0].getsockname()[1]}"
+        open_now[target] = 0
+        return target
+
+    try:
+        pods = [await start(f"127.0.0.{i}") for i in range(2, 6)]
+        async with running(**kube_flags(kube, token_file)) as pb, aiohttp.ClientSession() as session:
+            for target in pods:
+                host, _, port = target.rpartition(":")
+                kube.put_slice("cache", "varnish-a", "varnish", [endpoint(host)], ports=[("http", int(port))])
+
+                async def moved(target: str = target) -> bool:
+                    doc = (await get(pb.url + "/targets"))[1]
+                    return [t["target"] for t in doc["targets"]] == [target]
+
+                await eventually(f"{target} is the target", moved)
+                async with session.request("PURGE", pb.url + "/x") as resp:
+                    assert resp.status == 200
+
+            async def closed() -> bool:
+                return all(open_now[t] == 0 for t in pods[:-1])
+
+            await eventually("the connections to the pods that left closed", closed, seconds=2)
+            assert open_now[pods[-1]] == 1  # the current pod's connection is kept
+    finally:
+        for server in servers:
+            server.close()
