@@ -293,11 +293,6 @@ class PurgeClient:
         for target in targets:
             self._drop_idle(target)
 
-    @property
-    def kept(self) -> dict[str, int]:
-        """Idle connections kept, by target."""
-        return {target: len(conns) for target, conns in self._idle.items()}
-
     async def close(self) -> None:
         self._closed = True
         idle = [conn for conns in self._idle.values() for conn in conns]
