@@ -1,7 +1,9 @@
 """Helpers shared by the `meshkit sse` integration tests (this module holds no tests): token messages
 published straight into JetStream at the origin (as the bridge would, with `Nats-Msg-Id`), an SSE
 reader over a real aiohttp response (parsed with the EventSource rules of `loadgen_sse_parser`), the
-leaf's subscription count from its monitor, and the adapter's metrics."""
+leaf's subscription count from its monitor, and the adapter's metrics; and the fixtures (origin + leaf
+with JetStream domain `origin`, the stream, a JetStream client, an HTTP session) the newer modules
+import by name."""
 
 from __future__ import annotations
 
@@ -10,16 +12,21 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
+import pytest
 from nats.js import JetStreamContext
 
 from meshkit.edge.loadgen_sse_parser import SseEvent, SseParser
 from meshkit.edge.token_contract import message_id, tokens_subject
+from meshkit.edge.token_stream import ensure_stream
 from meshkit.harness.edge_daemons import SseAdapter
-from meshkit.harness.nats import NatsServer
+from meshkit.harness.nats import NatsServer, nats_server
 
 
 def token(cid: str, seq: int, *, done: bool = False, text: str | None = None, **extra: Any) -> bytes:
@@ -144,3 +151,65 @@ def settled(adapter: SseAdapter, within: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the adapter still holds subscriptions")
         time.sleep(0.05)
+
+
+# -- fixtures for the newer test modules (imported there by name) ---------------------------------------
+def new_cid() -> str:
+    return f"c-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sse")
+
+
+@pytest.fixture(scope="module")
+def origin(workdir: Path) -> Iterator[NatsServer]:
+    with nats_server(workdir, name="sse-origin") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def leaf(workdir: Path, origin: NatsServer) -> Iterator[NatsServer]:
+    with nats_server(workdir, jetstream=False, leaf_remote=origin.leaf_url, name="sse-leaf") as server:
+        origin.wait_for_leafnodes(1)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stream_created(origin: NatsServer) -> None:
+    async def create() -> None:
+        nc = await nats.connect(origin.url)
+        try:
+            await ensure_stream(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
+
+
+@pytest.fixture
+async def js(origin: NatsServer, stream_created: None) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(origin.url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+BASE_ARGS = [
+    "--heartbeat",
+    "0.5",
+    "--client-queue",
+    "256",
+    "--consumer-heartbeat",
+    "0.5",
+    "--gap-timeout",
+    "0.5",
+]
