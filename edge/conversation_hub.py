@@ -207,6 +207,8 @@ class ConversationHub:
             self.metrics.conversations.set(len(self._conversations))
         if conv.gap_timer is not None:
             conv.gap_timer.cancel()
+        for check, _ in conv.inspecting:
+            check.cancel()
         self._spawn(self._unsubscribe(conv))
 
     def _spawn(self, coro: Any) -> None:
