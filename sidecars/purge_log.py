@@ -6,7 +6,8 @@ Layout (prefix `--redis-prefix`, default `meshkit:purge-log`):
   `{"id", "at" (unix seconds), "purge": {"path", "purge_all", "keys"}}`, at most `max_pending`
   (`--max-pending`, 10,000) per target: one more and the list is replaced, atomically, by a single
   purge of everything (`"collapsed": true`), which covers every purge it held; a target that stays
-  unreachable for days (or refuses with 403 for ever) cannot grow Redis without bound.
+  unreachable for days (or refuses with 403 for ever) cannot grow Redis without bound;
+- `<prefix>:departed`: a hash, target -> unix seconds it left the set (see below).
 Redis keeps them across a broadcaster restart (and several broadcasters may share one log: an entry is
 removed only by the one that saw it at the head, by its id, atomically).
 
@@ -19,12 +20,14 @@ path or key `Purge` refuses: the log is shared and may be written by anything th
 never sent, since its path would go into the request line as it is.
 
 A target that left the set (a pod that went unready, was deleted, a name that stopped resolving to it)
-is "departed": its pending purges stay for `keep` seconds, and the broadcaster keeps queueing new
-purges for it meanwhile, because a pod that was only unready comes back with its cache and must not
-serve what was purged while it was away; if it comes back in time it gets them all replayed. After
-`keep` seconds its list is dropped (`meshkit_purge_replays_total{result="expired"}` counts the entries):
-a pod that stayed gone took its cache with it, and a new pod on the same address starts empty. Pending
-entries of a target the broadcaster never saw in its set (from before a restart, or one removed from
+is "departed" (kept in `<prefix>:departed` too, synced each replay round: a broadcaster restarted
+while a pod was away still knows it, and broadcasters sharing the log share their departures): its
+pending purges stay for `keep` seconds, and the broadcaster keeps queueing new purges for it
+meanwhile, because a pod that was only unready comes back with its cache and must not serve what was
+purged while it was away; if it comes back in time it gets them all replayed. After `keep` seconds
+its list is dropped (`meshkit_purge_replays_total{result="expired"}` counts the entries): a pod that
+stayed gone took its cache with it, and a new pod on the same address starts empty. Pending entries
+of a target the broadcaster never saw in its set (from before a restart, or one removed from
 `--targets`) count as departed from the first round on.
 """
 
@@ -88,6 +91,10 @@ class PurgeLog:
     @property
     def _targets_key(self) -> str:
         return f"{self._prefix}:targets"
+
+    @property
+    def _departed_key(self) -> str:
+        return f"{self._prefix}:departed"
 
     def _list_key(self, target: str) -> str:
         return f"{self._prefix}:pending:{target}"
@@ -157,6 +164,19 @@ class PurgeLog:
                 pipe.llen(self._list_key(target))
             return sum(int(n) for n in await pipe.execute())
 
+    async def departed(self) -> dict[str, float]:
+        """The departures the log holds: target -> when it left (unix seconds)."""
+        found = await self._redis.hgetall(self._departed_key)
+        return {_text(k): float(v) for k, v in found.items()}
+
+    async def save_departed(self, left: dict[str, float], drop: Collection[str]) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if left:
+                pipe.hset(self._departed_key, mapping={t: round(at, 3) for t, at in left.items()})
+            if drop:
+                pipe.hdel(self._departed_key, *drop)
+            await pipe.execute()
+
     async def pending(self) -> dict[str, list[dict[str, Any]]]:
         found: dict[str, list[dict[str, Any]]] = {}
         for target in await self.targets():
@@ -164,6 +184,10 @@ class PurgeLog:
             if entries:
                 found[target] = [_shown(e) for e in entries]
         return found
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _entry(purge: Purge, *, collapsed: bool = False) -> str:
@@ -265,6 +289,18 @@ class Departures:
         left = self._left.get(target)
         return left is not None and time.monotonic() - left > self.keep
 
+    def adopt(self, target: str, left_at: float) -> None:
+        """A departure the purge log holds (`left_at`: unix seconds), from before a restart or from
+        another broadcaster: taken unless this one knows better (the target is in its set, or it
+        already saw it leave)."""
+        if target not in self._known and target not in self._left and target not in self._gone:
+            self._left[target] = time.monotonic() - max(0.0, time.time() - left_at)
+
+    def departed(self) -> dict[str, float]:
+        """Every departure held, as unix seconds (for the purge log)."""
+        now, wall = time.monotonic(), time.time()
+        return {t: wall - (now - left) for t, left in self._left.items()}
+
     def forget(self, target: str) -> None:
         if self._left.pop(target, None) is not None:
             self._gone.setdefault(target, time.monotonic())
@@ -333,6 +369,8 @@ class Replayer:
 
     async def replay_round(self) -> None:
         current = set(self._targets())
+        if self._departures is not None:
+            await self._share_departures(current)
         logged = await self._log.targets()
         await asyncio.gather(*(self._replay(t) for t in logged if t in current))
         if self._departures is not None:
@@ -350,6 +388,17 @@ class Replayer:
                     )
             self._departures.prune(await self._log.targets())
         self._metrics.pending.set(await self._log.count())
+
+    async def _share_departures(self, current: set[str]) -> None:
+        """Departures live in the purge log too: a broadcaster restarted while a pod was away (with
+        nothing pending for it yet) still queues new purges for it."""
+        assert self._departures is not None
+        stored = await self._log.departed()
+        for target, left_at in stored.items():
+            if target not in current:
+                self._departures.adopt(target, left_at)
+        mine = self._departures.departed()
+        await self._log.save_departed(mine, [t for t in stored if t not in mine])
 
     async def _replay(self, target: str) -> None:
         while (head := await self._log.head(target)) is not None:

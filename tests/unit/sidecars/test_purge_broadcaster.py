@@ -533,3 +533,56 @@ async def test_kept_connections_to_targets_that_left_are_closed(kube: FakeKube, 
     finally:
         for server in servers:
             server.close()
+
+
+async def test_a_pod_away_across_a_broadcaster_restart_still_gets_the_purges_it_missed(
+    kube: FakeKube, token_file: Path, redis: RedisServer
+) -> None:
+    """A pod goes unready (its cache intact); the broadcaster restarts with nothing pending for it; a
+    purge comes; the pod comes back: it must get that purge. The restarted broadcaster knows the pod
+    is away only from the purge log."""
+    flags = {**kube_flags(kube, token_file), "redis": redis.url, "redis_prefix": "pb-unit-away"}
+    flags["replay_interval"] = 0.05
+    async with recording_target() as (a, _), recording_target() as (b, got_b):
+        (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+
+        def pods(b_ready: bool) -> None:
+            for name, host, port, ready in (("a", host_a, port_a, True), ("b", host_b, port_b, b_ready)):
+                kube.put_slice(
+                    "cache",
+                    f"varnish-{name}",
+                    "varnish",
+                    [endpoint(host, ready=ready)],
+                    ports=[("http", int(port))],
+                )
+
+        async def targets(pb: Running) -> list[str]:
+            return [t["target"] for t in (await get(pb.url + "/targets"))[1]["targets"]]
+
+        pods(b_ready=True)
+        async with running(**flags) as first:
+            await eventually("both pods", lambda: _has(targets(first), [a, b]))
+            pods(b_ready=False)  # b goes unready
+            await eventually("b away", lambda: _has(targets(first), [a]))
+            await eventually("b departed", lambda: _departed(first, [b]))
+            await asyncio.sleep(0.2)  # a few replay rounds
+        async with running(**flags) as second, aiohttp.ClientSession() as session:
+            await eventually("a only", lambda: _has(targets(second), [a]))
+            async with session.request("PURGE", second.url + "/v1/x") as resp:
+                assert resp.status == 200 and [t["target"] for t in (await resp.json())["targets"]] == [a]
+            assert list((await get(second.url + "/purges"))[1]["pending"]) == [b]
+            pods(b_ready=True)  # b is back: the purge it missed is replayed
+            await eventually("replayed to b", lambda: _pending_empty(second))
+    assert [r.split(b"\r\n")[0] for r in got_b] == [b"PURGE /v1/x HTTP/1.1"]
+
+
+async def _has(found: Awaitable[list[str]], wanted: list[str]) -> bool:
+    return sorted(await found) == sorted(wanted)
+
+
+async def _departed(pb: Running, wanted: list[str]) -> bool:
+    return bool((await get(pb.url + "/purges"))[1]["departed"] == wanted)
+
+
+async def _pending_empty(pb: Running) -> bool:
+    return not (await get(pb.url + "/purges"))[1]["pending"]
