@@ -34,8 +34,11 @@ Decisions:
   are logged in arrival order; past that window the subscription's callback waits (back-pressure on
   nats-py's bounded pending queue, never an unbounded one here). Tokens replayed from JetStream (a
   resume below the memory log, a gap fill) are inspected again, `INSPECT_WINDOW` at a time, on the way
-  out: redaction gives the same bytes; the inspector is asked again (its answer is its own); the audit
-  tap copies them again (copies carry conversation id and sequence: an audit reader dedups on them).
+  out: redaction gives the same bytes; the inspector is asked again (its answer is its own). The audit
+  tap gets a copy of each message the hub logs (not blocked ones), in log order, when it is logged:
+  once per message per subscription (a conversation subscribed again after all its viewers left
+  copies its stored tokens again: copies carry conversation id and sequence, an audit reader dedups on
+  them); replays for one viewer are not copied again.
   A check that raises (a bug: `check()` itself never raises for a failing inspector) blocks the token
   (`inspection_error`), fail closed.
 """
@@ -57,7 +60,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshkit.edge.conversation_log import ConversationLog, blocked_token
+from meshkit.edge.conversation_log import BlockedToken, ConversationLog, blocked_token
 from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
 from meshkit.edge.token_inspection import TokenInspection
 from meshkit.edge.viewer import Viewer
@@ -290,7 +293,7 @@ class ConversationHub:
         """`token` as the viewers get it (see the module docstring)."""
         assert self._inspection is not None
         try:
-            result = await self._inspection.check(token)
+            result = await self._inspection.check(token, audit=False)
         except Exception:
             log.exception("conversation %s: inspection of %d failed", token.conversation_id, token.sequence)
             return blocked_token(token, "inspection_error")
@@ -306,11 +309,20 @@ class ConversationHub:
             check, backlog = conv.inspecting.popleft()
             if conv.closed or check.cancelled():
                 continue
-            self.deliver(conv, check.result(), backlog=backlog)
+            token = check.result()
+            if self.deliver(conv, token, backlog=backlog):
+                self._audit(token)
 
-    def deliver(self, conv: Conversation, token: TokenMessage, *, backlog: bool = False) -> None:
-        """Log `token` and wake the viewers (cutting off the ones too far behind)."""
-        before = conv.log.duplicates
+    def _audit(self, token: TokenMessage) -> None:
+        """A copy of a logged (so delivered) message to the audit tap, when it is on."""
+        tap = self._inspection.tap if self._inspection is not None else None
+        if tap is not None and not isinstance(token, BlockedToken):
+            tap.copy(token, token.raw)
+
+    def deliver(self, conv: Conversation, token: TokenMessage, *, backlog: bool = False) -> bool:
+        """Log `token` and wake the viewers (cutting off the ones too far behind); False when the log
+        dropped it (a duplicate, after done)."""
+        before, after_done = conv.log.duplicates, conv.log.after_done
         added = conv.log.add(token, backlog=backlog)
         if conv.log.duplicates != before:
             self.metrics.duplicates.inc()
@@ -319,6 +331,7 @@ class ConversationHub:
         if conv.log.waiting_for is not None and conv.gap_timer is None and conv.gap_task is None:
             loop = asyncio.get_running_loop()
             conv.gap_timer = loop.call_later(self.settings.gap_timeout, self._gap_timed_out, conv)
+        return conv.log.duplicates == before and conv.log.after_done == after_done
 
     def _wake(self, conv: Conversation) -> None:
         limit = self.settings.client_queue
@@ -353,7 +366,10 @@ class ConversationHub:
                 log.warning("conversation %s: gap at %d: JetStream not asked: %s", conv.id, missing, exc)
                 found = []
             for token in found:
+                before = conv.log.duplicates + conv.log.after_done
                 conv.log.add(token)
+                if conv.log.duplicates + conv.log.after_done == before:
+                    self._audit(token)
             if conv.log.waiting_for is not None:
                 skipped = conv.log.skip_gap()
                 if skipped is not None:

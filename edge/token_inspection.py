@@ -213,8 +213,10 @@ class TokenInspection:
         if self.tap is not None:
             await self.tap.close()
 
-    async def check(self, msg: TokenMessage) -> Inspected:
-        """What to deliver for `msg`. Never raises for a failing inspector (see `Inspector`)."""
+    async def check(self, msg: TokenMessage, *, audit: bool = True) -> Inspected:
+        """What to deliver for `msg`. Never raises for a failing inspector (see `Inspector`).
+        `audit=False`: no copy to the audit tap here (the caller copies what it delivers, in its
+        delivery order: checks run concurrently and finish in any order)."""
         if not self.enabled:
             return Inspected(msg.raw)
         self.inspected += 1
@@ -234,7 +236,7 @@ class TokenInspection:
                             return Inspected(None, reason=reason)
                         # the last message must still end the streams: delivered, its text withheld
                         raw = with_token(fields, "")
-                        if self.tap is not None:
+                        if self.tap is not None and audit:
                             self.tap.copy(msg, raw)
                         return Inspected(raw, changed=True, reason=reason)
                     if verdict.action == "replace" and verdict.token is not None and verdict.token != text:
@@ -249,7 +251,7 @@ class TokenInspection:
                         self.replaced["redaction"] += 1
                 if changed:
                     raw = with_token(fields, text)
-        if self.tap is not None:
+        if self.tap is not None and audit:
             self.tap.copy(msg, raw)
         return Inspected(raw, changed=changed)
 
