@@ -12,6 +12,8 @@ import hashlib
 import http.client
 import json
 import re
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -544,3 +546,34 @@ def test_a_purge_through_the_broadcaster_reaches_what_the_ingress_cached_however
             resp = request(pb.url + written, method="PURGE")
             assert resp.status == 200, resp.body
             assert states(stack, path, bodies) == ["MISS"] * 2, written
+
+
+def _curl(url: str, *args: str) -> tuple[str, str]:
+    out = subprocess.run(
+        ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    body, _, status = out.rpartition("\n")
+    return status, body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl for HTTP/2 requests")
+def test_no_spelling_of_a_client_purge_through_the_ingress_purges(stack: Stack) -> None:
+    """HTTP/2 `PURGE` and `purge` (Envoy passes a lower-case :method on unchanged), HTTP/1.1 `purge`,
+    and a POST with X-HTTP-Method-Override: PURGE: none reaches meshkit_purge (the VCL compares the
+    method case-sensitively; the override is nothing to it)."""
+    bodies = cached(stack, EMBEDDINGS, 2)
+    url = stack.url()
+    status, body = _curl(url, "--http2-prior-knowledge", "-X", "PURGE", "-H", "X-Purge-All: true")
+    assert status == "405" and json.loads(body)["error"]["type"] == "method_not_allowed"
+    for args in (
+        ["--http2-prior-knowledge", "-X", "purge", "-H", "X-Purge-All: true"],
+        ["--http1.1", "-X", "purge", "-H", "X-Purge-All: true"],
+        ["-X", "POST", "-H", "X-HTTP-Method-Override: PURGE", "-H", "X-Purge-All: true", "-d", "{}"],
+    ):
+        status, body = _curl(url, *args)
+        assert '"purged"' not in body, (args, status, body[:200])
+    assert states(stack, EMBEDDINGS, bodies) == ["HIT", "HIT"]
