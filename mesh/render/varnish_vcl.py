@@ -15,6 +15,7 @@ TTL 1 h, grace 24 h, bodies up to 1 MiB cached); this is the checked way to chan
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -52,8 +53,8 @@ def vcl_with_backends(vcl_text: str, backends: Mapping[str, tuple[str, int]] | N
 
 
 def _duration(name: str, seconds: float) -> str:
-    if not seconds >= 0:  # also NaN
-        raise ValueError(f"{name}: {seconds} must be 0 or more seconds")
+    if not (seconds >= 0 and math.isfinite(seconds)):  # NaN fails the first, infinity the second
+        raise ValueError(f"{name}: {seconds} must be 0 or more seconds (a finite number)")
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 

@@ -200,6 +200,9 @@ def test_meshkit_vcl_values_are_checked() -> None:
         assert part in str(excinfo.value)
     with pytest.raises(ValueError, match="port"):
         meshkit_vcl(backend=("127.0.0.1", 70000))
+    with pytest.raises(ValueError, match=r"ttl.*finite") as excinfo:  # rendered `infs;` before
+        meshkit_vcl(ttl=float("inf"), first_byte_timeout=float("inf"))
+    assert "first_byte_timeout" in str(excinfo.value)
     with pytest.raises(ValueError, match="max_body_bytes"):
         meshkit_vcl(max_body_bytes=-1)
     with pytest.raises(ValueError, match="generated_backend: host"):
