@@ -1,7 +1,8 @@
 """The edge's daemons as real child processes, on `meshkit.harness.daemons.daemon()`.
 
 `sse_adapter()` runs `meshkit sse --nats URL` (usually a leaf's URL, with `--js-domain` the origin's
-domain) on free loopback ports and yields an `SseAdapter`: `url`, `stream_url(id)` and the admin port.
+domain) on free loopback ports and yields an `SseAdapter`: `url`, `stream_url(id)`, `ws_url(id)` and
+the admin port.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ class SseAdapter(HttpDaemon):
 
     def stream_url(self, conversation_id: str, **query: str | int) -> str:
         path = f"{self.url}/stream/{urllib.parse.quote(conversation_id, safe='')}"
+        return f"{path}?{urllib.parse.urlencode(query)}" if query else path
+
+    def ws_url(self, conversation_id: str, **query: str | int) -> str:
+        """`ws://HOST:PORT/ws/{id}[?query]`: the same stream over a WebSocket."""
+        base = "ws://" + self.url.split("://", 1)[1]
+        path = f"{base}/ws/{urllib.parse.quote(conversation_id, safe='')}"
         return f"{path}?{urllib.parse.urlencode(query)}" if query else path
 
 

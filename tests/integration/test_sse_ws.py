@@ -55,7 +55,7 @@ HANDSHAKE = {
 
 
 def ws_url(adapter: SseAdapter, cid: str, query: str = "") -> str:
-    return f"ws://127.0.0.1:{adapter.port}/ws/{cid}" + (f"?{query}" if query else "")
+    return adapter.ws_url(cid) + (f"?{query}" if query else "")
 
 
 async def frames_until_close(ws: Any, within: float = 10.0) -> list[dict[str, Any]]:

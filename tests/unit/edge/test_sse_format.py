@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from meshkit.edge.conversation_log import blocked_token
 from meshkit.edge.loadgen_sse_parser import SseParser
-from meshkit.edge.sse_format import OpenAIFramer, SseFramer, framer_for
+from meshkit.edge.sse_format import OpenAIFramer, SseFramer, WsFramer, framer_for
 from meshkit.edge.token_contract import parse_token
 
 
@@ -93,3 +94,33 @@ def test_openai_reset_is_a_chunk_saying_so() -> None:
 def test_unknown_format_is_refused(fmt: str) -> None:
     with pytest.raises(ValueError, match="format must be"):
         framer_for(fmt, "c1", retry_ms=1000, default_model="m")
+
+
+def test_websocket_frames_are_one_json_line_each_with_the_raw_message() -> None:
+    framer = WsFramer()
+    raw = b'{"conversation_id": "c1",\n "token": "a\\nb", "sequence": 7, "done": false}'
+    frame = framer.token(parse_token(raw))
+    assert frame.endswith(b"\n") and frame.count(b"\n") == 1
+    doc = json.loads(frame)
+    assert doc == {"event": "token", "id": 7, "data": json.loads(raw)}
+    assert json.loads(framer.reset(3, 6)) == {"event": "reset", "data": {"requested": 3, "available_from": 6}}
+    assert json.loads(framer.reconnect(250)) == {"event": "reconnect", "data": {"retry_ms": 250}}
+    reauth = json.loads(framer.reauth(None))
+    assert reauth == {"event": "reauth", "data": {"reason": "token_expired", "last_event_id": None}}
+    assert framer.heartbeat() == b""
+    blocked = json.loads(framer.blocked(blocked_token(parse_token(raw), "pii")))
+    assert blocked == {
+        "event": "blocked",
+        "id": 7,
+        "data": {"conversation_id": "c1", "sequence": 7, "reason": "pii"},
+    }
+
+
+def test_openai_blocked_and_reauth_chunks() -> None:
+    framer = OpenAIFramer("c1", "m")
+    msg = parse_token(b'{"conversation_id": "c1", "token": "x", "sequence": 4, "done": false}')
+    chunk = json.loads(framer.blocked(blocked_token(msg, "pii"))[len(b"data: ") :])
+    assert chunk["x_sequence"] == 4 and chunk["x_blocked"] == {"reason": "pii"}
+    assert chunk["choices"][0]["delta"] == {}
+    error = json.loads(framer.reauth(4)[len(b"data: ") :])["error"]
+    assert error["type"] == "reauth" and error["code"] == "token_expired" and error["last_event_id"] == 4

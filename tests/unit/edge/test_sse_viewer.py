@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
-from meshkit.edge.conversation_log import ConversationLog, Skipped
+from meshkit.edge.conversation_log import ConversationLog, Skipped, blocked_token
 from meshkit.edge.loadgen_sse_parser import SseEvent, SseParser
 from meshkit.edge.sse_format import SseFramer
 from meshkit.edge.token_contract import TokenMessage, parse_token
@@ -212,3 +213,42 @@ def test_the_clock_wakes_viewers_owing_a_heartbeat_and_hands_over_stalled_writer
     assert stalled == [stuck] and not stuck.wake.is_set()
     assert not cut.wake.is_set()
     assert clock.tick == 1.0
+
+
+# -- blocked tokens and reauth ------------------------------------------------------------------------
+async def test_a_blocked_token_keeps_its_id_and_the_stream_goes_on() -> None:
+    log = ConversationLog(10)
+    log.add(tok(1))
+    log.add(blocked_token(tok(2), "pii"))
+    log.add(tok(3, done=True))
+    events = await run(Viewer("c1", None), log)
+    assert [(e.event, e.id) for e in events] == [("token", "1"), ("blocked", "2"), ("done", "3")]
+    assert json.loads(events[1].data) == {"conversation_id": "c1", "sequence": 2, "reason": "pii"}
+    assert b"w2" not in events[1].data.encode()
+
+
+async def test_an_expired_viewer_gets_reauth_and_no_token_after_it() -> None:
+    log = ConversationLog(10)
+    log.add(tok(1))
+    viewer = Viewer("c1", None)
+    out = bytearray()
+
+    async def write(data: bytes) -> None:
+        out.extend(data)
+
+    async def replay(conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
+        return []
+
+    viewer.expire_at(time.monotonic() + 0.2)
+    task = asyncio.ensure_future(
+        pump(viewer, log, SseFramer(1000), write, replay=replay, heartbeat=10, retry_ms=250)
+    )
+    await asyncio.sleep(0.05)
+    log.add(tok(2))
+    viewer.wake.set()
+    ended = await asyncio.wait_for(task, 2)  # the timer wakes it: no token, no heartbeat needed
+    log.add(tok(3))
+    assert ended == "reauth"
+    events = SseParser().feed(bytes(out))
+    assert [(e.event, e.id) for e in events] == [("token", "1"), ("token", "2"), ("reauth", "2")]
+    assert json.loads(events[-1].data) == {"reason": "token_expired", "last_event_id": 2}
