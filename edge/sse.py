@@ -4,6 +4,7 @@
     curl -N localhost:8080/stream/c1                                    # from the start, then live
     curl -N localhost:8080/stream/c1 -H 'Last-Event-ID: 41'             # resume after token 41
     curl -N 'localhost:8080/stream/c1?format=openai'                    # OpenAI chunks
+    websocat 'ws://localhost:8080/ws/c1?last_event_id=41'               # the same over a WebSocket
 
 API (the `--listen` port)
 - `GET /stream/{conversation_id}` -> `text/event-stream` (`Cache-Control: no-cache`,
@@ -21,40 +22,80 @@ API (the `--listen` port)
   nothing and ends the response (a client closes on `event: done`).
 - `?format=openai`: OpenAI Chat Completions chunks; resume there with `?last_event_id=<x_sequence>`
   (see `sse_format.py`).
-- 400 JSON before any subscription for an invalid id (`^[A-Za-z0-9_-]{1,128}$`: `a.>`, `*`, dots...),
-  a non-integer or negative last event id, an unknown `format`; 404 JSON for other paths; 405 JSON
-  (`Allow: GET`) for other methods; 503 JSON with `Retry-After` beyond `--max-connections` open streams,
-  while shutting down, or when NATS cannot make the subscription. Errors are
-  `{"error": {"message", "type", "code"}}`. Once a stream has started, a failure (a replay JetStream
-  did not answer) is `event: error` and the end of the response.
+- `GET /ws/{conversation_id}`: the same stream over a WebSocket, one JSON text frame per event
+  (`{"event": "token"|"done"|"reset"|"blocked"|"reauth"|"reconnect"|"error", "id": <sequence>,
+  "data": <the message's JSON>}`), resume with `?last_event_id=`; the same checks, sharing, lag bound,
+  `--max-connections` (SSE and WebSocket streams count together) and shutdown. The server pings every
+  `--ws-ping` s and exports the round trip (`meshkit_sse_ws_rtt_seconds`); a client that misses a
+  pong for `--ws-pong-timeout` s is dropped. Close codes: 1000 done, 1008 reauth, 1012 shutdown,
+  1011 error (see `sse_ws.py`).
+- Errors before a stream starts (`sse_streams.admit`; a WebSocket gets them before the upgrade):
+  400 JSON for an invalid id (`^[A-Za-z0-9_-]{1,128}$`: `a.>`, `*`, dots...), a non-integer or
+  negative last event id, an unknown `format`; 401/403 when auth is on (below); 404 JSON for other
+  paths; 405 JSON (`Allow: GET`) for other methods; 426 for a GET on `/ws/` that is not a handshake;
+  503 JSON with `Retry-After` beyond `--max-connections` open streams, while shutting down, or when
+  NATS cannot make the subscription. Errors are `{"error": {"message", "type", "code"}}`. Once a
+  stream has started, a failure (a replay JetStream did not answer) is `event: error` (a WebSocket
+  `error` frame) and the end.
+
+Auth (off by default; on with `--jwt-secret-file` and/or `--jwks`: `stream_auth.py`, the auth
+filter's JWT verifier and options): the token comes as `Authorization: Bearer` or `?access_token=`
+(EventSource cannot send headers; `--no-stream-query-token` turns that off) and is checked before
+anything is subscribed: 401 JSON with `WWW-Authenticate: Bearer ...` (missing, bad, expired), 403
+(a `conv` claim for other conversations, or no `conv` without the `--stream-any-scope` scope). An open
+stream ends when its token does (`exp + --jwt-leeway`): `event: reauth` with
+`{"reason": "token_expired", "last_event_id": N}` (OpenAI format: an `error` chunk of type `reauth`;
+WebSocket: a `reauth` frame, then close 1008), then the end; no token is written after that moment
+(checked before every batch). The client comes back with a fresh token and Last-Event-ID N (gap-free);
+the old token is refused (401). A browser's EventSource reconnects by itself with the same URL:
+listen for `reauth`, close it, and open a new one with the fresh token. Every logged URL goes through
+`loggable_url()` (`access_token=***`): a query token never reaches the log.
+
+Token inspection (off by default; `--redact`, `--inspector-subject`, `--audit`: `token_inspection.py`):
+once per message in the hub, before it enters the conversation's shared log (`conversation_hub.py`),
+so every viewer and every resume gets the same bytes. A redacted or replaced token is delivered with
+its new JSON; a blocked one as `event: blocked` (`id:` = its sequence, `data:
+{"conversation_id", "sequence", "reason"}`: its text never leaves; keeping the id keeps a resume
+after it gap-free; OpenAI format: an empty chunk with `x_blocked`); a blocked `done` is delivered
+with its text emptied (the stream must end). The audit tap copies what the hub logged, in order.
+Inspection metrics (`meshkit_sse_tokens_inspected_total`, `..._blocked_total{reason}`,
+`..._replaced_total{by}`, inspector failures, audit counts) are on the admin registry.
+
+CORS (off by default; `--cors-origin ORIGIN`, repeatable, `*` only without `--cors-credentials`):
+`Access-Control-Allow-Origin` on `/stream` responses (and their JSON errors) for allowed origins,
+preflight `OPTIONS /stream/{id}` answered (204, or 403 for another origin); a WebSocket from an origin
+not allowed is refused (403) before the upgrade (`sse_cors.py`).
 
 Sharing and slow clients: one JetStream subscription per conversation, shared by all its viewers
 (`conversation_hub.py`); a viewer is a cursor into the conversation's shared log, bounded by
 `--client-queue` live tokens; past that it is cut off (logged with the reason, counted) and can resume
 with Last-Event-ID (`viewer.py`). A client that stops reading when no more tokens come (so it never
 falls behind) is cut off the same way once one write has blocked for `--write-timeout` s. A client
-that disconnects leaves at once (its handler is cancelled), and the subscription goes with the last
-one.
+that disconnects leaves at once (its handler is cancelled: `serve_app(handler_cancellation=True)`),
+and the subscription goes with the last one.
 
 Admin port: `/healthz`; `/readyz` is 200 only while NATS is connected and the stream answers
 (checked every `--ready-interval` s and right after a reconnect: a leaf cut from its origin keeps its
 clients connected, only the check notices); `/metrics`: `meshkit_sse_open_streams`,
 `meshkit_sse_conversations_subscribed`, `meshkit_sse_tokens_delivered_total`,
 `meshkit_sse_delivery_latency_seconds` (publish -> written, from the message's `ts`),
-`meshkit_sse_slow_client_drops_total`, `meshkit_sse_resets_total`,
-`meshkit_sse_requests_total{result=ok|bad_request|not_found|method_not_allowed|over_capacity|...}`,
-replays, duplicates, gaps, malformed messages.
+`meshkit_sse_slow_client_drops_total`, `meshkit_sse_resets_total`, `meshkit_sse_reauths_total`,
+`meshkit_sse_ws_rtt_seconds`, `meshkit_sse_ws_pong_timeouts_total`,
+`meshkit_sse_requests_total{result=ok|bad_request|unauthorized|forbidden|not_found|method_not_allowed|
+over_capacity|...}`, replays, duplicates, gaps, malformed messages, and the inspection ones.
 
 SIGTERM (the shared lifecycle): readiness off -> `--drain-delay` (new streams still served) -> the
 listener stops accepting, every open stream gets `retry: <--reconnect-retry-ms>` + `event: reconnect`
-and ends, the streams get up to `--drain-timeout` to finish writing -> subscriptions dropped -> NATS
+(WebSocket: a `reconnect` frame, close 1012) and ends, the streams get up to `--drain-timeout` to
+finish writing -> subscriptions dropped -> inspection closed (the audit queue flushed) -> NATS
 drained -> exit 0.
 
 Start-up: NATS must be reachable and the stream (created by `meshkit bridge`) must exist within
-`--start-timeout` (progress lines meanwhile), else one line and exit 1.
+`--start-timeout` (progress lines meanwhile), else one line and exit 1; a JWKS URL must load.
 
-NOT DONE in this slice: WebSocket (`/ws/{id}`), JWT auth and `event: reauth`, inspection hooks (they
-fit as a framer beside `sse_format.py` and a step in `ConversationHub.deliver`).
+Modules: options `sse_options.py`; what both transports share (admission, metrics) `sse_streams.py`;
+WebSocket `sse_ws.py`; CORS `sse_cors.py`; framing `sse_format.py`; this module: the SSE handler,
+the NATS connection and the daemon.
 """
 
 from __future__ import annotations

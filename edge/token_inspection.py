@@ -30,8 +30,9 @@ text, it is delivered with its `token` emptied (`changed`, `reason` set, counted
 
 The adapter calls `check()` once per message per conversation (the hub), not once per viewer, and the
 result is a pure function of the message for redaction; the inspector's answers are its own. When
-`check()` blocks, the adapter decides what the viewers see; keeping the `id:` of the blocked sequence
-(an `event: blocked` with the reason, say) keeps resume gap-free.
+`check()` blocks, the adapter sends `event: blocked` with the reason, keeping the `id:` of the blocked
+sequence, so a resume stays gap-free. The hub runs several checks at once and logs them in order, so
+it calls `check(msg, audit=False)` and copies to `tap` itself what it logs, in that order.
 
 `--redact` takes one pattern per flag value; several patterns come from a YAML list
 (`sse: {redact: [email, "\\\\bsk-[A-Za-z0-9]{20,}"]}`) or from one value with one pattern per line
