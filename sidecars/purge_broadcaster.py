@@ -24,7 +24,9 @@ API (the `--listen` port)
     for one that failed, `"error"` (the target's own message, or why there was no answer) and
     `"attempts"` when more than one was made;
   - 503 `{"error": ..., "targets": []}` when there are no targets (none configured, or dns:/k8s:
-    sources that found none yet).
+    sources that found none yet);
+  - 503 `busy` (`Retry-After: 1`) at once when `--max-inflight` PURGEs (1024) are being fanned out
+    already: a flood of purges against a slow target holds a bounded number of tasks and sockets.
   With `--redis`, each failed target's entry also says `"pending": true` when the purge was queued in
   the purge log for it (not for a 400: the target's VCL refuses it, a replay would too).
 - `GET /purges`: `{"pending": {"HOST:PORT": [{"id", "at", "purge": {"path", "purge_all", "keys"}}]}}`,
@@ -46,7 +48,7 @@ API (the `--listen` port)
   set of the moment it arrived. A target that joins gets nothing replayed (a new pod starts empty).
 - Admin port (`--admin-listen`): `/healthz`, `/readyz` (503 `"no purge targets"` while the set is
   empty, e.g. before the first resolution or list, or with a rejected token), `/metrics` with
-  `meshkit_purge_requests_total{result=ok|failed|bad_request|unauthorized|no_targets|...}`,
+  `meshkit_purge_requests_total{result=ok|failed|bad_request|unauthorized|no_targets|busy|...}`,
   `meshkit_purge_target_failures_total{target}`, `meshkit_purge_fanout_seconds` (a histogram of the
   whole fan-out), `meshkit_purge_targets{source}` (targets per source),
   `meshkit_purge_target_source_errors_total{source,kind}` (resolution and list/watch errors),
@@ -138,6 +140,13 @@ def _parse_attempts(value: Any) -> int:
     return attempts
 
 
+def _parse_max_inflight(value: Any) -> int:
+    count = parse_non_negative_int(value)
+    if not 1 <= count <= 100_000:
+        raise ValueError("expected 1 to 100000")
+    return count
+
+
 def _parse_max_pending(value: Any) -> int:
     count = parse_non_negative_int(value)
     if count < 1:
@@ -174,6 +183,11 @@ class PurgeBroadcasterOptions:
     )
     max_body_bytes: int = option(
         64 << 10, "largest request body accepted (bigger: 413)", parse=parse_size, metavar="BYTES"
+    )
+    max_inflight: int = option(
+        1024,
+        "PURGEs fanned out at once; one more is 503 busy at once (Retry-After: 1)",
+        parse=_parse_max_inflight,
     )
     redis: str = option(
         "",
@@ -284,6 +298,8 @@ class Broadcaster:
     log_errors: Counter | None = None
     departures: Departures | None = None
     keeping: set[asyncio.Task[set[str]]] = field(default_factory=set)
+    max_inflight: int = 1024
+    inflight: int = 0  # PURGEs being fanned out now
 
     def client(self) -> PurgeClient:
         assert self.session is not None, "the purge client starts before the listener"
@@ -397,14 +413,22 @@ async def _purge(request: web.Request) -> web.Response:
         counted.labels("no_targets").inc()
         why = "no purge targets are configured" if not b.targets.sources else "no purge targets found yet"
         return _error(503, "no_targets", why, targets=[])
-    began = time.monotonic()
-    deliveries = await b.fan_out(purge, targets)
-    b.metrics.fanout.observe(time.monotonic() - began)
-    failed = [d for d in deliveries if not d.ok]
-    for d in failed:
-        b.metrics.target_failures.labels(d.target).inc()
-    counted.labels("failed" if failed else "ok").inc()
-    kept = await b.keep(failed, purge)
+    if b.inflight >= b.max_inflight:
+        counted.labels("busy").inc()
+        busy = f"{b.max_inflight} purges are being fanned out already (--max-inflight): try again"
+        return _error(503, "busy", busy, headers={"Retry-After": "1"})
+    b.inflight += 1
+    try:
+        began = time.monotonic()
+        deliveries = await b.fan_out(purge, targets)
+        b.metrics.fanout.observe(time.monotonic() - began)
+        failed = [d for d in deliveries if not d.ok]
+        for d in failed:
+            b.metrics.target_failures.labels(d.target).inc()
+        counted.labels("failed" if failed else "ok").inc()
+        kept = await b.keep(failed, purge)
+    finally:
+        b.inflight -= 1
     if failed:
         log.warning(
             "purge %s: %d of %d targets failed: %s",
@@ -496,7 +520,7 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         return kube_session[0]
 
     targets = _target_set(opts, metrics, kube_client)
-    b = Broadcaster(targets, policy, token, metrics)
+    b = Broadcaster(targets, policy, token, metrics, max_inflight=opts.max_inflight)
 
     known = set(targets.current())
 

@@ -586,3 +586,23 @@ async def _departed(pb: Running, wanted: list[str]) -> bool:
 
 async def _pending_empty(pb: Running) -> bool:
     return not (await get(pb.url + "/purges"))[1]["pending"]
+
+
+async def test_purges_past_max_inflight_are_503_busy_at_once() -> None:
+    async with (
+        silent_target() as silent,
+        running(targets=silent, max_inflight=2, attempts=1) as pb,
+        aiohttp.ClientSession() as session,
+    ):
+        held = [asyncio.ensure_future(session.request("PURGE", f"{pb.url}/{i}")) for i in range(2)]
+        await asyncio.sleep(0.2)  # both waiting on the silent target (1 s per attempt)
+        began = time.monotonic()
+        async with session.request("PURGE", pb.url + "/more") as resp:
+            doc = await resp.json()
+        assert resp.status == 503 and doc["error"]["type"] == "busy", doc
+        assert resp.headers["Retry-After"] == "1" and time.monotonic() - began < 0.5
+        for answer in await asyncio.gather(*held):
+            assert answer.status == 502
+            answer.release()
+        async with session.request("PURGE", pb.url + "/again") as resp:
+            assert resp.status == 502  # room again: fanned out (and missed by the silent target)
