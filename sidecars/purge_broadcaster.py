@@ -59,15 +59,19 @@ API (the `--listen` port)
   it left with nothing pending, or after its entries expired, plus `--departed-keep` more so a scrape
   sees the last counts): pods that come and go do not grow the label values without bound.
 - SIGTERM: the shared lifecycle (`meshkit.daemon`): readiness off, in-flight fan-outs get
-  `--drain-timeout`, then the replay loop, Redis, the target sources and the HTTP clients close.
+  `--drain-timeout` (one still retrying a target then is cancelled: its client gets no answer, and
+  with `--redis` the purge is first queued for every target that had not confirmed it), then the
+  replay loop (at most 3 s), Redis, the target sources and the HTTP clients close.
 
 Purge log (`--redis URL`, `meshkit.sidecars.purge_log`): a purge a target missed (no answer, 5xx,
 403) is kept in Redis, a list per target in order, and survives a broadcaster restart; past
 `--max-pending` entries for one target they are replaced by one purge of everything. A loop probes
 every current target with pending purges every `--replay-interval` seconds (one attempt each) and
-replays them oldest first, removing each once the target answered 200. A target that left the set is
-kept `--departed-keep` seconds (new purges are queued for it meanwhile; it gets them if it comes back),
-then its entries are dropped and counted (`meshkit.sidecars.purge_log`). New purges are still sent to
+replays them oldest first, removing each once the target answered 200 (an entry that is not a valid
+purge is dropped, never sent). A target that left the set is kept `--departed-keep` seconds (new
+purges are queued for it meanwhile; it gets them if it comes back; departures are kept in Redis too,
+so a restarted broadcaster still knows a pod that was away), then its entries are dropped and counted
+(`meshkit.sidecars.purge_log`). New purges are still sent to
 such a target directly (a 200 is a 200), so a replayed ban may land after a newer one: bans commute,
 the cost is at most an extra miss. Redis down: the purge is still fanned out and answered (the 502
 says `"pending": false`), logged and counted; Redis unreachable at start: the daemon does not start
