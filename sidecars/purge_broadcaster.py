@@ -456,12 +456,12 @@ def _read_token(path: str) -> bytes | None:
     if not path:
         return None
     try:
-        token = Path(path).read_text().strip()
+        token = Path(path).read_bytes().strip()  # bytes: compared with the header's bytes as sent
     except OSError as exc:
         raise ConfigError([f"--token-file {path}: {exc.strerror}"]) from None
     if not token:
         raise ConfigError([f"--token-file {path}: the file is empty"])
-    return token.encode()
+    return token
 
 
 def _kube_config(opts: PurgeBroadcasterOptions, specs: list[TargetSpec]) -> KubeConfig | None:

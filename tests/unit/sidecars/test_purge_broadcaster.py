@@ -606,3 +606,19 @@ async def test_purges_past_max_inflight_are_503_busy_at_once() -> None:
             answer.release()
         async with session.request("PURGE", pb.url + "/again") as resp:
             assert resp.status == 502  # room again: fanned out (and missed by the silent target)
+
+
+async def test_a_token_file_that_is_not_utf8_is_read_as_bytes_not_a_traceback(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(b"tok\xff\xfe\n")
+    async with recording_target() as (target, received), running(targets=target, token_file=token) as pb:
+        address = pb.life.addresses["http"]
+        ok = await raw_request(
+            address,
+            b"PURGE /a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\xff\xfe\r\nConnection: close\r\n\r\n",
+        )
+        wrong = await raw_request(
+            address, b"PURGE /a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nConnection: close\r\n\r\n"
+        )
+    assert ok.startswith(b"HTTP/1.1 200 "), ok[:200]
+    assert wrong.startswith(b"HTTP/1.1 401 ") and len(received) == 1
