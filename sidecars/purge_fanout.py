@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
+
+log = logging.getLogger("meshkit.purge_fanout")
 
 # the VCL's own expressions (sub meshkit_purge), matched whole (`fullmatch`: a `$` would also match
 # before a trailing newline)
@@ -331,7 +334,7 @@ async def _exchange(conn: _Connection, request: bytes) -> tuple[int, str, bool]:
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = await _read_chunked(conn.reader)
     elif (length := headers.get("content-length")) is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # isdigit alone takes "²" (Latin-1 0xB2)
             raise BadAnswer(f"Content-Length {length[:20]!r}")
         size = int(length)
         if size > MAX_BODY_BYTES:
@@ -402,6 +405,10 @@ async def deliver(client: PurgeClient, target: str, purge: Purge, policy: RetryP
             status, error = None, f"no answer within {policy.timeout:g} s"
             continue
         except (OSError, EOFError, BadAnswer) as exc:
+            status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        except Exception as exc:  # a bug here must fail this target's attempt, not the whole fan-out
+            log.error("purge %s to %s: unexpected %r", purge.path, target, exc, exc_info=exc)
             status, error = None, f"{type(exc).__name__}: {exc}"[:300]
             continue
         error = None if status == 200 else _reason(status, body)

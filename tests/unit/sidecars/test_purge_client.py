@@ -261,3 +261,14 @@ async def test_a_chunk_not_followed_by_crlf_is_not_an_answer() -> None:
             async with asyncio.timeout(2):
                 await client.purge(server.target, Purge("/"))
     await client.close()
+
+
+async def test_a_content_length_of_non_ascii_digits_is_not_an_answer() -> None:
+    """`\\xb2` is `²` in Latin-1, which str.isdigit() accepts and int() refuses: a ValueError that
+    escaped deliver() and failed the whole fan-out with a 500."""
+    client = PurgeClient()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n"
+    async with raw_server(lambda n: answer, close_after=1) as server:
+        delivery = await deliver(client, server.target, Purge("/"), RetryPolicy(attempts=1, timeout=2))
+    await client.close()
+    assert delivery.status is None and "Content-Length" in (delivery.error or "")
