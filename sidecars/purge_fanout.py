@@ -47,6 +47,7 @@ log = logging.getLogger("meshkit.purge_fanout")
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
 _KEYS = re.compile(r" *[A-Za-z0-9_.-]+( +[A-Za-z0-9_.-]+)* *")
 _KEY = re.compile(r"[A-Za-z0-9_.-]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class BadPurge(ValueError):
@@ -365,10 +366,10 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = b""
     while True:
         line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise BadAnswer("a chunk size that is not hexadecimal") from None
+        digits = line.split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(digits):  # int(x, 16) also takes "-5", "0x10" and "1_0"
+            raise BadAnswer("a chunk size that is not hexadecimal")
+        size = int(digits, 16)
         if size == 0:
             while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
                 pass

@@ -157,6 +157,8 @@ async def test_a_fresh_connection_closed_on_the_request_is_an_error() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "Content-Length"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (20 << 10) + b"\r\n\r\n", "headers over"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "hexadecimal"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n", "hexadecimal"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nok\r\n0\r\n\r\n", "hexadecimal"),
     ],
 )
 async def test_what_is_not_an_answer_is_an_error_not_a_hang(answer: bytes, says: str) -> None:
