@@ -12,8 +12,9 @@ Redis -> `meshkit bridge` -> NATS origin (JetStream, domain `origin`) -> NATS le
   `XADD <key> * data <json>` (the bridge's Streams source) or `PUBLISH chat.<id>.tokens <json>`
   (its pub/sub source).
 - `EVENTSOURCE_PAGE` and `serve_page_on()`: a page that opens an `EventSource` on
-  `/stream/<?c=id>` and collects what arrives into `window.events` (`window.opens`, `window.errors`,
-  `window.finished` once `event: done` came), put on the adapter's own origin.
+  `/stream/<?c=id>` and collects what arrives into `window.events` (`{type, id, data, t}`, `t` the
+  page's clock in ms; `window.opens`, `window.errors`, `window.finished` once `event: done` came),
+  put on the adapter's own origin.
 
 Decisions:
 
@@ -75,7 +76,7 @@ const source = new EventSource("/stream/" + encodeURIComponent(conversation));
 source.onopen = () => { window.opens += 1; };
 source.onerror = () => { window.errors += 1; };
 const keep = (type) => (e) => {
-  window.events.push({type: type, id: e.lastEventId, data: e.data});
+  window.events.push({type: type, id: e.lastEventId, data: e.data, t: performance.now()});
 };
 for (const type of ["token", "reset", "reconnect"]) source.addEventListener(type, keep(type));
 source.addEventListener("done", (e) => {
