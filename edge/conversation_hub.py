@@ -280,8 +280,11 @@ class ConversationHub:
             except Exception:  # not a JetStream message: cannot happen on this subscription
                 backlog = False
             conv.caught_up = not backlog
-        if self._inspection is None:
-            self.deliver(conv, token, backlog=backlog)
+        logged = conv.log.next_seq
+        if self._inspection is None or (
+            logged is not None and token.sequence < logged and not conv.inspecting
+        ):
+            self.deliver(conv, token, backlog=backlog)  # a duplicate of a logged one is not inspected again
             return
         check = asyncio.ensure_future(self._inspected(token))
         conv.inspecting.append((check, backlog))

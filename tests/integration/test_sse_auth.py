@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from meshkit.harness.nats import NatsServer
 from .conftest import request
 from .test_sse_support import (  # noqa: F401 (fixtures)
     BASE_ARGS,
+    SseReader,
     js,
     leaf,
     metric,
@@ -154,12 +155,15 @@ async def test_expiry_mid_stream_ends_with_reauth_and_no_token_after_it(
             await publish(js, c, [seq])
             await asyncio.sleep(0.05)
 
+    def more_than(n: int) -> Callable[[SseReader], bool]:
+        return lambda r: len(r.events) > n or r.ended.is_set()
+
     publisher = asyncio.ensure_future(keep_publishing())
     try:
         seen = 0
         async with asyncio.timeout(6):
             while not reader.ended.is_set():
-                await reader.wait_for(lambda r, n=seen: len(r.events) > n or r.ended.is_set(), within=6)
+                await reader.wait_for(more_than(seen), within=6)
                 received += [(e.event, time.time()) for e in reader.events[seen:]]
                 seen = len(reader.events)
         await asyncio.sleep(0.3)  # tokens keep coming after the end
