@@ -114,7 +114,9 @@ async def test_pings_measure_the_round_trip_and_clients_that_answer_stay(
         await publish(js, c, [1, 2], done_at=2)
         frames = await frames_until_close(ws)
     assert [f["id"] for f in frames] == [1, 2]
-    assert metric(adapter, "meshkit_sse_ws_rtt_seconds_sum") > 0
+    total = metric(adapter, "meshkit_sse_ws_rtt_seconds_sum")
+    assert total > 0
+    print(f"ws rtt mean {total / metric(adapter, 'meshkit_sse_ws_rtt_seconds_count') * 1000:.2f} ms")
 
 
 async def test_a_client_that_never_answers_pings_is_closed(
