@@ -358,7 +358,10 @@ def _parse_head(head: bytes) -> tuple[bytes, int, dict[str, str]]:
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if sep:
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
+            if key == "content-length" and headers.get(key, text) != text:  # which one frames it?
+                raise BadAnswer("two different Content-Length headers")
+            headers[key] = text
     return parts[0], int(parts[1]), headers
 
 

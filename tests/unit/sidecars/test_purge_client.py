@@ -155,6 +155,10 @@ async def test_a_fresh_connection_closed_on_the_request_is_an_error() -> None:
     [
         (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x status line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 0\r\n\r\nok",
+            "two different Content-Length",
+        ),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (20 << 10) + b"\r\n\r\n", "headers over"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "hexadecimal"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n", "hexadecimal"),
