@@ -20,12 +20,17 @@ Measured here against a real Varnish: 58 us of CPU per request against aiohttp's
 broadcaster's CPU is what bounds a fan-out to 8 pods under concurrent purges. A connection is kept only
 when nothing but the answer arrived on it, and taken again only when nothing arrived since: bytes a
 target sends beyond its answer (past its Content-Length, a second answer, a 408 before it closes)
-must never be read as the answer to the next PURGE. A kept connection the
-target closed meanwhile (Varnish's `timeout_idle`, 5 s) is seen at EOF before use, or fails at once
-and the attempt is made again once on a fresh connection (the target's idle ones are dropped): that
-costs no retry of the policy. A timeout or an error closes the connection it happened on. At most
-`busy_per_target` (32) requests are in flight to one target; more wait for a slot within their
-attempt's timeout.
+must never be read as the answer to the next PURGE. What does not frame an answer unambiguously is a
+`BadAnswer` (two different Content-Lengths, a Content-Length or chunk size that is not plain digits,
+a chunk without its CRLF). A kept connection the target closed meanwhile (Varnish's `timeout_idle`,
+5 s) is seen at EOF before use, or fails at once and the attempt is made again once on a fresh
+connection (the target's idle ones are dropped): that costs no retry of the policy. A timeout or an
+error closes the connection it happened on; `forget(targets)` closes those of targets that left the
+set. At most `busy_per_target` (32) requests are in flight to one target; more wait for a slot within
+their attempt's timeout.
+
+A `Purge` is valid by construction, from a request, a purge log entry or code alike: its path and
+header value are written into the request as they are.
 """
 
 from __future__ import annotations
