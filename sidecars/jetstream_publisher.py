@@ -63,6 +63,7 @@ __all__ = ["AckWindow", "LatencyBuckets", "Pending", "PublisherStats"]
 log = logging.getLogger("meshkit.bridge.jetstream")
 
 MSG_ID = "Nats-Msg-Id"
+_HEADER_SIZE = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")  # + the id
 _NO_RESPONDERS = "503"
 _RECONNECT_BUFFER = 8 * 1024 * 1024  # bytes buffered while reconnecting, at most (nats-py's pending_size)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -146,6 +147,7 @@ class AckWindow:
         self._room = asyncio.Event()
         self._room.set()
         self._room_need = 1
+        self._room_waiting = False
         self._empty = asyncio.Event()
         self._empty.set()
         self._prefix = ""
@@ -207,6 +209,7 @@ class AckWindow:
         if self.room() >= need:
             return True
         self._room_need = need
+        self._room_waiting = True
         self._room.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._room.wait(), within)
@@ -251,25 +254,42 @@ class AckWindow:
     # -- publishing ----------------------------------------------------------------------------------
     async def publish(self, subject: str, payload: bytes, msg_id: str, context: Any) -> None:
         """Send one message (see `publish_many`)."""
-        await self._send([Pending(subject, payload, msg_id, context)])
+        await self.publish_many([(subject, payload, msg_id, context)])
 
     async def publish_many(self, messages: list[tuple[str, bytes, str, Any]]) -> None:
         """Send `(subject, payload, msg_id, context)` messages as ONE write to the NATS client. The
         window may go past `max_inflight` by this batch: the caller waits with `wait_for_room()`
         before reading more. Subjects and msg ids must be valid NATS tokens (the caller checked
         them: `parse_token`), they are written as they are."""
-        await self._send(
-            [Pending(subject, payload, msg_id, context) for subject, payload, msg_id, context in messages]
-        )
+        now = time.monotonic()
+        limit = self._limit()
+        prefix, inflight, number = self._prefix_bytes, self._inflight, self._next
+        commands: list[bytes] = []
+        sent: list[Pending] = []
+        for subject, payload, msg_id, context in messages:
+            number += 1
+            token = b"%d" % number
+            mid = msg_id.encode()
+            header_size = _HEADER_SIZE + len(mid)
+            size = header_size + len(payload)
+            p = Pending(subject, payload, msg_id, context, 1, 0, now, 0.0, token)
+            if size > limit:  # the server would close the connection on it
+                self._too_big(p, size, limit)
+                continue
+            commands.append(
+                b"HPUB %s %s%s %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n"
+                % (subject.encode(), prefix, token, header_size, size, mid, payload)
+            )
+            inflight[token] = p
+            sent.append(p)
+        self._next = number
+        await self._write(commands, sent)
 
     async def _send(self, batch: list[Pending]) -> None:
-        """HPUB commands built here and handed to nats-py's outbound buffer in one piece: its
-        `publish()` costs a few coroutines, a header dict encoding and a subject check per message,
-        most of the bridge's time at 50k messages/s (measured). The checks `publish()` makes that
-        matter are made here: a closed client, a full buffer while reconnecting, max_payload."""
-        nc = self._nc
+        """`batch` (retries) sent again as HPUB commands in one write (see `publish_many`), each
+        with a new reply token: a late ack of an earlier attempt is then recognised and ignored."""
         now = time.monotonic()
-        limit = nc.max_payload if nc.is_connected else 1 << 20
+        limit = self._limit()
         commands: list[bytes] = []
         sent: list[Pending] = []
         for p in batch:
@@ -277,28 +297,36 @@ class AckWindow:
             p.token = b"%d" % self._next
             p.attempts += 1
             p.sent_at = now
-            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % p.msg_id.encode()
-            size = len(header) + len(p.payload)
-            if size > limit:  # the server would close the connection on it
-                self.stats.rejected += 1
-                self._on_rejected(p, f"{size} bytes with its header is over NATS's max_payload ({limit})")
+            mid = p.msg_id.encode()
+            header_size = _HEADER_SIZE + len(mid)
+            size = header_size + len(p.payload)
+            if size > limit:
+                self._too_big(p, size, limit)
                 continue
             commands.append(
-                b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
-                % (
-                    p.subject.encode(),
-                    self._prefix_bytes,
-                    p.token,
-                    len(header),
-                    size,
-                    header,
-                    p.payload,
-                )
+                b"HPUB %s %s%s %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n"
+                % (p.subject.encode(), self._prefix_bytes, p.token, header_size, size, mid, p.payload)
             )
             self._inflight[p.token] = p
             sent.append(p)
+        await self._write(commands, sent)
+
+    def _limit(self) -> int:
+        nc = self._nc
+        return nc.max_payload if nc.is_connected else 1 << 20
+
+    def _too_big(self, p: Pending, size: int, limit: int) -> None:
+        self.stats.rejected += 1
+        self._on_rejected(p, f"{size} bytes with its header is over NATS's max_payload ({limit})")
+
+    async def _write(self, commands: list[bytes], sent: list[Pending]) -> None:
+        """The HPUB commands handed to nats-py's outbound buffer in one piece: its `publish()` costs a
+        few coroutines, a header dict encoding and a subject check per message, most of the bridge's
+        time at 50k messages/s (measured). The checks `publish()` makes that matter are made here: a
+        closed client, a full buffer while reconnecting (max_payload: the callers)."""
         if not sent:
             return
+        nc = self._nc
         self._empty.clear()
         data = b"".join(commands)
         try:
@@ -358,6 +386,8 @@ class AckWindow:
         self._restore = lambda: setattr(nc, "_process_msg", process)
 
     def _ack(self, subject: bytes, data: bytes, no_responders: bool) -> None:
+        """One PubAck (or a no-responders status) for `<inbox>.<token>`. The common case (stored, or a
+        duplicate) is kept to a few operations: it runs once per token."""
         p = self._inflight.pop(subject[self._prefix_len :], None)
         if p is None:  # a late ack of a message already sent again: the other ack settles it
             return
@@ -372,14 +402,23 @@ class AckWindow:
         elif b'"error"' in data:
             self._rejected(p, data)
         else:
-            self.stats.latency.observe(time.monotonic() - p.sent_at)
-            duplicate = b'"duplicate": true' in data or b'"duplicate":true' in data  # 2.9 writes the space
-            if duplicate:
-                self.stats.duplicates += 1
+            latency = time.monotonic() - p.sent_at
+            buckets = self.stats.latency
+            buckets.sum += latency
+            buckets.counts[bisect_left(buckets.bounds, latency)] += 1
+            if b'"duplicate"' in data and (b'"duplicate": true' in data or b'"duplicate":true' in data):
+                self.stats.duplicates += 1  # 2.9 writes the space
+                self._on_done(p, True)
             else:
                 self.stats.published += 1
-            self._on_done(p, duplicate)
-        self._settled()
+                self._on_done(p, False)
+        # settled: room for the reader once it is what it waits for; empty for drain()
+        size = len(self._inflight) + len(self._retry)
+        if self._room_waiting and self.max_inflight - size >= self._room_need:
+            self._room_waiting = False
+            self._room.set()
+        if not size:
+            self._empty.set()
 
     def _rejected(self, p: Pending, data: bytes) -> None:
         try:
@@ -394,13 +433,6 @@ class AckWindow:
             return
         self.stats.rejected += 1
         self._on_rejected(p, description)
-
-    def _settled(self) -> None:
-        size = len(self)
-        if self.max_inflight - size >= self._room_need:
-            self._room.set()
-        if size == 0:
-            self._empty.set()
 
     # -- timeouts and retries ------------------------------------------------------------------------
     async def _sweep(self) -> None:
