@@ -9,6 +9,8 @@ with optional `usage`, `error`, `model` and `ts` (seconds since the epoch, a num
 unchanged: the raw bytes travel, never a re-encoded copy. Sequences are integers increasing by one per
 conversation, starting at 0 or 1. The message with `"done": true` is the last one.
 
+The bytes must be JSON in UTF-8 without a BOM (what an EventSource and `JSON.parse` read).
+
 `conversation_id` must match `^[A-Za-z0-9_-]{1,128}$` wherever it is read from a user or a message:
 NATS treats `.`, `*` and `>` specially, so an id such as `a.>` must never reach a subject (it would
 subscribe to every conversation). `tokens_subject()` refuses such an id; `parse_token()` refuses a
@@ -114,7 +116,9 @@ def parse_token(raw: bytes, *, subject: str | None = None) -> TokenMessage:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise MalformedToken(f"message over {MAX_MESSAGE_BYTES} bytes")
     try:
-        value = json.loads(raw)
+        # UTF-8 only, no BOM: `json.loads(bytes)` would guess UTF-16/32 (and skip a BOM), and those
+        # bytes, passed on unchanged, are mojibake to an EventSource (UTF-8 only) and to JSON.parse.
+        value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise MalformedToken("not JSON") from None
     if not isinstance(value, dict):

@@ -70,3 +70,14 @@ def test_a_message_must_name_the_conversation_of_its_subject() -> None:
         parse_token(raw, subject="chat.a.tokens")
     with pytest.raises(MalformedToken, match="is not chat"):
         parse_token(raw, subject="chat.b.c.tokens")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-8-sig"])
+def test_only_utf8_json_without_a_bom_is_a_token(encoding: str) -> None:
+    """The raw bytes travel unchanged to EventSource clients, which read UTF-8 only: JSON in UTF-16/32
+    (accepted by `json.loads` on bytes, which guesses the encoding) or behind a BOM (which a browser's
+    JSON.parse refuses) must be refused here, not stored and served as mojibake."""
+    doc = {"conversation_id": "c", "sequence": 1, "token": "hé"}
+    assert parse_token(json.dumps(doc).encode("utf-8")).sequence == 1
+    with pytest.raises(MalformedToken, match="not JSON"):
+        parse_token(json.dumps(doc).encode(encoding))
