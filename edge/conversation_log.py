@@ -13,9 +13,12 @@ sequence N on" by position. What it decides:
   viewer turns into `event: reset` (never a silent gap); a gap wider than the whole log restarts the
   log at the first held sequence instead (a viewer below it replays from JetStream, which finds the
   gap too);
-- `first_seq` is the first sequence the subscription delivered: the subscription starts at the
-  beginning of the stream's copy of the conversation, so a token below it has aged out (or was never
-  stored): a viewer asking for it gets a reset;
+- `first_seq` is where the conversation starts: the first sequence the subscription delivered when it
+  is 0 or 1, else 1 — a first message above 1 is a gap from 1 (token 2 may be stored before token 1
+  when two bridges publish concurrently), held for the gap timeout and looked for in JetStream like any
+  other, then skipped: tokens that aged out of the stream become a reset, never a silent gap. (A
+  conversation starting at 0 whose token 1 is stored before token 0 loses token 0 — it cannot be told
+  from one starting at 1;)
 - after the `done: true` message nothing more is logged (a message after it is counted and dropped);
 - `backlog_end`: every token below it arrived as backlog (the subscription's first catch-up on what
   was stored when it was made), not live. A viewer's lag (`Viewer.lag`) counts only live tokens, so a
@@ -88,7 +91,9 @@ class ConversationLog:
         """Log `message`; how many entries were appended (0: a duplicate, after done, or held)."""
         seq = message.sequence
         if self.next_seq is None:
-            self.first_seq = self.log_start = self.next_seq = seq
+            # Sequences start at 0 or 1. A first message above 1 may have overtaken the first ones
+            # (two bridges store concurrently): it is a gap from 1, held and looked for like any other.
+            self.first_seq = self.log_start = self.next_seq = min(seq, 1)
         if self.done_seq is not None and seq > self.done_seq:
             self.after_done += 1
             return 0

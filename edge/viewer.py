@@ -67,6 +67,7 @@ class Viewer:
     writing_since: float | None = None  # a write under way (to a client that may have stopped reading)
     gap_open: bool = False  # sequences are gone: a reset goes out before the next token
     gap_requested: int | None = None
+    from_start: bool = False  # joined without Last-Event-ID: a reset before its first token says null
     ends_at: float | None = None  # monotonic: the stream's token expires then (reauth)
     _expiry: asyncio.TimerHandle | None = None
 
@@ -141,9 +142,8 @@ def plan(viewer: Viewer, log: ConversationLog) -> Step:
     if viewer.cursor is None:
         if not log.holds_start:
             return Replay(None, log.log_start)
-        viewer.cursor = log.first_seq
-        if log.first_seq > 1:  # sequences start at 0 or 1: the first ones aged out
-            return Skipped(None, log.first_seq)
+        viewer.cursor = log.first_seq  # 0 or 1: tokens that aged out are placeholders, a reset
+        viewer.from_start = True
     cursor = viewer.cursor
     if cursor < log.first_seq:
         viewer.cursor = log.first_seq
@@ -230,6 +230,8 @@ async def pump(
 def _gap(viewer: Viewer, requested: int | None) -> None:
     """Sequences from `requested` on are gone; said (one reset for adjacent holes) before the next token."""
     if not viewer.gap_open:
+        if viewer.from_start and viewer.last_sent < 0:
+            requested = None  # it asked for "everything", not for a sequence
         viewer.gap_open, viewer.gap_requested = True, requested
 
 

@@ -401,12 +401,6 @@ async def test_subject_injection_is_dead_lettered_and_never_reaches_another_conv
 
 
 # -- found by these tests ---------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshkit sse: a conversation whose first stored token is 2 (token 1 stored right after it, "
-    "as two Streams bridges in one group can do) gets event: reset available_from 2 at once and "
-    "token 1 never; edge/viewer.py plan(): first_seq > 1 counts as aged out without --gap-timeout",
-)
 async def test_first_tokens_stored_out_of_order_still_reach_a_viewer_in_order(
     servers: StreamingServers, adapter: SseAdapter, session: aiohttp.ClientSession
 ) -> None:

@@ -98,12 +98,17 @@ def test_plan() -> None:
     assert plan(Viewer("c1", None), log_of(0, 1)) == Read(0)
     assert plan(Viewer("c1", 3), log_of(1, 2)) == Wait()  # resumes after 2: waits for 3
     assert plan(Viewer("c1", 2), log_of(1, 2)) == Read(2)
-    # the stream's first token is 8: 3..7 aged out
-    viewer = Viewer("c1", 3)
-    assert plan(viewer, log_of(8, 9)) == Skipped(3, 8)
-    assert plan(viewer, log_of(8, 9)) == Read(8)
-    viewer = Viewer("c1", None)
-    assert plan(viewer, log_of(8, 9)) == Skipped(None, 8)
+    # the stream's first token is 8: a gap from 1 (token 1 may still come: two bridges store
+    # concurrently); held, then skipped: 1..7 become placeholders the pump turns into a reset
+    aged = log_of(8, 9)
+    assert aged.first_seq == 1 and aged.waiting_for == 1
+    assert plan(Viewer("c1", 3), aged) == Wait()
+    assert plan(Viewer("c1", None), aged) == Wait()
+    assert aged.skip_gap() == Skipped(1, 8)
+    assert aged.read(3, 10) == [None] * 5 + [tok(8), tok(9)]
+    assert plan(Viewer("c1", 3), aged) == Read(3)
+    late = log_of(2, 1, 3)  # token 2 stored before token 1: both delivered, in order
+    assert seqs(late, 1) == [1, 2, 3] and late.waiting_for is None
     # the memory log starts at 97 (capacity 4): older ones come from JetStream
     assert plan(Viewer("c1", 50), log_of(*range(1, 101), capacity=4)) == Replay(49, 97)
     assert plan(Viewer("c1", None), log_of(*range(1, 101), capacity=4)) == Replay(None, 97)
