@@ -13,6 +13,10 @@ the PubAcks that come back on ONE wildcard subscription `<inbox>.*` to the messa
 - PubAcks are taken straight from nats-py's protocol parser for the ack inbox's subscription
   (`_install_fast_path`, `fast_acks`), skipping the `Msg`, header parsing and queue nats-py builds
   for each message: measured, that was about half the bridge's CPU at 50k acks/s.
+- Both are nats-py private hooks (`_send_command`, `_flush_pending`, `_process_msg`; 2.16): `start()`
+  checks each is there with the parameters it was written against (`_HOOKS`) and otherwise, logged
+  once, publishes with `nc.publish()` and takes acks through the subscription's callback (about half
+  the rate, the same guarantees; `private_hooks=False` forces that path, which the tests run too).
 - A PubAck (`{"stream": ..., "seq": ...}`, `"duplicate": true` when JetStream deduplicated it) calls
   `on_done(pending, duplicate)` once; the caller acks its source there (a Redis Stream entry is XACKed
   only now). Acks are recognised without a JSON parse (`"duplicate"` / `"error"` looked for in the
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -59,6 +64,15 @@ from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from meshkit.logs import Throttle
 
 __all__ = ["AckWindow", "LatencyBuckets", "Pending", "PublisherStats"]
+
+# nats-py's private hooks used here (2.16), with the parameters they must have: when a release changes
+# one, the window falls back to the public API (`nc.publish()` and the subscription's callback)
+# instead of publishing nothing or breaking nats-py's reader.
+_HOOKS = {
+    "_send_command": ("cmd", "priority"),
+    "_flush_pending": ("force_flush",),
+    "_process_msg": ("sid", "subject", "reply", "data", "headers"),
+}
 
 log = logging.getLogger("meshkit.bridge.jetstream")
 
@@ -130,6 +144,7 @@ class AckWindow:
         max_backoff: float = 2.0,
         max_rejections: int = 3,
         stats: PublisherStats | None = None,
+        private_hooks: bool = True,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
@@ -142,6 +157,8 @@ class AckWindow:
         self.max_backoff = max_backoff
         self.max_rejections = max_rejections
         self.stats = stats or PublisherStats()
+        self.private_hooks = private_hooks
+        self.raw_writes = False  # HPUB commands into nats-py's buffer (start(): when its hooks fit)
         self._inflight: dict[bytes, Pending] = {}  # token -> pending, in send order
         self._retry: deque[Pending] = deque()  # waiting for their retry_at, in first-send order
         self._room = asyncio.Event()
@@ -182,7 +199,16 @@ class AckWindow:
         self._sub = await self._nc.subscribe(
             self._prefix + "*", cb=self._on_ack, pending_msgs_limit=4 * self.max_inflight + 1024
         )
-        self._install_fast_path()
+        missing = _hooks_missing(self._nc) if self.private_hooks else "turned off"
+        if missing is None:
+            self.raw_writes = True
+            self._install_fast_path()
+        else:
+            log.warning(
+                "bridge: nats-py's private hooks do not fit (%s): publishing with nc.publish() and "
+                "taking PubAcks through the subscription's callback (correct, slower)",
+                missing,
+            )
         self._sweeper = asyncio.create_task(self._sweep(), name="jetstream-ack-sweeper")
 
     async def close(self) -> None:
@@ -328,8 +354,13 @@ class AckWindow:
             return
         nc = self._nc
         self._empty.clear()
-        data = b"".join(commands)
         try:
+            if not self.raw_writes:  # nats-py's public API, one message at a time
+                for p in sent:
+                    reply = self._prefix + p.token.decode()
+                    await nc.publish(p.subject, p.payload, reply=reply, headers={MSG_ID: p.msg_id})
+                return
+            data = b"".join(commands)
             if nc.is_closed:
                 raise ConnectionClosedError
             if not nc.is_connected and len(data) + nc.pending_data_size > _RECONNECT_BUFFER:
@@ -368,10 +399,10 @@ class AckWindow:
         `_ack()` as raw bytes, every other one to nats-py as before. A private hook of nats-py: if
         its shape is not the one expected (a newer release), the ordinary callback stays in use."""
         nc, sub = self._nc, self._sub
-        process = getattr(nc, "_process_msg", None)
+        process = nc._process_msg
         sid = getattr(sub, "_id", None)
-        if process is None or not isinstance(sid, int) or getattr(process, "__self__", None) is not nc:
-            log.info("bridge: nats-py's message hook is not the expected one; using the plain callback")
+        if not isinstance(sid, int):
+            log.warning("bridge: nats-py's subscription has no integer _id; using the plain callback")
             return
 
         async def process_msg(
@@ -382,8 +413,16 @@ class AckWindow:
                 return
             await process(msg_sid, subject, reply, data, headers)
 
-        nc._process_msg = process_msg
-        self._restore = lambda: setattr(nc, "_process_msg", process)
+        shadowed = "_process_msg" in vars(nc)  # already an instance attribute (another wrapper)
+
+        def restore() -> None:
+            if shadowed:
+                setattr(nc, "_process_msg", process)  # noqa: B010 - a method, not a field
+            else:
+                vars(nc).pop("_process_msg", None)  # the class's method again
+
+        setattr(nc, "_process_msg", process_msg)  # noqa: B010
+        self._restore = restore
 
     def _ack(self, subject: bytes, data: bytes, no_responders: bool) -> None:
         """One PubAck (or a no-responders status) for `<inbox>.<token>`. The common case (stored, or a
@@ -474,3 +513,25 @@ class AckWindow:
             due.append(self._retry.popleft())
         if due:
             await self._send(due)
+
+
+def _hooks_missing(nc: Client) -> str | None:
+    """None when nats-py's private hooks are the ones `AckWindow` was written against (`_HOOKS`, plus
+    `_flush_queue`, `pending_data_size`, `stats`), else what differs."""
+    for name, params in _HOOKS.items():
+        hook = getattr(nc, name, None)
+        if hook is None or getattr(hook, "__self__", None) is not nc:
+            return f"{name} missing or not a method of the client"
+        if not inspect.iscoroutinefunction(hook):
+            return f"{name} is not a coroutine function"
+        try:
+            names = tuple(inspect.signature(hook).parameters)
+        except (TypeError, ValueError):
+            return f"{name} has no signature"
+        if names != params:
+            return f"{name}{names} is not {name}{params}"
+    if not hasattr(nc, "_flush_queue") or not isinstance(getattr(nc, "stats", None), dict):
+        return "_flush_queue or stats missing"
+    if not isinstance(getattr(type(nc), "pending_data_size", None), property):
+        return "pending_data_size missing"
+    return None

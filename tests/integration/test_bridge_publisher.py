@@ -56,12 +56,15 @@ def body(seq: int) -> bytes:
     return json.dumps({"conversation_id": "w", "sequence": seq}).encode()
 
 
-async def test_acks_are_matched_and_a_resend_is_a_duplicate(nc: Client, origin: NatsServer) -> None:
+@pytest.mark.parametrize("hooks", [True, False], ids=["private-hooks", "public-api"])
+async def test_acks_are_matched_and_a_resend_is_a_duplicate(
+    nc: Client, origin: NatsServer, hooks: bool
+) -> None:
     await ensure_stream(nc.jetstream())
     out = Outcomes()
-    w = window(nc, out, max_inflight=64)
+    w = window(nc, out, max_inflight=64, private_hooks=hooks)
     await w.start()
-    assert w.fast_acks  # nats-py's hook is the one expected: acks skip its Msg/queue machinery
+    assert w.fast_acks is hooks and w.raw_writes is hooks  # nats-py 2.16's hooks fit: used when allowed
     for seq in range(200):
         assert await w.wait_for_room(5)
         await w.publish("chat.w.tokens", body(seq), f"w:{seq}", seq)
@@ -71,14 +74,51 @@ async def test_acks_are_matched_and_a_resend_is_a_duplicate(nc: Client, origin: 
     assert (w.stats.published, w.stats.duplicates) == (200, 1)
     assert [m.data for m in await stored_messages(origin.url)] == [body(s) for s in range(200)]
     await w.close()
-    assert not w.fast_acks and nc._process_msg.__self__ is nc  # nats-py's own hook is back
+    assert not w.fast_acks and getattr(nc._process_msg, "__self__", None) is nc  # nats-py's own hook
+    assert "_process_msg" not in vars(nc)
 
 
+class LaterNats(Client):
+    """nats-py as a later release might have it: `_process_msg` with another signature (nats-py's
+    parser would call the window's 5-argument wrapper wrongly) and `_send_command` too."""
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes, *, trace: Any = None
+    ) -> None:
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+    async def _send_command(self, command: bytes, priority: bool = False) -> None:
+        await super()._send_command(command, priority)
+
+
+async def test_hooks_of_another_shape_are_not_used_and_the_public_api_still_stores_each_once(
+    origin: NatsServer,
+) -> None:
+    later = LaterNats()
+    await later.connect(origin.url)
+    try:
+        await ensure_stream(later.jetstream())
+        out = Outcomes()
+        w = window(later, out, max_inflight=32)
+        await w.start()
+        assert not w.fast_acks and not w.raw_writes  # refused: nats-py's own paths are used
+        for seq in range(100):
+            assert await w.wait_for_room(5)
+            await w.publish("chat.w.tokens", body(seq), f"w:{seq}", seq)
+        await w.publish("chat.w.tokens", body(3), "w:3", "again")
+        assert await w.drain(5) == 0
+        assert sorted(out.done) == sorted([(f"w:{s}", False) for s in range(100)] + [("w:3", True)])
+        await w.close()
+    finally:
+        await later.close()
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["private-hooks", "public-api"])
 async def test_without_a_stream_publishes_are_retried_until_one_exists(
-    nc: Client, origin: NatsServer
+    nc: Client, origin: NatsServer, hooks: bool
 ) -> None:
     out = Outcomes()
-    w = window(nc, out, retry_backoff=0.05, max_backoff=0.1)
+    w = window(nc, out, retry_backoff=0.05, max_backoff=0.1, private_hooks=hooks)
     await w.start()
     for seq in range(10):
         await w.publish("chat.w.tokens", body(seq), f"w:{seq}", seq)
