@@ -323,6 +323,43 @@ async def test_sigterm_waits_for_the_acks_in_flight_and_exits_0(
             assert f"{doc['conversation_id']}:{doc['sequence']}" in stored_ids, entry_id
 
 
+@pytest.mark.parametrize("frozen", ["nats", "redis"])
+async def test_sigterm_with_a_frozen_dependency_exits_within_the_drain_timeout(
+    tmp_path: Path, redis: RedisServer, inspect: aioredis.Redis, origin: NatsServer, frozen: str
+) -> None:
+    """NATS frozen (no PubAck comes back, the socket buffer fills) or Redis frozen (a read and the
+    XACKs hang): SIGTERM still ends the bridge, exit 0, within --drain-timeout plus the bounded
+    closes, and nothing unstored is acknowledged."""
+    payloads = {(f"f{i % 10}", i // 10): token(f"f{i % 10}", i // 10) for i in range(3000)}
+    await xadd_all(inspect, list(payloads.values()))
+    with stream_bridge(tmp_path, redis, origin, "--drain-timeout", "2") as b:
+        b.wait_ready()
+
+        async def started() -> bool:
+            return await stored_count(origin.url) > 0
+
+        await eventually(started, "publishing started")
+        server = origin.process if frozen == "nats" else redis.process
+        server.signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            b.process.signal(signal.SIGTERM)
+            assert b.process.wait(20) == 0
+            took = time.monotonic() - began
+        finally:
+            server.signal(signal.SIGCONT)
+        assert took < 12, f"{took:.1f} s"
+    stored_ids = {m.msg_id for m in await stored_messages(origin.url)}
+    pending = await inspect.xpending_range(STREAM_KEY, GROUP, min="-", max="+", count=10_000)
+    pending_ids = {p["message_id"] for p in pending}
+    info: Any = await inspect.xinfo_groups(STREAM_KEY)
+    delivered_upto = stream_id(info[0]["last-delivered-id"])
+    for entry_id, fields in await inspect.xrange(STREAM_KEY):
+        doc = json.loads(fields[b"data"])
+        if stream_id(entry_id) <= delivered_upto and entry_id not in pending_ids:
+            assert f"{doc['conversation_id']}:{doc['sequence']}" in stored_ids, entry_id
+
+
 # -- pub/sub ------------------------------------------------------------------------------------------
 def pubsub_bridge(
     tmp_path: Path, redis: RedisServer, origin: NatsServer, name: str = "bridge"
