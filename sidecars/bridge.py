@@ -41,7 +41,7 @@ group: the next start (same `--consumer`) or another bridge (`--claim-idle`) pub
 Metrics (`/metrics`, admin port): `meshkit_bridge_received_total{source}`,
 `meshkit_bridge_published_total` (stored), `meshkit_bridge_duplicates_total` (PubAck duplicate),
 `meshkit_bridge_deadlettered_total{reason}`, `meshkit_bridge_deadletter_failures_total`,
-`meshkit_bridge_acked_total` (XACK),
+`meshkit_bridge_acked_total` (XACK), `meshkit_bridge_taken_over_total`,
 `meshkit_bridge_retries_total{reason=timeout|no_responders|error|reconnect}`,
 `meshkit_bridge_inflight`, `meshkit_bridge_publish_ack_seconds` (histogram), `meshkit_bridge_stream_lag`
 and `meshkit_bridge_stream_pending` (`XINFO GROUPS`, every 2 s), `meshkit_bridge_claimed_total`,
@@ -187,6 +187,7 @@ class BridgeStats:
     received: int = 0
     deadlettered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     deadletter_failures: int = 0
+    taken_over: int = 0  # in flight here, another consumer's (or acknowledged) before a retry
     reconnects: dict[str, int] = field(default_factory=lambda: {"redis": 0, "nats": 0})
     lag: int | None = None
     pending: int | None = None
@@ -346,6 +347,8 @@ class Bridge:
             stats=self.stats.publisher,
         )
         window.on_no_responders = self._ensure_wake.set
+        if isinstance(self.source, StreamSource):
+            window.recheck = self._still_ours
         await window.start()
         self.window = window
         self._relay_task = self._spawn(self._relay(window), "bridge-relay")
@@ -565,6 +568,34 @@ class Bridge:
         self.source.confirm(item)
         self._ack_wake.set()
 
+    async def _still_ours(self, batch: list[Pending]) -> list[Pending]:
+        """Retries about to go out: those whose Streams entry another bridge took over meanwhile
+        (XAUTOCLAIM after --claim-idle, e.g. while this one's NATS link was down) are dropped, not
+        published again (past JetStream's duplicate window that would store them twice). Redis not
+        answering: all are sent."""
+        source = self.source
+        assert isinstance(source, StreamSource)
+        try:
+            async with asyncio.timeout(2.0):
+                owned = await source.owned([p.context for p in batch])
+        except (*REDIS_ERRORS, RedisError):
+            return batch
+        keep = []
+        for p in batch:
+            if p.context.entry_id in owned:
+                keep.append(p)
+            else:
+                source.release(p.context)
+                self.stats.taken_over += 1
+        if len(keep) < len(batch):
+            self._throttle.warning(
+                "taken_over",
+                "bridge: %d entries in flight here were taken over by another consumer; not "
+                "publishing them again",
+                len(batch) - len(keep),
+            )
+        return keep
+
     def _stored(self, pending: Pending, duplicate: bool) -> None:
         self.source.confirm(pending.context)
         self._ack_wake.set()
@@ -633,6 +664,11 @@ class _BridgeCollector(Collector):
         for reason, count in s.deadlettered.items():
             dead.add_metric([reason], count)
         yield dead
+        yield CounterMetricFamily(
+            "meshkit_bridge_taken_over",
+            "Streams entries in flight here that another consumer took over before a retry (dropped)",
+            s.taken_over,
+        )
         yield CounterMetricFamily(
             "meshkit_bridge_deadletter_failures",
             "Dead letters that could not be published",

@@ -19,7 +19,9 @@ Streams (`--stream-key`, default `chat.tokens`; each entry's field `data` is the
   (JetStream's dedup makes that harmless), then new ones (`>`), `COUNT` and `BLOCK` bounded;
 - every `claim_every` seconds, `XAUTOCLAIM` takes over entries idle for more than `claim_idle` seconds
   in other consumers' pending lists (a dead bridge's), a bounded batch at a time: that is the HA;
-  entries of this process still waiting for their PubAck are never handed out twice;
+  entries of this process still waiting for their PubAck are never handed out twice; before this
+  process publishes one of its entries again (a retry), `owned()` says whether it is still its own:
+  one another bridge took over is dropped here, not published a second time;
 - `confirm(entry)` queues its `XACK`; `flush_acks()` sends the queued ones in one command (the bridge's
   acker task calls it): an entry is acknowledged only after JetStream confirmed it (or after it was
   dead-lettered). Acks that fail (Redis down) stay queued and go out after the reconnect; until then
@@ -312,6 +314,22 @@ class StreamSource:
         if item.entry_id is not None:
             self._inflight.discard(item.entry_id)
 
+    async def owned(self, items: list[Received]) -> set[bytes]:
+        """The entry ids of `items` still pending with this consumer (not taken over by another with
+        XAUTOCLAIM, not acknowledged), from one `XPENDING` over their id range. Should the range hold
+        more than it reads, every id counts as owned (published again rather than lost)."""
+        ids = {item.entry_id for item in items if item.entry_id is not None}
+        if not ids:
+            return set()
+        ordered = sorted(ids, key=_id_order)
+        count = 2 * len(ids) + 1000
+        rows = await self.client().xpending_range(
+            self.key, self.group, min=ordered[0], max=ordered[-1], count=count, consumername=self.consumer
+        )
+        if len(rows) >= count:
+            return ids
+        return ids & {row["message_id"] for row in rows}
+
     @property
     def unacked(self) -> int:
         return len(self._to_ack)
@@ -390,6 +408,11 @@ def _data_field(fields: Any) -> bytes | None:
             value: bytes = fields[i + 1]
             return value
     return None
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _as_is(response: Any, **_: Any) -> Any:

@@ -35,6 +35,10 @@ the PubAcks that come back on ONE wildcard subscription `<inbox>.*` to the messa
   `Nats-Msg-Id`) instead of after `ack_timeout`, which kept a full window, and so the reader, stopped
   that long after every reconnect; retries backing off are due at once too. Those sent while
   disconnected sat in nats-py's buffer and go out on the new connection: they wait for their acks.
+- `recheck` (optional, async): asked with each batch of retries before it goes out; what it leaves
+  out leaves the window unpublished. The bridge's Streams source drops the entries another bridge
+  took over meanwhile (`XAUTOCLAIM`): published again after JetStream's duplicate window, they
+  would be stored twice.
 - `drain(within)` waits for the window to empty (SIGTERM: what is in flight gets its acks).
 
 Order: messages go out in the order `publish()` was called; a retried one is sent again after the
@@ -52,7 +56,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,11 +180,15 @@ class AckWindow:
         self._sweeper: asyncio.Task[None] | None = None
         self._throttle = Throttle(log, interval=10.0)
         self._lost_at: float | None = None
+        self._checking = 0  # due retries handed to `recheck`, still counted in the window
         self.on_no_responders: Callable[[], None] | None = None
+        # Asked before a retry goes out: which of these may still be published (a Streams source
+        # drops the entries another consumer took over meanwhile); None: all of them.
+        self.recheck: Callable[[list[Pending]], Awaitable[list[Pending]]] | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._inflight) + len(self._retry)
+        return len(self._inflight) + len(self._retry) + self._checking
 
     @property
     def fast_acks(self) -> bool:
@@ -452,7 +460,7 @@ class AckWindow:
                 self.stats.published += 1
                 self._on_done(p, False)
         # settled: room for the reader once it is what it waits for; empty for drain()
-        size = len(self._inflight) + len(self._retry)
+        size = len(self._inflight) + len(self._retry) + self._checking
         if self._room_waiting and self.max_inflight - size >= self._room_need:
             self._room_waiting = False
             self._room.set()
@@ -511,8 +519,36 @@ class AckWindow:
             if p.retry_at > now:
                 break
             due.append(self._retry.popleft())
+        if due and self.recheck is not None:
+            due = await self._rechecked(due)
         if due:
             await self._send(due)
+
+    async def _rechecked(self, due: list[Pending]) -> list[Pending]:
+        """`recheck(due)`: those still to publish; the others leave the window. Should it fail, all
+        of them are sent (at least once, as without the check)."""
+        self._checking += len(due)
+        try:
+            keep = await self.recheck(due) if self.recheck is not None else due
+        except asyncio.CancelledError:
+            self._retry.extendleft(reversed(due))
+            raise
+        except Exception:
+            self._throttle.exception("recheck", "bridge: checking retries before sending them failed")
+            keep = due
+        finally:
+            self._checking -= len(due)
+        if len(keep) < len(due):
+            self._settle()
+        return keep
+
+    def _settle(self) -> None:
+        size = len(self)
+        if self.max_inflight - size >= self._room_need:
+            self._room_waiting = False
+            self._room.set()
+        if not size:
+            self._empty.set()
 
 
 def _hooks_missing(nc: Client) -> str | None:

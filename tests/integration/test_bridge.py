@@ -354,7 +354,8 @@ async def test_sigterm_with_a_frozen_dependency_exits_within_the_drain_timeout(
     pending_ids = {p["message_id"] for p in pending}
     info: Any = await inspect.xinfo_groups(STREAM_KEY)
     delivered_upto = stream_id(info[0]["last-delivered-id"])
-    for entry_id, fields in await inspect.xrange(STREAM_KEY):
+    entries: Any = await inspect.xrange(STREAM_KEY)
+    for entry_id, fields in entries:
         doc = json.loads(fields[b"data"])
         if stream_id(entry_id) <= delivered_upto and entry_id not in pending_ids:
             assert f"{doc['conversation_id']}:{doc['sequence']}" in stored_ids, entry_id
