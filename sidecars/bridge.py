@@ -31,7 +31,8 @@ Redis lost: reads stop, reconnects with backoff (0.1 s doubled up to 2 s), a Str
 re-reads its pending entries; NATS lost: nats-py reconnects (every 0.5 s, forever),
 the publishes sent before the loss are sent again as soon as it is back (no waiting for
 `--ack-timeout`), others without a PubAck after `--ack-timeout`. Reading stops while the window is
-full, so memory is bounded by `--max-inflight` messages plus one `--read-batch`.
+full, and while 8 x `--max-inflight` stored entries wait for their XACK (Redis refusing XACK), so
+memory is bounded by `--max-inflight` messages plus one `--read-batch` plus those ids.
 
 SIGTERM (the shared lifecycle, `meshkit.daemon`): readiness off and reading stops at once; the
 messages in flight get up to `--drain-timeout` for their PubAcks; the confirmed Streams entries are
@@ -104,6 +105,7 @@ log = logging.getLogger("meshkit.bridge")
 
 PROGRESS_EVERY = 5.0  # s between "still waiting for ..." lines
 LAG_EVERY = 2.0  # s between XINFO GROUPS
+UNACKED_PER_INFLIGHT = 8  # stored entries waiting for their XACK, at most, per --max-inflight
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _DOMAIN = re.compile(r"[A-Za-z0-9_-]{0,255}")
@@ -479,11 +481,21 @@ class Bridge:
         down_since: float | None = None
         last_line = 0.0
         source = self.source
+        unacked_limit = UNACKED_PER_INFLIGHT * window.max_inflight
         while not self._stop_reading.is_set():
             # A whole batch's room (or half the window when that is smaller), then one read.
             if not await window.wait_for_room(
                 0.5, need=min(self.opts.read_batch, max(1, window.max_inflight // 2))
             ):
+                continue
+            if source.unacked >= unacked_limit:  # XACKs refused or slow: reading on would only queue more
+                self._throttle.warning(
+                    "unacked",
+                    "bridge: %d stored entries are waiting for their XACK; reading paused",
+                    source.unacked,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_reading.wait(), 0.05)
                 continue
             count = max(1, min(self.opts.read_batch, window.room()))
             try:

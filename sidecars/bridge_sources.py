@@ -76,6 +76,9 @@ class Source(Protocol):
 
     async def flush_acks(self) -> int: ...
 
+    @property
+    def unacked(self) -> int: ...
+
     async def close(self) -> None: ...
 
     def reset(self) -> None: ...
@@ -145,6 +148,11 @@ class PubSubSource:
         """Nothing to give back in pub/sub (the message is gone)."""
 
     async def flush_acks(self) -> int:
+        return 0
+
+    @property
+    def unacked(self) -> int:
+        """Nothing waits for an acknowledgement in pub/sub."""
         return 0
 
     def reset(self) -> None:

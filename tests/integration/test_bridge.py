@@ -323,6 +323,37 @@ async def test_sigterm_waits_for_the_acks_in_flight_and_exits_0(
             assert f"{doc['conversation_id']}:{doc['sequence']}" in stored_ids, entry_id
 
 
+async def test_reading_pauses_while_xacks_are_refused_so_the_ack_queue_stays_bounded(
+    tmp_path: Path, redis: RedisServer, inspect: aioredis.Redis, origin: NatsServer
+) -> None:
+    """Redis answers reads but refuses XACK (here an ACL; in production a proxy or a permissions
+    change): the confirmed ids queue up for their XACK. Reading on would queue the whole stream in
+    memory; the reader waits instead, and everything is acknowledged once XACK works again."""
+    await inspect.acl_setuser("default", enabled=True, commands=["-xack"])
+    try:
+        payloads = {(f"q{i % 10}", i // 10): token(f"q{i % 10}", i // 10) for i in range(3000)}
+        await xadd_all(inspect, list(payloads.values()))
+        with stream_bridge(tmp_path, redis, origin, "--max-inflight", "64", "--read-batch", "64") as b:
+            b.wait_ready()
+
+            async def paused() -> bool:
+                return "reading paused" in b.process.log_text()
+
+            await eventually(paused, "the reader paused on the XACK queue", within=10)
+            await asyncio.sleep(0.5)
+            received = b.metric("meshkit_bridge_received_total", source="stream")
+            assert received <= 8 * 64 + 2 * 64, received  # the XACK queue's bound, plus what was in flight
+            await inspect.acl_setuser("default", enabled=True, commands=["+xack"])
+
+            async def all_acked() -> bool:
+                return await pending_count(inspect) == 0 and await stored_count(origin.url) == 3000
+
+            await eventually(all_acked, "everything stored and acknowledged once XACK works", within=20)
+            assert_each_once(await stored_messages(origin.url), payloads)
+    finally:
+        await inspect.acl_setuser("default", enabled=True, commands=["+@all"])
+
+
 @pytest.mark.parametrize("frozen", ["nats", "redis"])
 async def test_sigterm_with_a_frozen_dependency_exits_within_the_drain_timeout(
     tmp_path: Path, redis: RedisServer, inspect: aioredis.Redis, origin: NatsServer, frozen: str
