@@ -171,7 +171,7 @@ def measure(
             duplicates = b.metric("meshkit_bridge_duplicates_total")
             retries = sum(
                 b.metric("meshkit_bridge_retries_total", reason=r)
-                for r in ("timeout", "no_responders", "error")
+                for r in ("timeout", "no_responders", "error", "reconnect")
             )
     seconds = max(last - first, 1e-9)
     per_1k = [
