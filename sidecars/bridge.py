@@ -50,12 +50,13 @@ and `meshkit_bridge_stream_pending` (`XINFO GROUPS`, every 2 s), `meshkit_bridge
 
 Throughput (`bench/bridge_rate.py`, 100,000 tokens over 1,000 conversations, 2 shared cores): the
 reader waits for a whole batch's room in the window, each batch goes to NATS as one write of HPUB
-commands, PubAcks are taken straight from nats-py's parser (`meshkit.sidecars.jetstream_publisher`).
-Streams: ~45k tokens/s with `hiredis` installed (redis-py's C parser; the bridge spends ~20 us of CPU
-per token, nats-server ~15 us), about half that without it (redis-py's pure-Python RESP parser is
-then the largest cost). Pub/sub: ~27k/s with hiredis through redis-py's `PubSub`; the reader now
-takes messages from a redis-py connection directly, ~25 % less CPU per token (measured in process,
-not in the benchmark run).
+commands, PubAcks are taken straight from nats-py's parser (`meshkit.sidecars.jetstream_publisher`),
+XREADGROUP replies are read as the parser gives them and XACKs packed by the source. Streams with
+`hiredis`: 47.4k tokens/s (load average 0.8 from other work), the bridge ~18 us of CPU per token,
+nats-server ~16 us, redis ~2.5 us: together the machine's two cores at ~54k/s. Of the bridge's
+part, about a quarter is the contract check (`parse_token`: `json.loads` and the field checks,
+~4.5 us), a fifth nats-py's reader and the PubAck bookkeeping. Pub/sub: ~30k/s (~26 us per token:
+one redis-py `read_response` per message).
 
 Not done: TLS/credentials options for NATS beyond what the URL carries; a dead-letter stream (the
 dead letters are core publishes: a subscriber or a stream of the operator's must keep them).
