@@ -15,8 +15,9 @@ the PubAcks that come back on ONE wildcard subscription `<inbox>.*` to the messa
   for each message: measured, that was about half the bridge's CPU at 50k acks/s.
 - Both are nats-py private hooks (`_send_command`, `_flush_pending`, `_process_msg`; 2.16): `start()`
   checks each is there with the parameters it was written against (`_HOOKS`) and otherwise, logged
-  once, publishes with `nc.publish()` and takes acks through the subscription's callback (about half
-  the rate, the same guarantees; `private_hooks=False` forces that path, which the tests run too).
+  once, publishes with `nc.publish()` and takes acks through the subscription's callback (slower:
+  nats-py's per-message publish, a `Msg` and a queue per ack; the same guarantees;
+  `private_hooks=False` forces that path, which the tests run too).
 - A PubAck (`{"stream": ..., "seq": ...}`, `"duplicate": true` when JetStream deduplicated it) calls
   `on_done(pending, duplicate)` once; the caller acks its source there (a Redis Stream entry is XACKed
   only now). Acks are recognised without a JSON parse (`"duplicate"` / `"error"` looked for in the
