@@ -9,7 +9,8 @@ with optional `usage`, `error`, `model` and `ts` (seconds since the epoch, a num
 unchanged: the raw bytes travel, never a re-encoded copy. Sequences are integers increasing by one per
 conversation, starting at 0 or 1. The message with `"done": true` is the last one.
 
-The bytes must be JSON in UTF-8 without a BOM (what an EventSource and `JSON.parse` read).
+The bytes must be JSON in UTF-8 without a BOM and without lone surrogate escapes (what an EventSource and
+`JSON.parse` read).
 
 `conversation_id` must match `^[A-Za-z0-9_-]{1,128}$` wherever it is read from a user or a message:
 NATS treats `.`, `*` and `>` specially, so an id such as `a.>` must never reach a subject (it would
@@ -24,11 +25,12 @@ stream's subjects) with the reason.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 __all__ = [
     "CONVERSATION_ID",
@@ -103,7 +105,7 @@ class TokenMessage:
 
     def fields(self) -> dict[str, Any]:
         """The whole JSON object (parsed again; for the rare reader that needs more than the above)."""
-        value: dict[str, Any] = json.loads(self.raw)
+        value: dict[str, Any] = orjson.loads(self.raw)
         return value
 
 
@@ -116,10 +118,11 @@ def parse_token(raw: bytes, *, subject: str | None = None) -> TokenMessage:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise MalformedToken(f"message over {MAX_MESSAGE_BYTES} bytes")
     try:
-        # UTF-8 only, no BOM: `json.loads(bytes)` would guess UTF-16/32 (and skip a BOM), and those
-        # bytes, passed on unchanged, are mojibake to an EventSource (UTF-8 only) and to JSON.parse.
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        # orjson: UTF-8 only, no BOM (`json.loads(bytes)` would guess UTF-16/32 and skip a BOM: bytes
+        # passed on unchanged would be mojibake to an EventSource and to JSON.parse), no lone
+        # surrogates (no browser could decode them either), no NaN/Infinity; about 4x json's speed.
+        value = orjson.loads(raw)
+    except ValueError:  # orjson.JSONDecodeError
         raise MalformedToken("not JSON") from None
     if not isinstance(value, dict):
         raise MalformedToken("not a JSON object")

@@ -54,7 +54,10 @@ def test_parse_keeps_the_raw_bytes_and_reads_the_fields() -> None:
         (b'{"conversation_id": "c", "sequence": 1, "done": "yes"}', "done"),
         (b'{"conversation_id": "c", "sequence": 1, "token": 5}', "token"),
         (b'{"conversation_id": "c", "sequence": 1, "ts": "now"}', "ts"),
-        (b'{"conversation_id": "c", "sequence": 1, "ts": NaN}', "ts"),
+        (b'{"conversation_id": "c", "sequence": 1, "ts": NaN}', "not JSON"),  # not JSON at all
+        (b'{"conversation_id": "c", "sequence": 1, "ts": 1e999}', "not JSON"),
+        (b'{"conversation_id": "c", "sequence": 1, "token": "\\ud800"}', "not JSON"),  # a lone surrogate
+        (b'{"conversation_id": "c", "sequence": 12345678901234567890123}', "sequence"),
     ],
 )
 def test_malformed_messages_say_why(raw: bytes, reason: str) -> None:
