@@ -70,9 +70,10 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[index]
 
 
-def run_hey(hey: str, url: str, body: Path, headers: dict[str, str], rate: int, seconds: int) -> list[float]:
-    """One fixed-rate hey run; the latency of every completed 200, in ms (others raise)."""
-    workers = 10
+def run_hey(
+    hey: str, url: str, body: Path, headers: dict[str, str], rate: int, seconds: int, workers: int = 4
+) -> list[float]:
+    """One fixed-rate hey run on `workers` connections; the latency of every completed 200, in ms."""
     argv = [hey, "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:g}", "-o", "csv"]
     argv += ["-m", "POST", "-D", str(body), "-T", "application/json"]
     for name, value in headers.items():
@@ -109,16 +110,16 @@ def _hit(url: str, body: bytes, headers: dict[str, str]) -> str:
         return str(resp.headers.get("x-cache", ""))
 
 
-def measure(row: Row, hey: str, body_file: Path, rate: int, seconds: int) -> Sample:
+def measure(row: Row, hey: str, body_file: Path, rate: int, seconds: int, workers: int) -> Sample:
     url = row.ingress.url(path=PATH)
     body = body_file.read_bytes()
     for _ in range(3):  # fetch it into whichever pod it lands on; then it must be a HIT
         verdict = _hit(url, body, row.headers)
     if verdict != "HIT":
         raise RuntimeError(f"{row.name}: the warmed body answered X-Cache {verdict!r}, not HIT")
-    run_hey(hey, url, body_file, row.headers, rate, 1)  # warm-up
+    run_hey(hey, url, body_file, row.headers, rate, 1, workers)  # warm-up
     before = {role: session_ticks(sid) for role, sid in row.sessions.items()}
-    latencies = sorted(run_hey(hey, url, body_file, row.headers, rate, seconds))
+    latencies = sorted(run_hey(hey, url, body_file, row.headers, rate, seconds, workers))
     after = {role: session_ticks(sid) for role, sid in row.sessions.items()}
     n = len(latencies)
     cpu = {role: (after[role] - before[role]) / CLK_TCK / max(n, 1) * 1e6 for role in row.sessions}
@@ -187,9 +188,10 @@ def median_sample(samples: list[Sample]) -> Sample:
     return sorted(samples, key=lambda s: s.p99_ms)[len(samples) // 2]
 
 
-def report(results: dict[str, list[Sample]], rate: int) -> str:
+def report(results: dict[str, list[Sample]], rate: int, connections: int = 4) -> str:
     lines = [
-        f"Cache tier: a Varnish HIT at a fixed {rate} req/s (hey), 1 KiB embeddings POST; median of "
+        f"Cache tier: a Varnish HIT at a fixed {rate} req/s (hey, {connections} connections), 1 KiB "
+        "embeddings POST; median of "
         f"{len(next(iter(results.values())))} rounds (range of p99)",
         f"{'row':<16} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99 range':>13} {'max ms':>7}  "
         "CPU µs/request",
@@ -213,7 +215,7 @@ def report(results: dict[str, list[Sample]], rate: int) -> str:
     return "\n".join(lines)
 
 
-def run(rate: int, seconds: int, rounds: int, workdir: Path) -> dict[str, list[Sample]]:
+def run(rate: int, seconds: int, rounds: int, workdir: Path, workers: int = 4) -> dict[str, list[Sample]]:
     hey = shutil.which("hey")
     if hey is None:
         raise RuntimeError("hey not found: install the Debian package `hey` (scripts/setup does)")
@@ -225,7 +227,7 @@ def run(rate: int, seconds: int, rounds: int, workdir: Path) -> dict[str, list[S
         for i in range(rounds):
             order = ROWS if i % 2 == 0 else ROWS[::-1]
             for name in order:
-                results[name].append(measure(rows[name], hey, body_file, rate, seconds))
+                results[name].append(measure(rows[name], hey, body_file, rate, seconds, workers))
     return results
 
 
@@ -234,11 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--connections", type=int, default=4, help="hey workers (each its own keep-alive connection)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="meshkit-bench-tier-") as tmp:
-        results = run(args.rate, args.duration, args.rounds, Path(tmp))
-    print(report(results, args.rate))
+        results = run(args.rate, args.duration, args.rounds, Path(tmp), args.connections)
+    print(report(results, args.rate, args.connections))
     if args.json:
         args.json.write_text(json.dumps({k: [asdict(s) for s in v] for k, v in results.items()}, indent=2))
     return 0

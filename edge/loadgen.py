@@ -14,7 +14,8 @@ What a run does, in order:
    `/ws/<id>` (nchan: `/sub/<id>` upgraded) instead;
 3. publishes `--rate` tokens per second in total for `--duration` seconds, round-robin over the N
    conversations (sequences from 1; the message's `ts` is the publish time), then one `done` message
-   per conversation (its sequence is the last + 1) — all in the contract's JSON;
+   per conversation (its sequence is the last + 1) at the same pace (all at once would be a burst the
+   generator measures itself with) — all in the contract's JSON;
 4. tells the workers which range each conversation got and waits (`--drain-timeout`) for every viewer to
    see its `done`; then merges the workers' counts and latency histograms.
 
@@ -405,24 +406,28 @@ class _Run:
         counts = [0] * n
         start = time.monotonic()
         sent = 0
-        while sent < total:
-            due = min(total, math.floor((time.monotonic() - start) * options.rate) + 1)
+        tokens_seconds = 0.0
+        # The done messages keep the same pace: all of them at once would be a burst of n x viewers
+        # deliveries at the end, and its latency would be the generator's, not the target's.
+        while sent < total + n:
+            due = min(total + n, math.floor((time.monotonic() - start) * options.rate) + 1)
             batch: list[Message] = []
             for i in range(sent, due):
-                c = i % n
-                counts[c] += 1
-                batch.append((self.conversations[c], counts[c], False))
+                if i < total:
+                    c = i % n
+                    counts[c] += 1
+                    batch.append((self.conversations[c], counts[c], False))
+                else:
+                    c = i - total
+                    batch.append((self.conversations[c], counts[c] + 1, True))
             if batch:
                 await publisher.publish_batch(batch)
                 sent = due
                 self.published = sent
+            if sent >= total and not tokens_seconds:
+                tokens_seconds = time.monotonic() - start + (1 / options.rate if total else 0.0)
             wait = start + sent / options.rate - time.monotonic()
-            await asyncio.sleep(max(TICK, wait) if sent < total else 0)
-        tokens_seconds = time.monotonic() - start + (1 / options.rate if total else 0.0)
-        await publisher.publish_batch(
-            [(cid, counts[c] + 1, True) for c, cid in enumerate(self.conversations)]
-        )
-        self.published = sent + n
+            await asyncio.sleep(max(TICK, wait) if sent < total + n else 0)
         return counts, tokens_seconds, time.monotonic() - start
 
 
