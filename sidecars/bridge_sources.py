@@ -113,6 +113,7 @@ class PubSubSource:
         self.url, self.pattern, self.block = url, pattern, block
         self._client: aioredis.Redis | None = None
         self._conn: Any = None  # a redis.asyncio Connection, subscribed
+        self._failed: Exception | None = None  # raised by the next read(), after what was read
 
     async def _connect(self) -> Any:
         await self.close()
@@ -126,9 +127,15 @@ class PubSubSource:
         return conn
 
     async def read(self, count: int) -> list[Received]:
+        """What arrived, at most `count`. A connection that fails after some messages were read
+        returns those first (a killed server's last messages and its EOF arrive together: raising
+        then would lose what the socket already held); the error is raised by the next call."""
+        if (failed := self._failed) is not None:
+            self._failed = None
+            raise failed
         conn = self._conn or await self._connect()
+        out: list[Received] = []
         try:
-            out: list[Received] = []
             reply = await conn.read_response(timeout=self.block)  # None: nothing within `block`
             while reply is not None:
                 if isinstance(reply, list) and len(reply) == 4 and reply[0] == b"pmessage":
@@ -137,8 +144,14 @@ class PubSubSource:
                     break
                 reply = await conn.read_response(timeout=0)  # the next buffered one, or None
             return out
-        except BaseException:
+        except Exception as exc:
             await self.close()  # the next read() subscribes again on a new connection
+            if not out:
+                raise
+            self._failed = exc
+            return out
+        except BaseException:
+            await self.close()
             raise
 
     def confirm(self, item: Received) -> None:

@@ -15,7 +15,9 @@ hook and from the signal handlers that `meshkit up` and the tests install) leave
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -35,6 +37,8 @@ Probe = Callable[["ManagedProcess"], bool]
 T = TypeVar("T")
 
 _RUNNING: dict[int, ManagedProcess] = {}
+_STARTED: collections.deque[tuple[int, ManagedProcess]] = collections.deque(maxlen=64)  # stopped or not
+_STARTS = itertools.count()
 _POLL_INTERVAL = 0.02
 
 
@@ -84,6 +88,7 @@ class ManagedProcess:
             except OSError as exc:
                 raise HarnessError(f"{self.name}: cannot start {self.argv[0]!r}: {exc}") from exc
         _RUNNING[self._proc.pid] = self
+        _STARTED.append((next(_STARTS), self))
         try:
             self._wait_ready()
         except BaseException:
@@ -193,6 +198,17 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 def running() -> list[ManagedProcess]:
     return list(_RUNNING.values())
+
+
+def started_count() -> int:
+    """How many processes were started so far: a mark for `started_since()`."""
+    return _STARTED[-1][0] + 1 if _STARTED else 0
+
+
+def started_since(mark: int) -> list[ManagedProcess]:
+    """The processes started after `started_count()` returned `mark` (of the latest 64), stopped or
+    not: a failed test can show the log of a daemon its `with` block already stopped."""
+    return [proc for index, proc in _STARTED if index >= mark]
 
 
 def stop_all() -> None:

@@ -117,14 +117,21 @@ async def started_limiter(url: str, **kw: Any) -> RateLimiter:
     return limiter
 
 
+_STARTS_MARK = pytest.StashKey[int]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    from meshkit.harness.process import running, started_count, started_since
+
+    if call.when == "setup":
+        item.stash[_STARTS_MARK] = started_count()
     report = yield
     if report.failed and call.when == "call":
-        from meshkit.harness.process import running
-
-        for proc in running():
+        shown = running()  # fixtures' servers, and every process this test started, stopped or not
+        shown += [p for p in started_since(item.stash.get(_STARTS_MARK, 0)) if p not in shown]
+        for proc in shown:
             report.sections.append((f"log of {proc.name}", proc.tail(30)))
     return report

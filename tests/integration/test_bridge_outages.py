@@ -194,7 +194,12 @@ async def test_pubsub_resubscribes_after_a_redis_restart(
         async def twenty() -> bool:
             return await stored_count(origin.url) >= 20
 
-        await eventually(twenty, "tokens from before and after the restart stored")
+        try:
+            await eventually(twenty, "tokens from before and after the restart stored")
+        except AssertionError as exc:  # which ones, and did the bridge read them
+            stored = sequences_once(await stored_messages(origin.url))
+            got = {k: v for k, v in b.metrics().items() if k.startswith("meshkit_bridge_")}
+            raise AssertionError(f"{exc}: stored {stored}; the bridge's counters {got}") from None
         assert sequences_once(await stored_messages(origin.url)) == {"ps": list(range(20))}
         assert b.metric("meshkit_bridge_reconnects_total", dependency="redis") >= 1
 

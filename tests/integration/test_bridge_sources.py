@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from meshkit.harness.redis import RedisServer
-from meshkit.sidecars.bridge_sources import Received, StreamSource
+from meshkit.harness.streaming import eventually
+from meshkit.sidecars.bridge_sources import PubSubSource, Received, StreamSource
 
 KEY, GROUP = "chat.tokens", "g"
 
@@ -109,4 +112,34 @@ async def test_confirmed_entries_waiting_for_their_xack_are_not_handed_out_again
     assert await src.flush_acks() == 3 and await pending(inspect) == 1
     src.reset()  # acknowledged now: nothing skipped any more, nothing kept
     assert await src.read(10) == []
+    await src.close()
+
+
+async def test_pubsub_messages_read_with_the_servers_eof_are_returned_then_the_error(
+    redis: RedisServer, inspect: aioredis.Redis
+) -> None:
+    """A killed server's last messages and its EOF sit in the socket together: the messages first."""
+    src = PubSubSource(redis.url, "chat.*.tokens", block=0.1)
+    assert await src.read(10) == []  # subscribed
+    for i in range(5):
+        assert await inspect.publish("chat.k.tokens", b"%d" % i) == 1
+    redis.kill()
+    redis.process.stop()  # reaped: the EOF is in the socket behind the five messages
+    reader = src._conn._reader  # a busy bridge comes back to a reader that holds both: wait for that
+
+    async def at_eof() -> bool:
+        return bool(reader._eof)
+
+    await eventually(at_eof, "the EOF read into the subscribed connection", within=5)
+    got = await src.read(100)  # what was read before the EOF is returned, not lost with the error
+    assert [r.data for r in got] == [b"%d" % i for i in range(5)]
+    assert {r.channel for r in got} == {"chat.k.tokens"}
+    with pytest.raises((RedisConnectionError, OSError)):  # not swallowed: the bridge counts a reconnect
+        await src.read(100)
+    redis.restart()
+    assert await src.read(10) == []  # subscribed again on a new connection
+    fresh = aioredis.from_url(redis.url)  # `inspect`'s connection died with the old server
+    assert await fresh.publish("chat.k.tokens", b"after") == 1
+    await fresh.aclose()
+    assert [r.data for r in await src.read(10)] == [b"after"]
     await src.close()
