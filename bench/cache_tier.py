@@ -16,7 +16,8 @@ answers' X-Cache, and Varnish's own counters are not needed). p50/p99/max come f
 CSV; CPU per request of meshkit, the front Envoy and both Varnish from /proc (their whole sessions).
 Rounds interleave the rows; the median round per row is reported with the range of p99.
 
-    .venv/bin/python bench/cache_tier.py [--rate 500] [--duration 10] [--rounds 3] [--json FILE]
+    .venv/bin/python bench/cache_tier.py [--rate 500] [--duration 10] [--rounds 3]
+        [--connections 4] [--processes 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -71,22 +72,43 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def run_hey(
-    hey: str, url: str, body: Path, headers: dict[str, str], rate: int, seconds: int, workers: int = 4
+    hey: str,
+    url: str,
+    body: Path,
+    headers: dict[str, str],
+    rate: int,
+    seconds: int,
+    workers: int = 4,
+    processes: int = 1,
 ) -> list[float]:
-    """One fixed-rate hey run on `workers` connections; the latency of every completed 200, in ms."""
-    argv = [hey, "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:g}", "-o", "csv"]
-    argv += ["-m", "POST", "-D", str(body), "-T", "application/json"]
+    """One fixed-rate run on `workers` connections spread over `processes` hey processes started
+    together (each `-c workers/processes -q rate/workers`: hey's own latency grows with the workers
+    of one process on these 2 cores); the latency of every completed 200, in ms."""
+    per_process = max(1, workers // processes)
+    argv = [hey, "-z", f"{seconds}s", "-c", str(per_process), "-q", f"{rate / (per_process * processes):g}"]
+    argv += ["-o", "csv", "-m", "POST", "-D", str(body), "-T", "application/json"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
-    proc = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 60, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"hey exited {proc.returncode}: {proc.stderr.strip()}")
+    running = [
+        subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
     latencies, bad = [], 0
-    for record in csv.DictReader(io.StringIO(proc.stdout)):
-        if record.get("status-code") == "200":
-            latencies.append(float(record["response-time"]) * 1000)
-        else:
-            bad += 1
+    try:
+        for proc in running:
+            out, err = proc.communicate(timeout=seconds + 60)
+            if proc.returncode != 0:
+                raise RuntimeError(f"hey exited {proc.returncode}: {err.strip()}")
+            for record in csv.DictReader(io.StringIO(out)):
+                if record.get("status-code") == "200":
+                    latencies.append(float(record["response-time"]) * 1000)
+                else:
+                    bad += 1
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     if bad:
         raise RuntimeError(f"{bad} answers were not 200")
     return latencies
@@ -110,16 +132,18 @@ def _hit(url: str, body: bytes, headers: dict[str, str]) -> str:
         return str(resp.headers.get("x-cache", ""))
 
 
-def measure(row: Row, hey: str, body_file: Path, rate: int, seconds: int, workers: int) -> Sample:
+def measure(
+    row: Row, hey: str, body_file: Path, rate: int, seconds: int, workers: int, processes: int = 1
+) -> Sample:
     url = row.ingress.url(path=PATH)
     body = body_file.read_bytes()
     for _ in range(3):  # fetch it into whichever pod it lands on; then it must be a HIT
         verdict = _hit(url, body, row.headers)
     if verdict != "HIT":
         raise RuntimeError(f"{row.name}: the warmed body answered X-Cache {verdict!r}, not HIT")
-    run_hey(hey, url, body_file, row.headers, rate, 1, workers)  # warm-up
+    run_hey(hey, url, body_file, row.headers, rate, 1, workers, processes)  # warm-up
     before = {role: session_ticks(sid) for role, sid in row.sessions.items()}
-    latencies = sorted(run_hey(hey, url, body_file, row.headers, rate, seconds, workers))
+    latencies = sorted(run_hey(hey, url, body_file, row.headers, rate, seconds, workers, processes))
     after = {role: session_ticks(sid) for role, sid in row.sessions.items()}
     n = len(latencies)
     cpu = {role: (after[role] - before[role]) / CLK_TCK / max(n, 1) * 1e6 for role in row.sessions}
@@ -188,9 +212,10 @@ def median_sample(samples: list[Sample]) -> Sample:
     return sorted(samples, key=lambda s: s.p99_ms)[len(samples) // 2]
 
 
-def report(results: dict[str, list[Sample]], rate: int, connections: int = 4) -> str:
+def report(results: dict[str, list[Sample]], rate: int, connections: int = 4, processes: int = 1) -> str:
     lines = [
-        f"Cache tier: a Varnish HIT at a fixed {rate} req/s (hey, {connections} connections), 1 KiB "
+        f"Cache tier: a Varnish HIT at a fixed {rate} req/s (hey, {connections} connections in "
+        f"{processes} process{'es' if processes > 1 else ''}), 1 KiB "
         "embeddings POST; median of "
         f"{len(next(iter(results.values())))} rounds (range of p99)",
         f"{'row':<16} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99 range':>13} {'max ms':>7}  "
@@ -215,7 +240,9 @@ def report(results: dict[str, list[Sample]], rate: int, connections: int = 4) ->
     return "\n".join(lines)
 
 
-def run(rate: int, seconds: int, rounds: int, workdir: Path, workers: int = 4) -> dict[str, list[Sample]]:
+def run(
+    rate: int, seconds: int, rounds: int, workdir: Path, workers: int = 4, processes: int = 1
+) -> dict[str, list[Sample]]:
     hey = shutil.which("hey")
     if hey is None:
         raise RuntimeError("hey not found: install the Debian package `hey` (scripts/setup does)")
@@ -227,7 +254,7 @@ def run(rate: int, seconds: int, rounds: int, workdir: Path, workers: int = 4) -
         for i in range(rounds):
             order = ROWS if i % 2 == 0 else ROWS[::-1]
             for name in order:
-                results[name].append(measure(rows[name], hey, body_file, rate, seconds, workers))
+                results[name].append(measure(rows[name], hey, body_file, rate, seconds, workers, processes))
     return results
 
 
@@ -239,11 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--connections", type=int, default=4, help="hey workers (each its own keep-alive connection)"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="hey processes sharing the connections and the rate"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if not 1 <= args.processes <= args.connections:
+        parser.error("--processes must be between 1 and --connections")
     with tempfile.TemporaryDirectory(prefix="meshkit-bench-tier-") as tmp:
-        results = run(args.rate, args.duration, args.rounds, Path(tmp), args.connections)
-    print(report(results, args.rate, args.connections))
+        results = run(args.rate, args.duration, args.rounds, Path(tmp), args.connections, args.processes)
+    print(report(results, args.rate, args.connections, args.processes))
     if args.json:
         args.json.write_text(json.dumps({k: [asdict(s) for s in v] for k, v in results.items()}, indent=2))
     return 0
