@@ -45,6 +45,7 @@ from nats.errors import Error as NatsError
 
 from meshkit.edge.token_contract import TokenMessage
 from meshkit.logs import Throttle
+from meshkit.nats_flush import flushed
 
 __all__ = ["DEFAULT_AUDIT_SUBJECT", "DROP_REASONS", "PLACEHOLDER", "AuditTap", "validate_template"]
 
@@ -135,7 +136,7 @@ class AuditTap:
             self._queue.clear()
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(NatsError, TimeoutError):
-                await asyncio.wait_for(self._nc.flush(), max(0.05, deadline - time.monotonic()))
+                await asyncio.wait_for(flushed(self._nc), max(0.05, deadline - time.monotonic()))
 
     # -- the delivery path
 

@@ -23,6 +23,7 @@ from meshkit.edge.token_contract import TokenMessage, parse_token
 from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
 from meshkit.errors import HarnessError
 from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
+from meshkit.nats_flush import flushed
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,7 @@ async def audit_subscriber(url: str, subject: str) -> tuple[Client, Received]:
     nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
     received = Received()
     await nc.subscribe(subject, cb=received.handle, pending_msgs_limit=100_000)
-    await nc.flush()
+    await flushed(nc)
     return nc, received
 
 
@@ -115,7 +116,7 @@ async def test_blocked_tokens_are_not_copied(server: NatsServer, client: Client)
         done = parse_token(b'{"conversation_id":"c1","sequence":2,"done":true}')
         assert not (await inspection.check(done)).blocked  # empty token: not inspected, still copied
         await received.wait_for(1)
-        await client.flush()
+        await flushed(client)
         assert received.messages == [("audit.chat.c1.tokens", done.raw)]
     finally:
         await sub.close()

@@ -22,6 +22,7 @@ import yaml
 from meshkit.harness.daemons import Echo, Extproc, extproc
 from meshkit.harness.envoy import Envoy
 from meshkit.harness.nats import NatsServer, nats_server
+from meshkit.nats_flush import flushed
 from meshkit.render import Api
 
 from .conftest import front, request
@@ -83,7 +84,7 @@ async def _collect(
     got: list[dict[str, Any]] = []
     try:
         sub = await nc.subscribe(subject)
-        await nc.flush()
+        await flushed(nc)
         await asyncio.to_thread(action)
         deadline = time.monotonic() + within
         while len(got) < want and time.monotonic() < deadline:

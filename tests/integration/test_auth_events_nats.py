@@ -25,6 +25,7 @@ from meshkit.errors import HarnessError
 from meshkit.extproc.auth.events import EventPublisher
 from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
 from meshkit.harness.process import ManagedProcess
+from meshkit.nats_flush import flushed
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,7 @@ def event(n: int, **extra: Any) -> dict[str, Any]:
 async def subscriber(url: str) -> tuple[Client, Subscription]:
     nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
     sub = await nc.subscribe(f"{PREFIX}.>")
-    await nc.flush()
+    await flushed(nc)
     return nc, sub
 
 

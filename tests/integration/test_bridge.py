@@ -31,6 +31,7 @@ from meshkit.harness.streaming import (
     stored_count,
     stored_messages,
 )
+from meshkit.nats_flush import flushed
 
 STREAM_KEY = "chat.tokens"
 GROUP = "meshkit-bridge"
@@ -100,7 +101,7 @@ async def deadletters(origin: NatsServer) -> AsyncIterator[list[dict[str, Any]]]
         got.append(json.loads(msg.data))
 
     await nc.subscribe("chat.deadletter", cb=on_msg)
-    await nc.flush()
+    await flushed(nc)
     yield got
     await nc.close()
 

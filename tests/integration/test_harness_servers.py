@@ -26,6 +26,7 @@ from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
 from meshkit.harness.redis import redis_server, redis_server_binary
 from meshkit.harness.s3 import s3_server, weed_binary
 from meshkit.harness.varnish import varnish_server, varnishd_binary
+from meshkit.nats_flush import flushed
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +55,12 @@ async def _origin_and_leaf(origin: NatsServer, leaf: NatsServer) -> None:
         # Core: published on the leaf, received on the origin. Interest needs a moment to reach the
         # leaf, so publish until the origin's subscription sees one (bounded), not after a sleep.
         sub = await on_origin.subscribe("greet.>")
-        await on_origin.flush()
+        await flushed(on_origin)
         received = None
         deadline = time.monotonic() + 5
         while received is None and time.monotonic() < deadline:
             await on_leaf.publish("greet.leaf", b"hello from the leaf")
-            await on_leaf.flush()
+            await flushed(on_leaf)
             with contextlib.suppress(TimeoutError):
                 received = await sub.next_msg(timeout=0.1)
         assert received is not None, "nothing published on the leaf reached the origin within 5 s"

@@ -22,6 +22,7 @@ from meshkit.edge.token_contract import TokenMessage, parse_token
 from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
 from meshkit.errors import HarnessError
 from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
+from meshkit.nats_flush import flushed
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,7 @@ async def responder(server: NatsServer) -> AsyncIterator[Responder]:
     try:
         r = Responder()
         await nc.subscribe(SUBJECT, cb=r.handle, pending_msgs_limit=10_000)
-        await nc.flush()
+        await flushed(nc)
         yield r
     finally:
         await nc.close()

@@ -21,6 +21,7 @@ from meshkit.errors import DependencyError
 from meshkit.harness.nats import NatsServer, nats_server
 from meshkit.harness.process import free_port
 from meshkit.harness.redis import RedisServer
+from meshkit.nats_flush import flushed
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ async def test_nats_core_with_the_dedup_header(nats_core: NatsServer) -> None:
         await got.put(msg)
 
     await nc.subscribe("chat.*.tokens", cb=received)
-    await nc.flush()
+    await flushed(nc)
     pub = make_publisher("nats", nats_url=nats_core.url, redis_url=None, nchan_url=None, stream_key="x")
     await pub.start()
     await pub.publish_batch([("c3", 4, False)])

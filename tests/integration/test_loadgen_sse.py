@@ -25,6 +25,7 @@ from aiohttp import web
 from meshkit.edge.loadgen import LoadgenOptions, run_loadgen
 from meshkit.edge.token_contract import is_conversation_id, tokens_subject
 from meshkit.harness.nats import NatsServer, nats_server
+from meshkit.nats_flush import flushed
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         queue.put_nowait(msg.data)
 
     sub = await nc.subscribe(tokens_subject(cid), cb=received)
-    await nc.flush()
+    await flushed(nc)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     await resp.write(b"retry: 1000\n: open\n\n")

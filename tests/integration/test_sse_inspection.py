@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from meshkit.edge.token_contract import message_id, tokens_subject
 from meshkit.harness.edge_daemons import SseAdapter, sse_adapter
 from meshkit.harness.nats import NatsServer
+from meshkit.nats_flush import flushed
 
 from .test_sse_support import (  # noqa: F401 (fixtures)
     BASE_ARGS,
@@ -89,7 +90,7 @@ async def inspector(leaf: NatsServer) -> AsyncIterator[Inspector]:
     try:
         r = Inspector()
         await nc.subscribe(SUBJECT, cb=r.handle)
-        await nc.flush()
+        await flushed(nc)
         yield r
     finally:
         await nc.close()
@@ -123,7 +124,7 @@ async def test_every_viewer_and_every_resume_gets_the_inspected_bytes(
         audited.append(msg.data)
 
     await audit_nc.subscribe(f"audit.chat.{c}.tokens", cb=copy)
-    await audit_nc.flush()
+    await flushed(audit_nc)
     try:
         viewers = [await open_stream(session, adapter.stream_url(c)) for _ in range(3)]
         await until(lambda: metric(adapter, "meshkit_sse_open_streams") >= 3, what="three viewers")

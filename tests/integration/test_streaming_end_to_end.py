@@ -34,6 +34,7 @@ from meshkit.harness.streaming_stack import (
     token_json,
     xadd_tokens,
 )
+from meshkit.nats_flush import flushed
 
 from .conftest import request
 from .test_sse_support import SseReader, open_stream
@@ -348,7 +349,7 @@ async def test_subject_injection_is_dead_lettered_and_never_reaches_another_conv
             letters.append(json.loads(msg.data))
 
         await nc.subscribe("chat.deadletter", cb=on_letter)
-        await nc.flush()
+        await flushed(nc)
         viewers += [
             await open_stream(session, adapter.stream_url("a")),
             await open_stream(session, adapter.stream_url(victim)),
