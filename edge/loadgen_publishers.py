@@ -31,6 +31,7 @@ import aiohttp
 
 from meshkit.edge.token_contract import message_id, tokens_subject
 from meshkit.errors import DependencyError
+from meshkit.nats_flush import flushed
 
 __all__ = [
     "PUBLISHERS",
@@ -120,7 +121,7 @@ class NatsPublisher(_Errors):
                     token_payload(cid, seq, done),
                     headers={"Nats-Msg-Id": message_id(cid, seq)},
                 )
-            await nc.flush(timeout=int(REQUEST_TIMEOUT))
+            await flushed(nc, REQUEST_TIMEOUT)
         except Exception as exc:
             self._failed(f"nats publish: {exc!r}")
 

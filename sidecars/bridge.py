@@ -88,6 +88,7 @@ from meshkit.edge.token_stream import ensure_stream
 from meshkit.errors import ConfigError
 from meshkit.extproc.auth.events import _abort, _cancel, _redact_url
 from meshkit.logs import Throttle
+from meshkit.nats_flush import flushed
 from meshkit.options import option, parse_seconds
 from meshkit.sidecars.bridge_deadletter import (
     MAX_LETTER_BYTES,
@@ -328,7 +329,7 @@ class Bridge:
             try:
                 async with asyncio.timeout(1.0):
                     if nc.is_connected:
-                        await nc.flush(timeout=1)
+                        await flushed(nc, 0.45)  # two round trips within the 1 s
                     await nc.close()
             except Exception:
                 _abort(nc)
