@@ -144,14 +144,11 @@ class PubSubSource:
                     break
                 reply = await conn.read_response(timeout=0)  # the next buffered one, or None
             return out
-        except Exception as exc:
+        except BaseException as exc:
             await self.close()  # the next read() subscribes again on a new connection
-            if not out:
-                raise
-            self._failed = exc
-            return out
-        except BaseException:
-            await self.close()
+            if out and isinstance(exc, Exception):  # a cancellation is never held back
+                self._failed = exc
+                return out
             raise
 
     def confirm(self, item: Received) -> None:
