@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from meshkit.errors import HarnessError
 from meshkit.extproc.auth.rate_limit import RateLimiter
 from meshkit.harness.daemons import Echo, Extproc, echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
+from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
 from meshkit.harness.redis import RedisServer, redis_server
 from meshkit.render import Api, FrontConfig
 
@@ -94,6 +96,17 @@ def ingress(
     """A front Envoy to meshkit over ext_proc, ext_authz (gRPC), ext_authz (HTTP): each test runs on all."""
     with front(workdir, upstream, meshkit_server, request.param) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def core_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server of this test's own, without JetStream (skipped when none is installed)."""
+    try:
+        nats_server_binary()
+    except HarnessError as exc:
+        pytest.skip(str(exc))
+    with nats_server(tmp_path / "nats", jetstream=False) as server:
+        yield server
 
 
 @pytest.fixture

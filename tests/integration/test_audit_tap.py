@@ -9,8 +9,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -21,30 +20,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from meshkit.edge.token_contract import TokenMessage, parse_token
 from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
-from meshkit.errors import HarnessError
-from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
+from meshkit.harness.nats import NatsServer
 from meshkit.nats_flush import flushed
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(autouse=True)
-def _require_nats() -> None:
-    try:
-        nats_server_binary()
-    except HarnessError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[NatsServer]:
-    with nats_server(tmp_path, jetstream=False) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: NatsServer) -> AsyncIterator[Client]:
-    nc = await nats.connect(server.url, connect_timeout=2, allow_reconnect=False)
+async def client(core_nats: NatsServer) -> AsyncIterator[Client]:
+    nc = await nats.connect(core_nats.url, connect_timeout=2, allow_reconnect=False)
     yield nc
     if not nc.is_closed:
         await nc.close()
@@ -82,8 +66,8 @@ def message(token: str, sequence: int, conversation: str = "c1", **extra: Any) -
     return parse_token(json.dumps(raw).encode())
 
 
-async def test_delivered_bytes_reach_the_audit_subject(server: NatsServer, client: Client) -> None:
-    sub, received = await audit_subscriber(server.url, "audit.chat.*.tokens")
+async def test_delivered_bytes_reach_the_audit_subject(core_nats: NatsServer, client: Client) -> None:
+    sub, received = await audit_subscriber(core_nats.url, "audit.chat.*.tokens")
     try:
         inspection = TokenInspection(TokenInspectionOptions(audit=True, redact=("email",)))
         await inspection.start(client)
@@ -104,9 +88,9 @@ async def test_delivered_bytes_reach_the_audit_subject(server: NatsServer, clien
         await sub.close()
 
 
-async def test_blocked_tokens_are_not_copied(server: NatsServer, client: Client) -> None:
+async def test_blocked_tokens_are_not_copied(core_nats: NatsServer, client: Client) -> None:
     """Fail closed with no inspector listening: every token is blocked, none reaches the audit."""
-    sub, received = await audit_subscriber(server.url, "audit.>")
+    sub, received = await audit_subscriber(core_nats.url, "audit.>")
     try:
         inspection = TokenInspection(
             TokenInspectionOptions(audit=True, inspector_subject="nobody.listens", inspector_fail="closed")
@@ -123,9 +107,9 @@ async def test_blocked_tokens_are_not_copied(server: NatsServer, client: Client)
 
 
 async def test_a_template_without_the_placeholder_and_one_with_it_elsewhere(
-    server: NatsServer, client: Client
+    core_nats: NatsServer, client: Client
 ) -> None:
-    sub, received = await audit_subscriber(server.url, "audit.>")
+    sub, received = await audit_subscriber(core_nats.url, "audit.>")
     try:
         for template, expected in (("audit.all", "audit.all"), ("audit.{conversation_id}", "audit.c1")):
             inspection = TokenInspection(TokenInspectionOptions(audit=True, audit_subject=template))
@@ -139,8 +123,8 @@ async def test_a_template_without_the_placeholder_and_one_with_it_elsewhere(
         await sub.close()
 
 
-async def test_a_full_queue_drops_and_counts(server: NatsServer, client: Client) -> None:
-    sub, received = await audit_subscriber(server.url, "audit.>")
+async def test_a_full_queue_drops_and_counts(core_nats: NatsServer, client: Client) -> None:
+    sub, received = await audit_subscriber(core_nats.url, "audit.>")
     try:
         inspection = TokenInspection(TokenInspectionOptions(audit=True, audit_queue_size=3))
         await inspection.start(client)
@@ -162,13 +146,13 @@ async def test_a_full_queue_drops_and_counts(server: NatsServer, client: Client)
 
 
 async def test_delivery_never_waits_on_a_nats_that_stopped_reading(
-    server: NatsServer, client: Client
+    core_nats: NatsServer, client: Client
 ) -> None:
     inspection = TokenInspection(TokenInspectionOptions(audit=True, audit_queue_size=1_000))
     await inspection.start(client)
     filler = "x" * 1024
     slowest = 0.0
-    server.process.signal(signal.SIGSTOP)
+    core_nats.process.signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
         for n in range(20_000):  # ~20 MiB: far past the kernel buffers and nats-py's 2 MiB
@@ -191,4 +175,4 @@ async def test_delivery_never_waits_on_a_nats_that_stopped_reading(
         assert time.monotonic() - close_started < 2.0  # bounded, although NATS reads nothing
         assert tap.dropped["closed"] > 0
     finally:
-        server.process.signal(signal.SIGCONT)
+        core_nats.process.signal(signal.SIGCONT)
