@@ -11,6 +11,10 @@ Every address has a default, so the bare command already prints a config Envoy a
     --upstream  127.0.0.1:8080    the pods behind Envoy; a DNS name (a Kubernetes Service) is resolved
                                   by Envoy (STRICT_DNS)
 
+`--path-route PATH=PORT,...` (the cache tier: `/v1/embeddings=6081,6082`, ring-hashed on the chain's
+hash header) and `--model-route MODEL=PORT,...` (on `x-model`, which model-router sets) add routes,
+each to its own cluster of ports on `--upstream`'s host, before the default route.
+
 `--filters`, `--max-body-bytes` and `--filter-timeout` default to what `meshkit extproc` runs with and
 must match how it is started (the printed header shows that command line); Envoy's timeouts are derived
 from `--filter-timeout`; the route has no timeout unless `--route-timeout` gives one (an LLM answer can
@@ -83,6 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the upstream pods; a DNS name is resolved by Envoy (default: {DEFAULT_UPSTREAM})",
     )
     parser.add_argument(
+        "--path-route",
+        action="append",
+        metavar="PATH=PORT,...",
+        help="a route for PATH and everything under it to its own cluster of these ports on --upstream's "
+        "host, hashed like the default route (the cache tier: /v1/embeddings=6081,6082); repeatable",
+    )
+    parser.add_argument(
+        "--model-route",
+        action="append",
+        metavar="MODEL=PORT,...",
+        help="a route per model (x-model, set by model-router) to these ports on --upstream's host; "
+        "repeatable",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         default=str(DEFAULT_MAX_BODY_BYTES),
         metavar="BYTES",
@@ -116,6 +134,22 @@ def _upstream(value: str) -> tuple[str, tuple[int, ...]]:
     return host, (port,)
 
 
+def _routes(values: list[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """`NAME=PORT,PORT` flags as FrontConfig's routes; a name given twice is refused."""
+    routes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, ports = value.partition("=")
+        if not sep or not name or not ports:
+            raise ValueError(f"{value!r} is not NAME=PORT,PORT...")
+        if name in routes:
+            raise ValueError(f"{name!r} is given twice")
+        try:
+            routes[name] = tuple(int(p) for p in ports.split(","))
+        except ValueError:
+            raise ValueError(f"{ports!r} is not a comma-separated list of ports") from None
+    return tuple(routes.items())
+
+
 def _parsed(args: argparse.Namespace) -> dict[str, Any]:
     """FrontConfig's keyword arguments from the flags; every bad flag in one ConfigError."""
     problems: list[str] = []
@@ -139,6 +173,8 @@ def _parsed(args: argparse.Namespace) -> dict[str, Any]:
     take("--admin", _host_port, "admin_address", "admin_port")
     take("--meshkit", _host_port, "extproc_host", "extproc_port")
     take("--upstream", _upstream, "upstream_host", "upstream_ports")
+    take("--path-route", _routes, "path_routes")
+    take("--model-route", _routes, "model_routes")
     take("--max-body-bytes", parse_size, "max_body_bytes")
     take("--filter-timeout", parse_seconds, "filter_timeout")
     take("--route-timeout", parse_seconds, "route_timeout")

@@ -178,3 +178,46 @@ def test_meshkit_render_from_the_command_line(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "--max-body-bytes" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_path_and_model_routes_from_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The cache tier's ingress from the command line: /v1/embeddings to two ring-hashed Varnish ports,
+    one model to its own pods, the rest to --upstream."""
+    text = run(
+        capsys,
+        "--filters", "auth,body-hash,model-router",
+        "--upstream", "127.0.0.1:8080",
+        "--path-route", "/v1/embeddings=6081,6082",
+        "--model-route", "gpt-4o=8091",
+        "--model-route", "claude-3-5-sonnet=8092,8093",
+    )  # fmt: skip
+    validate(text, tmp_path)
+    doc = yaml.safe_load(text)
+    got = routes_after_refusals(doc)
+    assert [r["route"]["cluster"] for r in got] == ["path_0", "model_0", "model_1", "upstream"]
+    assert got[0]["match"] == {"path_separated_prefix": "/v1/embeddings"}
+    assert got[0]["route"]["hash_policy"] == [{"header": {"header_name": "x-body-hash"}}]
+
+    def ports(name: str) -> list[int]:
+        endpoints = cluster(doc, name)["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        return [address(doc, e["endpoint"])[1] for e in endpoints]
+
+    assert ports("path_0") == [6081, 6082] and cluster(doc, "path_0")["lb_policy"] == "RING_HASH"
+    assert ports("model_0") == [8091] and ports("model_1") == [8092, 8093]
+    assert ports("upstream") == [8080]
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--path-route", "/v1/embeddings"], "is not NAME=PORT"),
+        (["--path-route", "/v1/embeddings=varnish"], "not a comma-separated list of ports"),
+        (["--path-route", "/v1/x=1", "--path-route", "/v1/x=2"], "given twice"),
+        (["--path-route", "v1/embeddings=6081"], "is not a path"),
+        (["--model-route", "gpt 4o=8091"], "is not a model name"),
+        (["--model-route", "gpt-4o=0"], "cannot be 0"),
+    ],
+)
+def test_bad_routes_are_config_errors(flags: list[str], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        command.run(parse("--filters", "body-hash,model-router", *flags))
