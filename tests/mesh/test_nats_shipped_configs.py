@@ -1,5 +1,5 @@
-"""The shipped NATS configs (`mesh/nats/origin.conf`, `mesh/nats/leaf.conf`): checked by `nats-server -t`
-as shipped, then actually run as an origin + leaf pair.
+"""The shipped NATS configs (`mesh/nats/origin.conf`, `mesh/nats/leaf.conf`, `leaf-mirror.conf`): checked
+by `nats-server -t` as shipped, then actually run as an origin + leaf pair.
 
 The shipped files use fixed, documented loopback ports (4222/8222/7422 and 4223/8223), which would
 collide between tests and with anything else on the machine. The running test therefore copies them
@@ -11,6 +11,7 @@ of the shipped files' shape fails here instead of silently testing something els
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 from importlib import resources
@@ -20,13 +21,14 @@ import nats
 import pytest
 from nats.js.errors import ServiceUnavailableError
 
+from meshkit.edge.edge_mirror import MirrorSource, ensure_mirror
 from meshkit.edge.token_contract import message_id
 from meshkit.edge.token_stream import ensure_stream
 from meshkit.errors import HarnessError
 from meshkit.harness.nats import nats_server_binary
 from meshkit.harness.process import ManagedProcess, log_match, log_matches
 
-CONFIGS = ("origin.conf", "leaf.conf")
+CONFIGS = ("origin.conf", "leaf.conf", "leaf-mirror.conf")
 
 
 def shipped(name: str) -> str:
@@ -68,6 +70,16 @@ def test_shipped_configs_say_what_the_field_notes_require() -> None:
         assert "127.0.0.1" in text and "0.0.0.0" not in text  # loopback defaults
     assert "jetstream" not in re.sub(r"#.*", "", leaf)  # the leaf uses the origin's JetStream
     assert 'url: "nats-leaf://127.0.0.1:7422"' in leaf and 'listen: "127.0.0.1:7422"' in origin
+    mirror = shipped("leaf-mirror.conf")
+    assert re.search(r'^\s*domain: "edge"', mirror, re.MULTILINE)  # not the origin's: two domains
+    assert re.search(r'^ping_interval: "1s"$', mirror, re.MULTILINE) and re.search(
+        r"^ping_max: 3$", mirror, re.M
+    )
+    assert 'url: "nats-leaf://127.0.0.1:7422"' in mirror and "0.0.0.0" not in mirror
+    for key in ("listen", "http"):  # beside a plain leaf on one machine: other ports
+        (a,) = re.findall(rf'^{key}: "([^"]+)"', leaf, re.MULTILINE)
+        (b,) = re.findall(rf'^{key}: "([^"]+)"', mirror, re.MULTILINE)
+        assert a != b
 
 
 def _start(name: str, config: str, workdir: Path, *, linked: bool) -> ManagedProcess:
@@ -138,3 +150,46 @@ async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_throug
             assert info.state.messages == 1  # stored at the origin
         finally:
             await direct.close()
+
+
+async def test_shipped_leaf_mirror_runs_and_mirrors_the_origins_stream(tmp_path: Path) -> None:
+    """origin.conf + leaf-mirror.conf as shipped (ports and store dirs rewritten): the edge's JetStream
+    (domain edge) holds a mirror of CHAT@origin that `ensure_mirror` creates and the origin fills."""
+    origin_conf = rewrite(
+        shipped("origin.conf"),
+        {
+            r'^listen: "127\.0\.0\.1:4222"': 'listen: "127.0.0.1:-1"',
+            r'^http: "127\.0\.0\.1:8222"': 'http: "127.0.0.1:-1"',
+            r'^(\s*)listen: "127\.0\.0\.1:7422"': r'\1listen: "127.0.0.1:-1"',
+            r'^(\s*)store_dir: "\./meshkit-nats-origin"': rf'\1store_dir: "{tmp_path / "js"}"',
+        },
+    )
+    with _start("shipped-origin", origin_conf, tmp_path, linked=False) as origin:
+        origin_leaf = _port(origin, "leafnode")
+        mirror_conf = rewrite(
+            shipped("leaf-mirror.conf"),
+            {
+                r'^listen: "127\.0\.0\.1:4224"': 'listen: "127.0.0.1:-1"',
+                r'^http: "127\.0\.0\.1:8224"': 'http: "127.0.0.1:-1"',
+                r'url: "nats-leaf://127\.0\.0\.1:7422"': f'url: "nats-leaf://127.0.0.1:{origin_leaf}"',
+                r'^(\s*)store_dir: "\./meshkit-nats-edge"': rf'\1store_dir: "{tmp_path / "edge-js"}"',
+            },
+        )
+        with _start("shipped-leaf-mirror", mirror_conf, tmp_path, linked=True) as leaf:
+            nc = await nats.connect(f"nats://127.0.0.1:{_port(leaf, 'client')}")
+            try:
+                origin_js = nc.jetstream(domain="origin", timeout=5)
+                edge_js = nc.jetstream(domain="edge", timeout=5)
+                await ensure_stream(origin_js)
+                await origin_js.publish("chat.c1.tokens", b'{"conversation_id":"c1","sequence":1}')
+                config = await ensure_mirror(edge_js, "CHAT_EDGE", MirrorSource("CHAT", "origin"))
+                assert config.mirror is not None and config.mirror.name == "CHAT"
+                for _ in range(100):
+                    if (await edge_js.stream_info("CHAT_EDGE")).state.messages == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                msg = await edge_js.get_last_msg("CHAT_EDGE", "chat.c1.tokens")
+                assert msg.data == b'{"conversation_id":"c1","sequence":1}'
+                assert (await edge_js.stream_info("CHAT_EDGE")).state.messages == 1
+            finally:
+                await nc.close()
