@@ -17,7 +17,7 @@ Viewers are spread over `processes` loadgen workers (default: enough for the fd 
 deliveries/s each: one asyncio process saturates near 20k/s, and on 2 shared cores a margin matters).
 
     .venv/bin/python bench/streaming.py [--target nchan|sse|both] [--streams 10000] [--conversations 2000]
-        [--rate 1000] [--duration 20] [--processes P] [--json FILE]
+        [--rate 1000] [--duration 20] [--processes P] [--json FILE] [--reports DIR]
 """
 
 from __future__ import annotations
@@ -234,14 +234,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=StreamingLoad.duration)
     parser.add_argument("--processes", type=int)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        help="a directory for each target's whole loadgen report (nchan.json, sse.json)",
+    )
     args = parser.parse_args(argv)
+    if args.reports:
+        args.reports.mkdir(parents=True, exist_ok=True)
+
+    def report(name: str) -> Path | None:
+        return args.reports / f"{name}.json" if args.reports else None
+
     load = StreamingLoad(args.streams, args.conversations, args.rate, args.duration, args.processes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshkit-bench-streaming-") as tmp:
         if args.target in ("nchan", "both"):
-            rows.append(nchan_row(load, Path(tmp) / "nchan"))
+            rows.append(nchan_row(load, Path(tmp) / "nchan", json_file=report("nchan")))
         if args.target in ("sse", "both"):
-            rows.append(sse_row(load, Path(tmp) / "sse"))
+            rows.append(sse_row(load, Path(tmp) / "sse", json_file=report("sse")))
     print(table(rows))
     out: dict[str, Any] = {"load": asdict(load), "rows": [asdict(r) for r in rows]}
     if len(rows) == 2:
