@@ -10,8 +10,10 @@ many viewers join at the same time, and dropped (unsubscribed, its consumer dele
 viewer leaves.
 
 Every delivered message goes into the conversation's `ConversationLog` (bounded by `--history`
-tokens; see there for order, dedup and gaps) and wakes its viewers; a viewer that is more than
-`--client-queue` live tokens behind is cut off right there (see `viewer.py`).
+tokens; see there for order, dedup and gaps) and goes to its viewers: written at once to those whose
+pump waits with a ready sink (`viewer.feed`: an SSE viewer keeping up), the others' pumps woken; a
+viewer that is more than `--client-queue` live tokens behind is cut off right there (see `viewer.py`).
+nats-py's flow-control poller task is cancelled after subscribing (`sse_flow_control.py`).
 
 Decisions:
 - token sequence vs. stream sequence: viewers resume by the token's `sequence` (the SSE id); the stream
@@ -60,10 +62,11 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from meshkit.edge import sse_flow_control as flow_control
 from meshkit.edge.conversation_log import BlockedToken, ConversationLog, blocked_token
 from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
 from meshkit.edge.token_inspection import TokenInspection
-from meshkit.edge.viewer import Viewer
+from meshkit.edge.viewer import Viewer, feed
 from meshkit.errors import DependencyError
 
 __all__ = ["Conversation", "ConversationHub", "HubMetrics", "HubSettings"]
@@ -225,6 +228,8 @@ class ConversationHub:
 
         async def on_message(msg: Msg) -> None:
             await self._on_message(conv, msg)
+            if conv.subscription is not None:
+                await flow_control.answer(conv.subscription)
 
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
         try:
@@ -244,6 +249,7 @@ class ConversationHub:
             conv.closed = True
             log.warning("conversation %s: cannot subscribe: %r", conv.id, exc)
             raise DependencyError("nats", f"cannot subscribe to {subject}: {exc!r}") from None
+        flow_control.stop_poller(conv.subscription)  # one task fewer per conversation (sse_flow_control)
         self.metrics.subscribe_seconds.observe(time.monotonic() - began)
         if conv.closed:  # every viewer left while subscribing
             self._spawn(self._unsubscribe(conv))
@@ -337,7 +343,10 @@ class ConversationHub:
         return conv.log.duplicates == before and conv.log.after_done == after_done
 
     def _wake(self, conv: Conversation) -> None:
+        """New entries in the log: a parked viewer with a ready sink gets them written now (`feed`),
+        the others' pumps are woken; one too far behind is cut off."""
         limit = self.settings.client_queue
+        now = time.monotonic()
         for viewer in list(conv.viewers):
             if viewer.cut_reason is not None:  # cut off already, leaving
                 continue
@@ -346,7 +355,7 @@ class ConversationHub:
                 self.metrics.slow_drops.inc()
                 self._on_cut(viewer, reason)
                 viewer.cut(reason)
-            else:
+            elif not feed(viewer, conv.log, now):
                 viewer.wake.set()
 
     def _gap_timed_out(self, conv: Conversation) -> None:

@@ -94,8 +94,9 @@ Start-up: NATS must be reachable and the stream (created by `meshkit bridge`) mu
 `--start-timeout` (progress lines meanwhile), else one line and exit 1; a JWKS URL must load.
 
 Modules: options `sse_options.py`; what both transports share (admission, metrics) `sse_streams.py`;
-WebSocket `sse_ws.py`; CORS `sse_cors.py`; framing `sse_format.py`; this module: the SSE handler,
-the NATS connection and the daemon.
+WebSocket `sse_ws.py`; CORS `sse_cors.py`; framing `sse_format.py`; the response's transport as the
+hub's direct-write sink `sse_transport.py` (see `viewer.feed`); nats-py's flow-control poller replaced
+`sse_flow_control.py`; this module: the SSE handler, the NATS connection and the daemon.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ from meshkit.edge.sse_cors import CORS, Cors
 from meshkit.edge.sse_format import Framer, framer_for
 from meshkit.edge.sse_options import SseOptions
 from meshkit.edge.sse_streams import ADAPTER, Adapter, SseMetrics, admit, json_error, watching
+from meshkit.edge.sse_transport import TransportSink
 from meshkit.edge.sse_ws import websocket_stream
 from meshkit.edge.stream_auth import StreamAuth, StreamAuthOptions
 from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
@@ -188,13 +190,21 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 }
             )
             await stream.prepare(request)
+            sink = None if transport is None else TransportSink(transport, _is_chunked(stream))
+
+            async def write(data: bytes) -> None:
+                await stream.write(data)
+                if data and sink is not None:
+                    sink.armed = True  # the headers went out with it: direct writes may follow
+
             try:
-                await stream.write(framer.preamble())
+                await write(framer.preamble())
                 ended = await pump(
                     viewer,
                     conv.log,
                     framer,
-                    stream.write,
+                    write,
+                    sink=sink,
                     replay=hub.replay,
                     heartbeat=opts.heartbeat,
                     retry_ms=opts.reconnect_retry_ms,
@@ -228,6 +238,11 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         return json_error(503, "unavailable", exc.message, {"Retry-After": str(exc.retry_after)})
     except (ViewerCut, ConnectionError):  # cut off, or the client went away: nothing more to write
         return response if response is not None else web.Response(status=499)
+
+
+def _is_chunked(response: web.StreamResponse) -> bool:
+    """Whether aiohttp frames the body in chunks (HTTP/1.1 without a length: yes; HTTP/1.0: no)."""
+    return "chunked" in response.headers.get("Transfer-Encoding", "").lower()
 
 
 def sse_app(adapter: Adapter) -> web.Application:

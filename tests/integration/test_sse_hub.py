@@ -129,3 +129,32 @@ async def test_joins_at_the_same_time_make_one_subscription(
             break
         await asyncio.sleep(0.05)
     assert await gone(), "the last viewer's leave deleted the consumer"
+
+
+async def test_the_ordered_consumer_runs_without_its_flow_control_poller(
+    hub: ConversationHub, origin_js: JetStreamContext
+) -> None:
+    """nats-py's per-subscription poller (a wake-up every 0.25 s each) is cancelled; flow control still
+    flows: 4 MB stored before the viewer joins (the server asks for flow control as it delivers them)
+    arrive whole, and so do live tokens after them."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    await publish(origin_js, c, range(1, 2001), text="x" * 2000)
+    viewer = Viewer(c, None)
+    conv = await hub.join(c, viewer)
+    try:
+        sub = conv.subscription
+        assert sub is not None
+        jsi = sub._sub._jsi
+        assert jsi is not None
+        poller = jsi._fctask
+        await asyncio.sleep(0)
+        assert poller is not None and poller.cancelled()
+        await until(lambda: conv.log.next_seq == 2001, within=15, what="2,000 stored tokens of 2 KB")
+        await publish(origin_js, c, range(2001, 2011))
+        await until(lambda: conv.log.next_seq == 2011, within=5, what="live tokens after them")
+        last = conv.log.read(2010, 10)
+        assert [e.sequence for e in last if e is not None] == [2010] and conv.log.duplicates == 0
+    finally:
+        hub.leave(conv, viewer)

@@ -14,7 +14,7 @@ from meshkit.edge.conversation_log import ConversationLog, Skipped, blocked_toke
 from meshkit.edge.loadgen_sse_parser import SseEvent, SseParser
 from meshkit.edge.sse_format import SseFramer
 from meshkit.edge.token_contract import TokenMessage, parse_token
-from meshkit.edge.viewer import End, Read, Replay, Viewer, ViewerCut, Wait, plan, pump
+from meshkit.edge.viewer import End, Read, Replay, Viewer, ViewerCut, Wait, feed, plan, pump
 
 
 def tok(seq: int, *, done: bool = False) -> TokenMessage:
@@ -257,3 +257,116 @@ async def test_an_expired_viewer_gets_reauth_and_no_token_after_it() -> None:
     events = SseParser().feed(bytes(out))
     assert [(e.event, e.id) for e in events] == [("token", "1"), ("token", "2"), ("reauth", "2")]
     assert json.loads(events[-1].data) == {"reason": "token_expired", "last_event_id": 2}
+
+
+async def test_the_clock_visits_its_viewers_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 viewers at once held the loop ~7 ms every tick: a tenth of them per tenth of a tick."""
+    from meshkit.edge.viewer import CLOCK_SLICES, ViewerClock
+
+    viewers = [Viewer("c1", None) for _ in range(40)]
+    for v in viewers:
+        v.last_write = 0.0  # every one owes a heartbeat
+    woken: list[int] = []
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        woken.append(sum(v.wake.is_set() for v in viewers))
+        naps.append(seconds)
+        if len(naps) > CLOCK_SLICES:
+            raise asyncio.CancelledError
+
+    clock = ViewerClock(lambda: viewers, heartbeat=5, write_timeout=8, stalled=lambda v: None)
+    monkeypatch.setattr(asyncio, "sleep", sleep)  # the clock's (viewer.py's) asyncio
+    with pytest.raises(asyncio.CancelledError):
+        await clock._run()
+    assert woken == [4 * i for i in range(CLOCK_SLICES + 1)]
+    assert naps == [pytest.approx(clock.tick / CLOCK_SLICES)] * (CLOCK_SLICES + 1)
+
+
+# -- direct writes from the hub (feed) ----------------------------------------------------------------
+class Sink:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.open = True
+
+    def ready(self) -> bool:
+        return self.open
+
+    def write(self, data: bytes) -> None:
+        self.out.extend(data)
+
+
+async def parked(viewer: Viewer, log: ConversationLog, sink: Sink) -> tuple[asyncio.Task[str], bytearray]:
+    """A pump with `sink`, run until it waits for tokens; the task and what it wrote itself."""
+    out = bytearray()
+
+    async def write(data: bytes) -> None:
+        out.extend(data)
+
+    async def replay(conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
+        return []
+
+    task = asyncio.ensure_future(
+        pump(viewer, log, SseFramer(1000), write, replay=replay, heartbeat=10, retry_ms=250, sink=sink)
+    )
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert viewer.direct is not None, "the pump is parked"
+    return task, out
+
+
+async def test_feed_writes_for_a_parked_pump_without_waking_it_and_ends_it_at_done() -> None:
+    log = ConversationLog(10)
+    log.add(tok(1))
+    viewer, sink = Viewer("c1", None), Sink()
+    task, by_pump = await parked(viewer, log, sink)
+    assert [e.id for e in SseParser().feed(bytes(by_pump))] == ["1"]  # what was there: the pump's
+    log.add(tok(2))
+    log.add(blocked_token(tok(3), "pii"))
+    assert feed(viewer, log, time.monotonic()) is True
+    assert not viewer.wake.is_set() and viewer.direct is not None  # still parked
+    log.add(tok(4, done=True))
+    assert feed(viewer, log, time.monotonic()) is False  # done: the pump must end
+    assert viewer.finished
+    viewer.wake.set()
+    assert await asyncio.wait_for(task, 2) == "done"
+    events = SseParser().feed(bytes(sink.out))
+    assert [(e.event, e.id) for e in events] == [("token", "2"), ("blocked", "3"), ("done", "4")]
+    assert [e.id for e in SseParser().feed(bytes(by_pump))] == ["1"]  # nothing twice
+
+
+async def test_feed_leaves_it_to_the_pump_when_the_sink_is_full_or_the_token_expired() -> None:
+    log = ConversationLog(10)
+    viewer, sink = Viewer("c1", None), Sink()
+    task, by_pump = await parked(viewer, log, sink)
+    sink.open = False  # its transport holds too much: back-pressure is the pump's (an awaited write)
+    log.add(tok(1))
+    assert feed(viewer, log, time.monotonic()) is False
+    assert viewer.cursor is None and viewer.last_sent == -1  # nothing framed
+    viewer.wake.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [e.id for e in SseParser().feed(bytes(by_pump))] == ["1"]
+    sink.open = True
+    viewer.ends_at = time.monotonic() - 1  # expired: reauth, and no token after it
+    log.add(tok(2))
+    assert feed(viewer, log, time.monotonic()) is False
+    assert not sink.out
+    viewer.wake.set()
+    assert await asyncio.wait_for(task, 2) == "reauth"
+    assert [e.event for e in SseParser().feed(bytes(by_pump))] == ["token", "reauth"]
+    task.cancel()
+
+
+async def test_feed_says_a_reset_before_the_next_token_as_the_pump_would() -> None:
+    log = ConversationLog(10)
+    log.add(tok(1))
+    viewer, sink = Viewer("c1", None), Sink()
+    task, _ = await parked(viewer, log, sink)
+    log.add(tok(4))  # 2 and 3 missing: held
+    assert log.skip_gap() is not None
+    assert feed(viewer, log, time.monotonic()) is True
+    events = SseParser().feed(bytes(sink.out))
+    assert [(e.event, e.id) for e in events] == [("reset", ""), ("token", "4")]  # a fresh parser: no id yet
+    assert json.loads(events[0].data) == {"requested": 2, "available_from": 4}
+    task.cancel()
