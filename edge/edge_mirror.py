@@ -22,12 +22,13 @@ import re
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, ExternalStream, StorageType, StreamConfig, StreamSource
+from nats.js.api import DiscardPolicy, ExternalStream, StorageType, StreamConfig, StreamInfo, StreamSource
 from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry, Gauge
 
 from meshkit.edge.token_stream import StreamLimits
 
-__all__ = ["MirrorSource", "ensure_mirror", "mirror_config", "parse_mirror_of"]
+__all__ = ["MirrorMetrics", "MirrorSource", "ensure_mirror", "mirror_config", "parse_mirror_of"]
 
 DEFAULT_MIRROR = "CHAT_EDGE"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # JetStream stream names and domains: no dots, *, >, spaces
@@ -92,3 +93,34 @@ async def ensure_mirror(
             "use another --stream name or delete that stream"
         )
     return info.config
+
+
+@dataclass(frozen=True)
+class MirrorMetrics:
+    """What the edge's JetStream says of its mirror, on each readiness check."""
+
+    lag: Gauge
+    last_contact: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> MirrorMetrics:
+        return cls(
+            Gauge(
+                "meshkit_sse_mirror_lag_messages",
+                "Messages the origin's stream holds that the edge mirror has not stored yet",
+                registry=registry,
+            ),
+            Gauge(
+                "meshkit_sse_mirror_last_contact_seconds",
+                "Seconds since the edge mirror last heard from the origin (grows while the link is down)",
+                registry=registry,
+            ),
+        )
+
+    def observe(self, info: StreamInfo) -> None:
+        if info.mirror is None:
+            return
+        self.lag.set(info.mirror.lag or 0)
+        # nats-py leaves `active` in nanoseconds (-1: never)
+        active = info.mirror.active
+        self.last_contact.set(active / 1e9 if active is not None and active >= 0 else float("inf"))

@@ -115,6 +115,7 @@ from nats.js.errors import NotFoundError
 
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.edge.conversation_hub import ConversationHub, HubMetrics, HubSettings
+from meshkit.edge.edge_mirror import MirrorMetrics, ensure_mirror, parse_mirror_of
 from meshkit.edge.sse_cors import CORS, Cors
 from meshkit.edge.sse_format import Framer, framer_for
 from meshkit.edge.sse_options import SseOptions
@@ -279,6 +280,7 @@ class _Nats:
     _probe: asyncio.Task[None] | None = None
     _poke: asyncio.Event = field(default_factory=asyncio.Event)
     _ok: bool = True  # what the last check found (a change is logged)
+    mirror_metrics: MirrorMetrics | None = None  # --mirror-of: the mirror's lag, on each check
 
     def _set(self, ready: bool, reason: str) -> None:
         if not self.draining:
@@ -329,17 +331,27 @@ class _Nats:
         return self.client.jetstream(domain=self.opts.js_domain or None, timeout=self.opts.nats_timeout)
 
     async def wait_for_stream(self) -> None:
-        """Until the stream exists (the bridge creates it); the lifecycle bounds it (--start-timeout)."""
+        """Until the stream exists (the bridge creates it; with --mirror-of, this creates the edge
+        mirror); the lifecycle bounds it (--start-timeout)."""
+        mirror = parse_mirror_of(self.opts.mirror_of) if self.opts.mirror_of else None
         said = False
         while True:
             try:
-                await self.js().stream_info(self.opts.stream)
+                if mirror is not None:
+                    await ensure_mirror(self.js(), self.opts.stream, mirror)
+                    log.info("stream %s: the edge mirror of %s", self.opts.stream, mirror)
+                else:
+                    await self.js().stream_info(self.opts.stream)
                 return
             except NotFoundError:
                 if not said:
                     log.warning(
                         "stream %s does not exist yet (meshkit bridge creates it): waiting", self.opts.stream
                     )
+                    said = True
+            except ValueError as exc:  # a stream of that name that is no such mirror: an operator's fix
+                if not said:
+                    log.warning("%s: waiting", exc)
                     said = True
             except Exception as exc:
                 if not said:
@@ -354,7 +366,9 @@ class _Nats:
             if self.client is not None and self.client.is_connected:
                 try:
                     async with asyncio.timeout(min(self.opts.nats_timeout, self.opts.ready_interval + 1)):
-                        await self.js().stream_info(self.opts.stream)
+                        info = await self.js().stream_info(self.opts.stream)
+                    if self.mirror_metrics is not None:
+                        self.mirror_metrics.observe(info)
                     problem = None
                 except Exception as exc:
                     problem = exc
@@ -398,6 +412,8 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
     for collector in inspection.collectors():
         life.registry.register(collector)
     conn = _Nats(opts, life)
+    if opts.mirror_of:
+        conn.mirror_metrics = MirrorMetrics.create(life.registry)
     await life.start("nats", conn.connect, conn.close)
     await life.start(f"stream {opts.stream}", conn.wait_for_stream)
     if inspection.enabled:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshkit.edge.edge_mirror import parse_mirror_of
 from meshkit.edge.token_contract import DEFAULT_STREAM
 from meshkit.options import option, parse_host_port, parse_non_negative_int, parse_seconds
 
@@ -48,6 +49,12 @@ class SseOptions:
     )
     js_domain: str = option("", "JetStream domain of the origin (a leaf's clients reach it only so)")
     stream: str = option(DEFAULT_STREAM, "JetStream stream holding chat.*.tokens")
+    mirror_of: str = option(
+        "",
+        "STREAM@DOMAIN: --stream is an edge-local mirror of that stream on the leaf's own JetStream "
+        "(--js-domain), created when missing, so the edge replays while its link is down",
+        metavar="STREAM@DOMAIN",
+    )
     heartbeat: float = option(
         15.0, "seconds without an event before a `: hb` comment", parse=parse_seconds, metavar="SECONDS"
     )
@@ -141,6 +148,17 @@ class SseOptions:
                 problems.append(f"--{name.replace('_', '-')}: must be more than 0 seconds")
         if not self.stream or any(c in self.stream for c in ".*> "):
             problems.append(f"--stream {self.stream!r}: a JetStream stream name (no dots, *, > or spaces)")
+        if self.mirror_of:
+            try:
+                source = parse_mirror_of(self.mirror_of)
+            except ValueError as exc:
+                problems.append(f"--mirror-of: {exc}")
+            else:
+                if source.domain == self.js_domain:
+                    problems.append(
+                        f"--mirror-of {self.mirror_of}: --js-domain must be the edge's own JetStream "
+                        f"domain, not {source.domain!r} (the mirror lives beside the adapter)"
+                    )
         if not [u for u in self.nats.split(",") if u.strip()]:
             problems.append("--nats: at least one URL")
         if self.cors_credentials and "*" in self.cors_origin:
