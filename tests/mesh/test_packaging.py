@@ -45,4 +45,6 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
     assert modules <= names, sorted(modules - names)
     assert "meshkit/py.typed" in names
     assert "meshkit/varnish/meshkit.vcl" in names  # the cache VCL ships as package data
-    assert {"meshkit/nats/origin.conf", "meshkit/nats/leaf.conf"} <= set(names)  # the NATS topology
+    assert {"meshkit/nats/origin.conf", "meshkit/nats/leaf.conf", "meshkit/nats/leaf-mirror.conf"} <= set(
+        names
+    )  # the NATS topology
