@@ -76,6 +76,14 @@ __all__ = [
 DEFAULT_ANY_SCOPE = "stream:any"
 MAX_CONVERSATIONS = 100
 QUERY_PARAMETER = "access_token"
+# flags that only mean something with auth on -> their field
+_AUTH_ONLY = {
+    "--jwt-issuer": "jwt_issuer",
+    "--jwt-audience": "jwt_audience",
+    "--jwt-leeway": "jwt_leeway",
+    "--stream-any-scope": "stream_any_scope",
+    "--no-stream-query-token": "stream_query_token",
+}
 _SECRET_PARAMETERS = frozenset({"access_token", "token", "jwt", "id_token", "refresh_token"})
 
 
@@ -152,9 +160,19 @@ class StreamAuth:
         cls, options: Mapping[type[Any], Any], *, clock: Callable[[], float] = time.time
     ) -> StreamAuth | None:
         """Built like the auth filter builds its verifier; None when neither a secret nor a JWKS is
-        configured (auth off)."""
+        configured (auth off), unless another auth flag was given: then a ConfigError (exit 2)."""
         o: StreamAuthOptions = options.get(StreamAuthOptions) or StreamAuthOptions()
         if not (o.jwt_secret_file or o.jwks):
+            # an operator who set how tokens are checked meant auth on: never run open by mistake
+            defaults = StreamAuthOptions()
+            meant = [flag for flag, name in _AUTH_ONLY.items() if getattr(o, name) != getattr(defaults, name)]
+            if meant:
+                raise ConfigError(
+                    [
+                        f"{', '.join(meant)} given without --jwt-secret-file or --jwks: stream auth would "
+                        "be off (every conversation open to anyone); give a key source or drop them"
+                    ]
+                )
             return None
         secret = read_secret_file(o.jwt_secret_file) if o.jwt_secret_file else None
         jwks = JwksSource(o.jwks) if o.jwks else None

@@ -101,6 +101,25 @@ def test_off_without_a_key_source() -> None:
     assert StreamAuth.from_options({StreamAuthOptions: StreamAuthOptions()}) is None
 
 
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [
+        (StreamAuthOptions(jwt_issuer="https://issuer.example"), "--jwt-issuer"),
+        (StreamAuthOptions(jwt_audience="meshkit"), "--jwt-audience"),
+        (StreamAuthOptions(jwt_leeway=5.0), "--jwt-leeway"),
+        (StreamAuthOptions(stream_any_scope="admin"), "--stream-any-scope"),
+        (StreamAuthOptions(stream_query_token=False), "--no-stream-query-token"),
+    ],
+)
+def test_auth_options_without_a_key_source_are_a_config_error_not_auth_off(
+    options: StreamAuthOptions, flag: str
+) -> None:
+    """An operator who set how tokens are checked but forgot the key would otherwise run with every
+    conversation open to anyone, with one log line saying so."""
+    with pytest.raises(ConfigError, match=rf"{flag} given without --jwt-secret-file or --jwks"):
+        StreamAuth.from_options({StreamAuthOptions: options})
+
+
 def test_a_short_secret_is_a_config_error(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_bytes(b"x" * 10)
