@@ -13,7 +13,9 @@ Every delivered message goes into the conversation's `ConversationLog` (bounded 
 tokens; see there for order, dedup and gaps) and goes to its viewers: written at once to those whose
 pump waits with a ready sink (`viewer.feed`: an SSE viewer keeping up), the others' pumps woken; a
 viewer that is more than `--client-queue` live tokens behind is cut off right there (see `viewer.py`).
-nats-py's flow-control poller task is cancelled after subscribing (`sse_flow_control.py`).
+nats-py's two timer tasks per subscription are cancelled after subscribing: flow control is answered
+as messages are handled (`sse_flow_control.py`), idle heartbeats are checked for every subscription
+by one task (`sse_heartbeat_check.py`).
 
 Decisions:
 - token sequence vs. stream sequence: viewers resume by the token's `sequence` (the SSE id); the stream
@@ -64,6 +66,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshkit.edge import sse_flow_control as flow_control
 from meshkit.edge.conversation_log import BlockedToken, ConversationLog, blocked_token
+from meshkit.edge.sse_heartbeat_check import HeartbeatCheck
 from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
 from meshkit.edge.token_inspection import TokenInspection
 from meshkit.edge.viewer import Viewer, feed
@@ -175,6 +178,10 @@ class ConversationHub:
         self._inspection = inspection if inspection is not None and inspection.enabled else None
         self._conversations: dict[str, Conversation] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._heartbeats = HeartbeatCheck(2 * settings.consumer_heartbeat, self._subscriptions)
+
+    def _subscriptions(self) -> list[JetStreamContext.PushSubscription]:
+        return [c.subscription for c in self._conversations.values() if c.subscription is not None]
 
     # -- viewers ----------------------------------------------------------------------------------
     def conversation(self, conversation_id: str) -> Conversation | None:
@@ -249,7 +256,11 @@ class ConversationHub:
             conv.closed = True
             log.warning("conversation %s: cannot subscribe: %r", conv.id, exc)
             raise DependencyError("nats", f"cannot subscribe to {subject}: {exc!r}") from None
-        flow_control.stop_poller(conv.subscription)  # one task fewer per conversation (sse_flow_control)
+        # nats-py's two timer tasks per subscription: the hub's one check instead (sse_flow_control,
+        # sse_heartbeat_check)
+        flow_control.stop_poller(conv.subscription)
+        HeartbeatCheck.stop(conv.subscription)
+        self._heartbeats.start()
         self.metrics.subscribe_seconds.observe(time.monotonic() - began)
         if conv.closed:  # every viewer left while subscribing
             self._spawn(self._unsubscribe(conv))
@@ -468,6 +479,7 @@ class ConversationHub:
             for check, _ in conv.inspecting:
                 check.cancel()
         await asyncio.gather(*(self._unsubscribe(c) for c in conversations), return_exceptions=True)
+        await self._heartbeats.close()
         for task in list(self._background):
             task.cancel()
         self.metrics.conversations.set(0)

@@ -61,9 +61,11 @@ async def hub(
 ) -> AsyncIterator[ConversationHub]:
     nc = await nats.connect(servers[1].url)  # the leaf, as the adapter does
     settings = HubSettings(gap_timeout=0.2, consumer_heartbeat=0.5)
+    hub = ConversationHub(nc.jetstream(domain="origin"), settings, HubMetrics.create(registry))
     try:
-        yield ConversationHub(nc.jetstream(domain="origin"), settings, HubMetrics.create(registry))
+        yield hub
     finally:
+        await hub.close()
         await nc.close()
 
 
@@ -131,12 +133,12 @@ async def test_joins_at_the_same_time_make_one_subscription(
     assert await gone(), "the last viewer's leave deleted the consumer"
 
 
-async def test_the_ordered_consumer_runs_without_its_flow_control_poller(
+async def test_the_ordered_consumer_runs_without_its_timer_tasks(
     hub: ConversationHub, origin_js: JetStreamContext
 ) -> None:
-    """nats-py's per-subscription poller (a wake-up every 0.25 s each) is cancelled; flow control still
-    flows: 4 MB stored before the viewer joins (the server asks for flow control as it delivers them)
-    arrive whole, and so do live tokens after them."""
+    """nats-py's per-subscription flow-control poller (a wake-up every 0.25 s each) and heartbeat check
+    are cancelled; flow control still flows: 4 MB stored before the viewer joins (the server asks for
+    flow control as it delivers them) arrive whole, and so do live tokens after them."""
     from meshkit.edge.viewer import Viewer
 
     c = f"c-{uuid.uuid4().hex[:8]}"
@@ -151,6 +153,7 @@ async def test_the_ordered_consumer_runs_without_its_flow_control_poller(
         poller = jsi._fctask
         await asyncio.sleep(0)
         assert poller is not None and poller.cancelled()
+        assert jsi._hbtask is not None and jsi._hbtask.cancelled()  # the hub's one check instead
         await until(lambda: conv.log.next_seq == 2001, within=15, what="2,000 stored tokens of 2 KB")
         await publish(origin_js, c, range(2001, 2011))
         await until(lambda: conv.log.next_seq == 2011, within=5, what="live tokens after them")
