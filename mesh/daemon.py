@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 
 from meshkit.admin import Readiness, admin_app
+from meshkit.connection_guard import ConnectionGuard
 from meshkit.errors import ConfigError, ListenError, MeshkitError, StartError
 from meshkit.options import option, parse_host_port, parse_seconds
 
@@ -158,18 +159,42 @@ class _AppListener:
         await self._runner.cleanup()
 
 
+class _GuardedSockSite(web.SockSite):
+    """aiohttp's site on a bound socket, each connection's protocol behind a `ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
+        super().__init__(runner, sock)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._guard.protocol_factory(server), sock=self._sock, backlog=self._backlog
+        )
+
+
 async def start_app(
-    address: str, app: web.Application, what: str, *, handler_cancellation: bool = False
+    address: str,
+    app: web.Application,
+    what: str,
+    *,
+    handler_cancellation: bool = False,
+    guard: ConnectionGuard | None = None,
 ) -> tuple[str, _AppListener]:
-    """`app` on a socket bound to `address`. `handler_cancellation`: a client that goes away cancels
-    its handler at once (aiohttp's switch; a long-lived stream leaves then, not at its next write)."""
+    """`app` on a socket bound to `address`, its connections bounded by `guard` (default: the fd limit
+    less a reserve, 10 s for a first request head; `connection_guard.py`). `handler_cancellation`: a
+    client that goes away cancels its handler at once (aiohttp's switch; a long-lived stream leaves
+    then, not at its next write)."""
     sock = bind(address, what=what)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, handler_cancellation=handler_cancellation
     )
     await runner.setup()
     try:
-        await web.SockSite(runner, sock).start()
+        await _GuardedSockSite(runner, sock, guard or ConnectionGuard()).start()
     except BaseException:
         await runner.cleanup()
         sock.close()
@@ -207,6 +232,15 @@ class Lifecycle:
     def __post_init__(self) -> None:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self._open = Gauge(
+            "meshkit_http_connections", "Open HTTP connections", ["listener"], registry=self.registry
+        )
+        self._closed = Counter(
+            "meshkit_http_connections_closed",
+            "HTTP connections closed by the guard: over the limit (refused), no request head in time",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
 
     async def start(
         self,
@@ -258,12 +292,29 @@ class Lifecycle:
         what: str = "--listen",
         *,
         handler_cancellation: bool = False,
+        max_connections: int | None = None,
     ) -> str:
         """Serve an aiohttp application on `address`; return the bound `HOST:PORT`
-        (`handler_cancellation`: see `start_app`)."""
-        bound, listener = await start_app(address, app, what, handler_cancellation=handler_cancellation)
+        (`handler_cancellation`: see `start_app`; `max_connections`: the guard's limit, default the fd
+        limit less a reserve)."""
+        bound, listener = await start_app(
+            address,
+            app,
+            what,
+            handler_cancellation=handler_cancellation,
+            guard=self.guard(name, max_connections),
+        )
         self.add_listener(name, bound, listener)
         return bound
+
+    def guard(self, listener: str, limit: int | None = None) -> ConnectionGuard:
+        """A `ConnectionGuard` for one listener, counted in `meshkit_http_connections{listener}` and
+        `meshkit_http_connections_closed_total{listener,reason}`."""
+        guard = ConnectionGuard(on_event=lambda reason: self._closed.labels(listener, reason).inc())
+        if limit is not None:
+            guard.limit = limit
+        self._open.labels(listener).set_function(lambda: guard.open)
+        return guard
 
     def on_draining(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` when readiness turns off (before `--drain-delay`): gRPC health NOT_SERVING."""
@@ -348,7 +399,9 @@ async def run_daemon(
     life = Lifecycle(daemon.name, daemon_options)
     # The admin port is up first (/readyz says "starting ...") and last (503 "draining" meanwhile).
     app = admin_app(life.readiness, life.registry)
-    life.admin_address, admin = await start_app(daemon_options.admin_listen, app, "--admin-listen")
+    life.admin_address, admin = await start_app(
+        daemon_options.admin_listen, app, "--admin-listen", guard=life.guard("admin")
+    )
     try:
         try:
             if await _unless_stopped(daemon.serve(options, life), stop):
