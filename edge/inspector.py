@@ -29,7 +29,7 @@ Decisions:
   (`[a-z0-9_-]{1,32}`) and one of the first `MAX_REASONS` distinct reasons seen; otherwise the label
   is `other`. The reason the adapter gets is the same sanitised word: an inspector's free text never
   reaches a client nor a label.
-- A `replace` token is at most `MAX_REPLACEMENT` characters (64 KiB, the CHAT stream's message size).
+- A `replace` token is at most `MAX_REPLACEMENT` bytes of UTF-8 (64 KiB, the CHAT stream's message size).
 """
 
 from __future__ import annotations
@@ -161,8 +161,12 @@ class Inspector:
             token = value.get("token")
             if not isinstance(token, str):
                 return self._failed("bad_reply", "a replace reply without a string token")
-            if len(token) > MAX_REPLACEMENT:
-                return self._failed("bad_reply", f"a replacement over {MAX_REPLACEMENT} characters")
+            try:
+                size = len(token.encode())
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no UTF-8 for a client
+                return self._failed("bad_reply", "a replacement that is not UTF-8 text")
+            if size > MAX_REPLACEMENT:
+                return self._failed("bad_reply", f"a replacement over {MAX_REPLACEMENT} bytes")
             return Verdict("replace", token=token)
         if action == "block":
             return Verdict("block", reason=self._reasons.label(value.get("reason", "inspector")))

@@ -74,6 +74,10 @@ class Responder:
                 reply = {"action": "maybe"}
             elif token == "replace-without-token":
                 reply = {"action": "replace"}
+            elif token == "wide":  # 40,000 characters, 80,000 bytes of UTF-8: over the 64 KiB
+                reply = {"action": "replace", "token": "\u00e9" * 40_000}
+            elif token == "surrogate":  # JSON can say it; UTF-8 cannot
+                reply = {"action": "replace", "token": "\ud800"}
             else:
                 reply = {"action": "allow"}
             await msg.respond(reply if isinstance(reply, bytes) else json.dumps(reply).encode())
@@ -198,7 +202,9 @@ async def test_no_responders_fails_at_once(client: Client, fail: str) -> None:
     assert i.inspector is not None and i.inspector.failures["no_responders"] == 1
 
 
-@pytest.mark.parametrize("token", ["garbage", "array", "unknown-action", "replace-without-token"])
+@pytest.mark.parametrize(
+    "token", ["garbage", "array", "unknown-action", "replace-without-token", "wide", "surrogate"]
+)
 async def test_bad_replies_fail_by_the_mode(client: Client, responder: Responder, token: str) -> None:
     closed = await inspection(client, inspector_fail="closed")
     result = await closed.check(message(token))
