@@ -48,15 +48,15 @@ Metrics (`/metrics`, admin port): `meshkit_bridge_received_total{source}`,
 and `meshkit_bridge_stream_pending` (`XINFO GROUPS`, every 2 s), `meshkit_bridge_claimed_total`,
 `meshkit_bridge_reconnects_total{dependency=redis|nats}`, `meshkit_bridge_connected{dependency}`.
 
-Throughput (`bench/bridge_rate.py`, 100,000 tokens over 1,000 conversations, 2 shared cores): the
-reader waits for a whole batch's room in the window, each batch goes to NATS as one write of HPUB
-commands, PubAcks are taken straight from nats-py's parser (`meshkit.sidecars.jetstream_publisher`),
-XREADGROUP replies are read as the parser gives them and XACKs packed by the source. Streams with
-`hiredis`: 47.4k tokens/s (load average 0.8 from other work), the bridge ~18 us of CPU per token,
-nats-server ~16 us, redis ~2.5 us: together the machine's two cores at ~54k/s. Of the bridge's
-part, about a quarter is the contract check (`parse_token`: `json.loads` and the field checks,
-~4.5 us), a fifth nats-py's reader and the PubAck bookkeeping. Pub/sub: ~30k/s (~26 us per token:
-one redis-py `read_response` per message).
+Throughput (`bench/bridge_rate.py`, 200,000 tokens over 1,000 conversations, 2 shared cores,
+2026-12-02): the reader waits for a whole batch's room in the window, each batch goes to NATS as one
+write of HPUB commands, PubAcks are taken straight from nats-py's parser
+(`meshkit.sidecars.jetstream_publisher`), XREADGROUP replies are read as the parser gives them and
+XACKs packed by the source. Streams with `hiredis`: 112k tokens/s, the bridge ~7.2 us of CPU per
+token, nats-server ~7.0 us, redis ~1.3 us (an earlier run on a busier machine: 47k/s at ~18 us).
+About a quarter of the bridge's part is the contract check (`parse_token`: `json.loads` and the
+field checks), a fifth nats-py's reader and the PubAck bookkeeping. Pub/sub: 62k/s (~11 us per
+token: one redis-py `read_response` per message).
 
 Not done: TLS/credentials options for NATS beyond what the URL carries; a dead-letter stream (the
 dead letters are core publishes: a subscriber or a stream of the operator's must keep them).
