@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.errors import NoRespondersError
 from nats.js.errors import ServiceUnavailableError
 
 from meshkit.edge.edge_mirror import MirrorSource, ensure_mirror
@@ -27,6 +28,7 @@ from meshkit.edge.token_stream import ensure_stream
 from meshkit.errors import HarnessError
 from meshkit.harness.nats import nats_server_binary
 from meshkit.harness.process import ManagedProcess, log_match, log_matches
+from meshkit.nats_flush import flushed
 
 CONFIGS = ("origin.conf", "leaf.conf", "leaf-mirror.conf")
 
@@ -131,25 +133,44 @@ async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_throug
         )
         with _start("shipped-leaf", leaf_conf, tmp_path, linked=True) as leaf:
             nc = await nats.connect(f"nats://127.0.0.1:{_port(leaf, 'client')}")
+            direct = await nats.connect(f"nats://127.0.0.1:{origin_client}")
             try:
                 with pytest.raises(ServiceUnavailableError):  # no JetStream on the leaf itself
                     await nc.jetstream(timeout=2).stream_info("CHAT")
                 js = nc.jetstream(domain="origin", timeout=5)
-                await ensure_stream(js)
-                ack = await js.publish(
+                await ensure_stream(js)  # the JetStream API crosses the link
+                origin_js = direct.jetstream()
+                ack = await origin_js.publish(
                     "chat.c1.tokens",
                     b'{"conversation_id":"c1","sequence":1}',
                     headers={"Nats-Msg-Id": message_id("c1", 1)},
                 )
                 assert ack.stream == "CHAT" and ack.domain == "origin"
+                # read at the edge through the domain, as meshkit sse does
+                got = await js.get_last_msg("CHAT", "chat.c1.tokens")
+                assert got.data == b'{"conversation_id":"c1","sequence":1}'
+                # a client of the leaf cannot put tokens in: a forged one (or a Msg-Id taken ahead
+                # of the real token) never reaches the origin
+                await nc.publish(
+                    "chat.c1.tokens",
+                    b'{"conversation_id":"c1","sequence":2}',
+                    headers={"Nats-Msg-Id": message_id("c1", 2)},
+                )
+                with pytest.raises(NoRespondersError):
+                    await nc.request("chat.c2.tokens", b"{}", timeout=2)
+                # dead letters (raw payloads) stay at the origin
+                leaked = await nc.subscribe("chat.deadletter")
+                await flushed(nc)
+                await direct.publish("chat.deadletter", b'{"reason": "not_json"}')
+                await flushed(direct)
+                with pytest.raises(nats.errors.TimeoutError):
+                    await leaked.next_msg(timeout=0.5)
+                await flushed(nc)
+                info = await origin_js.stream_info("CHAT")
+                assert info.state.messages == 1  # only the token published at the origin
             finally:
                 await nc.close()
-        direct = await nats.connect(f"nats://127.0.0.1:{origin_client}")
-        try:
-            info = await direct.jetstream().stream_info("CHAT")
-            assert info.state.messages == 1  # stored at the origin
-        finally:
-            await direct.close()
+                await direct.close()
 
 
 async def test_shipped_leaf_mirror_runs_and_mirrors_the_origins_stream(tmp_path: Path) -> None:
@@ -177,8 +198,9 @@ async def test_shipped_leaf_mirror_runs_and_mirrors_the_origins_stream(tmp_path:
         )
         with _start("shipped-leaf-mirror", mirror_conf, tmp_path, linked=True) as leaf:
             nc = await nats.connect(f"nats://127.0.0.1:{_port(leaf, 'client')}")
+            direct = await nats.connect(f"nats://127.0.0.1:{_port(origin, 'client')}")
             try:
-                origin_js = nc.jetstream(domain="origin", timeout=5)
+                origin_js = direct.jetstream(timeout=5)  # tokens enter at the origin (the leaf denies them)
                 edge_js = nc.jetstream(domain="edge", timeout=5)
                 await ensure_stream(origin_js)
                 await origin_js.publish("chat.c1.tokens", b'{"conversation_id":"c1","sequence":1}')
@@ -193,3 +215,4 @@ async def test_shipped_leaf_mirror_runs_and_mirrors_the_origins_stream(tmp_path:
                 assert (await edge_js.stream_info("CHAT_EDGE")).state.messages == 1
             finally:
                 await nc.close()
+                await direct.close()
