@@ -64,7 +64,8 @@ def raw(cid: str, seq: int) -> bytes:
 
 async def read_from(js: JetStreamContext, subject: str, start: int) -> list[int]:
     """The token sequences of `subject` stored at stream sequence `start` or later, in stream order."""
-    out, seq = [], start
+    out: list[int] = []
+    seq = start
     while True:
         try:
             msg = await js.get_msg("CHAT", seq=seq, subject=subject, next=True)
