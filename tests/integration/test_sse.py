@@ -91,6 +91,17 @@ def small_history(workdir: Path, leaf: NatsServer, stream_created: None) -> Iter
         yield running
 
 
+@pytest.fixture(scope="module")
+def patient(workdir: Path, leaf: NatsServer, stream_created: None) -> Iterator[SseAdapter]:
+    """An adapter with a long --gap-timeout: a viewer that waited for it shows."""
+    args = [*ADAPTER_ARGS, "--gap-timeout", str(PATIENT_GAP_TIMEOUT)]
+    with sse_adapter(workdir, leaf.url, args, name="sse-patient") as running:
+        yield running
+
+
+PATIENT_GAP_TIMEOUT = 5.0
+
+
 @pytest.fixture
 async def js(origin: NatsServer, stream_created: None) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(origin.url)
@@ -220,6 +231,54 @@ async def test_tokens_stored_out_of_order_are_delivered_in_order_and_a_missing_o
     # the reset comes right before 7
     names = [e.event if e.event != "token" else e.id for e in reader.events]
     assert names[names.index("reset") + 1] == "7"
+
+
+async def test_token_0_stored_after_token_1_reaches_a_fresh_viewer_first_without_waiting(
+    patient: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    """Two bridges in one consumer group may store token 1 before token 0: a viewer that comes later
+    gets 0, 1, 2, ... (it lost 0 without a reset: the first token was taken as the start)."""
+    c = cid()
+    await publish(js, c, [1, 0])
+    await publish(js, c, range(2, 6), done_at=5)
+    began = time.monotonic()
+    reader = await open_stream(session, patient.stream_url(c))
+    try:
+        await reader.until_end(within=PATIENT_GAP_TIMEOUT * 2)
+    finally:
+        await reader.close()
+    took = time.monotonic() - began
+    assert reader.sequences == [0, 1, 2, 3, 4, 5], bytes(reader.raw)
+    assert not reader.of("reset")
+    print(f"a fresh viewer of 1, 0, 2..5 read it all in {took:.3f} s (--gap-timeout {PATIENT_GAP_TIMEOUT})")
+    assert took < PATIENT_GAP_TIMEOUT / 2  # the catch-up had no token 0 after it: nothing to wait for
+
+
+@pytest.mark.parametrize("when", ["stored", "live"])
+async def test_a_conversation_from_1_waits_for_no_gap_timeout_and_has_no_reset(
+    patient: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession, when: str
+) -> None:
+    """Token 0 may come after token 1 (the test above), but a conversation starting at 1 is the common
+    case: a fresh viewer of a stored one, or one there before it began, gets token 1 at once."""
+    c = cid()
+    if when == "stored":
+        await publish(js, c, range(1, 21))
+    began = time.monotonic()
+    reader = await open_stream(session, patient.stream_url(c))
+    try:
+        if when == "live":
+            await reader.wait_for(lambda r: r.raw.startswith(b"retry:"), what="the stream open")
+            began = time.monotonic()
+            await publish(js, c, range(1, 21))
+        await reader.wait_for(lambda r: len(r.sequences) >= 1, within=PATIENT_GAP_TIMEOUT * 2)
+        first = time.monotonic() - began
+        await reader.wait_for(lambda r: len(r.sequences) >= 20, what="tokens 1-20")
+    finally:
+        await reader.close()
+    assert reader.sequences == list(range(1, 21))
+    assert not reader.of("reset")
+    print(f"{when}: token 1 after {first:.3f} s (--gap-timeout {PATIENT_GAP_TIMEOUT})")
+    assert first < PATIENT_GAP_TIMEOUT / 2
 
 
 async def test_duplicates_stored_twice_are_sent_once(
