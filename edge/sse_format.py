@@ -26,6 +26,9 @@ does I/O, so a later transport (WebSocket JSON frames) is another framer beside 
                                                  the stream's JWT expired: the response ends; come
                                                  back with a fresh token and Last-Event-ID (no id
                                                  line: the last id stays the last token received)
+    event: error / data: {"error": {"message", "type", "code"}}
+                                                 a failure once the stream started (`error()`); the
+                                                 response ends
 
 `OpenAIFramer` (`?format=openai`): only `data:` lines, read by OpenAI's client stream parser:
 
@@ -44,10 +47,14 @@ client keeps unknown fields: `chunk.model_extra`); a client resumes with `?last_
 x_sequence>&format=openai`. A reset is a chunk with an empty delta and `x_reset: {"requested",
 "available_from"}` (never a silent gap). A done message with an `error` ends with
 `data: {"error": {...}}` (the client raises `APIError`) instead of the `stop` chunk. The final chunk
-carries the done message's `usage` when it has one. On shutdown a `: reconnect` comment, then the
-stream ends without `[DONE]`. A blocked token is a chunk with an empty delta, its `x_sequence` and
-`x_blocked: {"reason"}`; a reauth is `data: {"error": {"type": "reauth", "code": "token_expired",
-...}}` (the client raises `APIError`), then the end without `[DONE]`.
+carries the done message's `usage` when it has one. A blocked token is a chunk with an empty delta,
+its `x_sequence` and `x_blocked: {"reason"}`. Every early end is an error object, then the end
+without `[DONE]`, so OpenAI's client raises `APIError` instead of returning a truncated answer as if
+it were whole: a reauth is `data: {"error": {"type": "reauth", "code": "token_expired",
+"last_event_id"}}`; on shutdown `data: {"error": {"type": "reconnect", "code": "server_shutdown",
+"last_event_id"}}` (the framer remembers the last sequence it framed; null: this response sent
+none, resume with the id you had); a failure after the stream started is `data: {"error": ...}`
+(`error()`: no `event:` line in this format).
 
 `WsFramer` (`GET /ws/{id}`): one JSON text frame per event (the WebSocket handler sends each line
 of what the framer returns as its own frame):
@@ -100,6 +107,10 @@ class Framer(Protocol):
 
     def reauth(self, last_event_id: int | None) -> bytes: ...
 
+    def error(self, body: bytes) -> bytes:
+        """A failure once the stream started (`body`: `{"error": {...}}`, `errors.error_body`)."""
+        ...
+
 
 def _reauth_data(last_event_id: int | None) -> bytes:
     return json.dumps({"reason": "token_expired", "last_event_id": last_event_id}).encode()
@@ -148,6 +159,9 @@ class SseFramer:
     def reauth(self, last_event_id: int | None) -> bytes:
         return b"event: reauth\ndata: " + _reauth_data(last_event_id) + b"\n\n"
 
+    def error(self, body: bytes) -> bytes:
+        return b"event: error\n" + _data_line(body) + b"\n"
+
 
 class OpenAIFramer:
     """OpenAI Chat Completions chunks (see the module docstring)."""
@@ -159,6 +173,7 @@ class OpenAIFramer:
         self._default_model = default_model
         self._created: int | None = None
         self._model: str | None = None
+        self._last_sequence: int | None = None  # of the last token framed (what a resume is after)
 
     def preamble(self) -> bytes:
         return b""
@@ -183,6 +198,7 @@ class OpenAIFramer:
         return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
     def token(self, message: TokenMessage) -> bytes:
+        self._last_sequence = message.sequence
         fields = message.fields()
         text = fields.get("token", "")
         if not text:
@@ -212,9 +228,17 @@ class OpenAIFramer:
         return HEARTBEAT
 
     def reconnect(self, retry_ms: int) -> bytes:
-        return b": reconnect\n\n"
+        error = {
+            "message": "the server is shutting down: reconnect with ?last_event_id=",
+            "type": "reconnect",
+            "code": "server_shutdown",
+            "last_event_id": self._last_sequence,
+            "retry_ms": retry_ms,
+        }
+        return self.error(json.dumps({"error": error}, separators=(",", ":")).encode())
 
     def blocked(self, message: TokenMessage) -> bytes:
+        self._last_sequence = message.sequence
         reason = getattr(message, "reason", "blocked")
         choice = {"index": 0, "delta": {}, "finish_reason": None}
         return self._chunk({}, choice, x_sequence=message.sequence, x_blocked={"reason": reason})
@@ -226,7 +250,10 @@ class OpenAIFramer:
             "code": "token_expired",
             "last_event_id": last_event_id,
         }
-        return b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
+        return self.error(json.dumps({"error": error}, separators=(",", ":")).encode())
+
+    def error(self, body: bytes) -> bytes:
+        return _data_line(body) + b"\n"
 
 
 def _one_line(raw: bytes) -> bytes:

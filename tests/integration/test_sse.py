@@ -471,6 +471,51 @@ async def test_sigterm_tells_every_open_stream_to_reconnect(
     assert resumed.sequences == [2]
 
 
+async def test_sigterm_ends_an_openai_stream_with_an_error_the_openai_client_raises(
+    workdir: Path, leaf: NatsServer, adapter: SseAdapter, js: JetStreamContext
+) -> None:
+    """Ending cleanly without `[DONE]` made OpenAI's client return the tokens so far as the whole
+    answer; the error it raises now says where to resume (?last_event_id=), here on another adapter."""
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+
+    def read(url: str, got: list[ChatCompletionChunk], **params: object) -> openai.APIError | None:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=10)
+        stream = client.get(
+            f"/stream/{c}",
+            cast_to=ChatCompletionChunk,
+            options={"params": {"format": "openai", **params}},
+            stream=True,
+            stream_cls=openai.Stream[ChatCompletionChunk],
+        )
+        try:
+            got.extend(stream)
+        except openai.APIError as exc:
+            return exc
+        return None
+
+    c = cid()
+    got: list[ChatCompletionChunk] = []
+    with sse_adapter(workdir, leaf.url, ["--drain-delay", "0.2"], name="sse-sigterm-openai") as doomed:
+        reading = asyncio.ensure_future(asyncio.to_thread(read, doomed.url, got))
+        await until(lambda: metric(doomed, "meshkit_sse_open_streams") == 1, what="the client's stream")
+        await publish(js, c, [1, 2])
+        await until(lambda: len(got) == 2, what="two chunks")
+        doomed.process.signal(signal.SIGTERM)
+        raised = await asyncio.wait_for(reading, 10)
+        assert doomed.process.wait(10) == 0
+    assert isinstance(raised, openai.APIError), f"{len(got)} chunks returned as if they were the answer"
+    assert isinstance(raised.body, dict)
+    assert (raised.body["type"], raised.body["code"]) == ("reconnect", "server_shutdown")
+    assert raised.body["last_event_id"] == 2
+    await publish(js, c, [3, 4], done_at=4)
+    rest: list[ChatCompletionChunk] = []
+    last = raised.body["last_event_id"]
+    assert await asyncio.to_thread(read, adapter.url, rest, last_event_id=last) is None
+    assert "".join(ch.choices[0].delta.content or "" for ch in got + rest) == "t1 t2 t3 t4 "
+    assert [(ch.model_extra or {}).get("x_sequence") for ch in got + rest] == [1, 2, 3, 4, 4]
+
+
 async def test_resume_after_the_done_token_ends_at_once(
     adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
 ) -> None:

@@ -124,3 +124,27 @@ def test_openai_blocked_and_reauth_chunks() -> None:
     assert chunk["choices"][0]["delta"] == {}
     error = json.loads(framer.reauth(4)[len(b"data: ") :])["error"]
     assert error["type"] == "reauth" and error["code"] == "token_expired" and error["last_event_id"] == 4
+
+
+def test_openai_reconnect_is_an_error_object_with_the_last_sequence_sent() -> None:
+    """On shutdown OpenAI's client must raise, not return a truncated answer as if it were whole."""
+    framer = OpenAIFramer("c1", "m")
+    assert json.loads(framer.reconnect(250)[len(b"data: ") :])["error"]["last_event_id"] is None
+    framer.token(parse_token(message(1)))
+    framer.blocked(blocked_token(parse_token(message(2)), "pii"))
+    framer.token(parse_token(json.dumps({"conversation_id": "c1", "token": "", "sequence": 3}).encode()))
+    out = framer.reconnect(250)
+    assert out.startswith(b"data: ") and out.endswith(b"\n\n") and out.count(b"\n") == 2
+    assert b"[DONE]" not in out
+    error = json.loads(out[len(b"data: ") :])["error"]
+    assert (error["type"], error["code"], error["last_event_id"]) == ("reconnect", "server_shutdown", 3)
+    assert "last_event_id" in error["message"]
+
+
+def test_an_error_after_the_stream_started_is_data_only_in_openai_format() -> None:
+    body = b'{"error": {"message": "replay failed", "type": "unavailable", "code": null}}'
+    openai_out = OpenAIFramer("c1", "m").error(body)
+    assert openai_out == b"data: " + body + b"\n\n"
+    events = SseParser().feed(SseFramer(1000).error(body))
+    assert [(e.event, e.data) for e in events] == [("error", body.decode())]
+    assert json.loads(WsFramer.error(body)) == {"event": "error", "data": json.loads(body)}
