@@ -125,7 +125,7 @@ def _last_event_id(request: web.Request) -> int | None:
     if given is None or not given.strip():
         return None
     text = given.strip()
-    if not text.isdigit() or int(text) > MAX_LAST_EVENT_ID:
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_LAST_EVENT_ID:  # [0-9]+ only
         raise ValueError(f"{where} must be a token sequence (a non-negative integer), not {given[:40]!r}")
     return int(text)
 

@@ -5,12 +5,14 @@ streams are read with a real HTTP client and parsed with the EventSource rules."
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -334,6 +336,7 @@ def test_subject_injection_is_400_and_subscribes_nothing(
         ("/stream/c1?last_event_id=abc", {}, 400),
         ("/stream/c1?last_event_id=-1", {}, 400),
         ("/stream/c1", {"Last-Event-ID": "1.5"}, 400),
+        ("/stream/c1?last_event_id=9223372036854775808", {}, 400),  # above the upper bound (2**63 - 1)
         ("/stream/c1?format=xml", {}, 400),
         ("/nope", {}, 404),
         ("/stream", {}, 404),
@@ -346,6 +349,32 @@ def test_bad_requests_answer_json(
     resp = request(adapter.url + path, "GET", headers=headers)
     assert resp.status == status, resp.body
     assert resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("where", ["header", "query"])
+@pytest.mark.parametrize("digits", ["\u0661\u0662", "\uff11\uff12", "\u09e7\u09e8"])
+def test_a_last_event_id_of_non_ascii_digits_is_400_json(
+    adapter: SseAdapter, digits: str, where: str
+) -> None:
+    """Only [0-9]+: str.isdigit() takes Arabic-Indic, full-width or Bengali digits and int() reads
+    them as 12, a resume from a sequence the client never had."""
+    conn = http.client.HTTPConnection("127.0.0.1", adapter.port, timeout=10)
+    try:
+        if where == "header":
+            conn.putrequest("GET", "/stream/c1")
+            conn.putheader("Last-Event-ID", digits.encode())  # UTF-8 bytes on the wire
+        else:
+            conn.putrequest("GET", "/stream/c1?last_event_id=" + urllib.parse.quote(digits))
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read() if resp.status == 400 else b""  # a 200 is a stream: never ends
+    finally:
+        conn.close()
+    assert resp.status == 400
+    assert resp.getheader("content-type", "").startswith("application/json")
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert ("Last-Event-ID" if where == "header" else "last_event_id") in error["message"]
 
 
 def test_wrong_method_is_405_json(adapter: SseAdapter) -> None:
