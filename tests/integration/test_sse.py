@@ -104,6 +104,11 @@ def patient(workdir: Path, leaf: NatsServer, stream_created: None) -> Iterator[S
 PATIENT_GAP_TIMEOUT = 5.0
 
 
+async def dropped(adapter: SseAdapter) -> None:
+    """Its viewers gone, `adapter` holds no subscription (the leaf's count in other tests is stable)."""
+    await until(lambda: metric(adapter, "meshkit_sse_conversations_subscribed") == 0, what="unsubscribed")
+
+
 @pytest.fixture
 async def js(origin: NatsServer, stream_created: None) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(origin.url)
@@ -250,6 +255,7 @@ async def test_token_0_stored_after_token_1_reaches_a_fresh_viewer_first_without
     finally:
         await reader.close()
     took = time.monotonic() - began
+    await dropped(patient)
     assert reader.sequences == [0, 1, 2, 3, 4, 5], bytes(reader.raw)
     assert not reader.of("reset")
     print(f"a fresh viewer of 1, 0, 2..5 read it all in {took:.3f} s (--gap-timeout {PATIENT_GAP_TIMEOUT})")
@@ -277,6 +283,7 @@ async def test_a_conversation_from_1_waits_for_no_gap_timeout_and_has_no_reset(
         await reader.wait_for(lambda r: len(r.sequences) >= 20, what="tokens 1-20")
     finally:
         await reader.close()
+    await dropped(patient)
     assert reader.sequences == list(range(1, 21))
     assert not reader.of("reset")
     print(f"{when}: token 1 after {first:.3f} s (--gap-timeout {PATIENT_GAP_TIMEOUT})")
