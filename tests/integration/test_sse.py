@@ -27,7 +27,7 @@ from meshkit.harness.edge_daemons import SseAdapter, sse_adapter
 from meshkit.harness.nats import NatsServer, nats_server
 
 from .conftest import request
-from .test_sse_support import leaf_subscriptions, metric, open_stream, publish, settled, until
+from .test_sse_support import SseReader, leaf_subscriptions, metric, open_stream, publish, settled, until
 
 pytestmark = pytest.mark.integration
 
@@ -462,6 +462,49 @@ async def test_a_slow_client_is_cut_off_and_a_fast_one_gets_every_token_promptly
         slow.close()
         await fast.close()
     assert "slow client" in adapter.process.log_text()
+
+
+async def test_a_slow_client_cut_off_resumes_with_last_event_id_and_gets_every_token_once(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    """The slow client is an aiohttp response nobody reads (aiohttp stops reading its socket, the
+    kernel buffers fill, the adapter's queue of --client-queue 256 overflows); after the cut it reads
+    what it had, and resumes from the last id it parsed, as an EventSource would."""
+    c = cid()
+    drops = metric(adapter, "meshkit_sse_slow_client_drops_total")
+    response = await session.get(
+        adapter.stream_url(c), timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+    )
+    assert response.status == 200
+    count = 4000  # 16 MB: more than the socket buffers (up to 32 MB of rmem here, autotuned) hold
+    try:
+        await until(lambda: metric(adapter, "meshkit_sse_open_streams") >= 1, what="the stream open")
+        await publish(js, c, range(1, count + 1), done_at=count, text="z" * 4000)
+        await until(
+            lambda: metric(adapter, "meshkit_sse_slow_client_drops_total") == drops + 1,
+            within=20,
+            what="the slow client cut off",
+        )
+        slow = SseReader(response)  # now it reads: what reached it, then the end of the connection
+        await slow.until_end(within=10)
+    finally:
+        response.close()
+    assert slow.sequences == list(range(1, len(slow.sequences) + 1)), "in order, each once, until the cut"
+    assert 0 < len(slow.sequences) < count
+    last = slow.sequences[-1]
+    resumed = await open_stream(session, adapter.stream_url(c), {"Last-Event-ID": str(last)})
+    try:
+        await resumed.until_end(within=20)
+    finally:
+        await resumed.close()
+    print(f"cut off after {last} of {count} tokens; the resume got {len(resumed.sequences)}")
+    assert slow.sequences + resumed.sequences == list(range(1, count + 1))
+    assert not resumed.of("reset") and resumed.events[-1].event == "done"
+
+
+async def test_healthz_answers(adapter: SseAdapter) -> None:
+    resp = request(adapter.admin_url + "/healthz", "GET")
+    assert resp.status == 200, resp.body
 
 
 # -- limits and shutdown ------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 responder in the test, on the leaf) and an audit subscriber: redaction and the inspector's replacement
 change the delivered bytes for every viewer and for resumes alike (from memory and from JetStream), a
 blocked token keeps its id (`event: blocked`, WebSocket `blocked` frame), the inspector is asked once
-per message however many viewers watch, the audit tap copies what was delivered, and the metrics are
-on the adapter's /metrics."""
+per message however many viewers watch, the audit tap copies what was delivered, the metrics are on
+the adapter's /metrics, and an inspector that never answers blocks tokens fail closed
+(`inspector_timeout`) and lets them through fail open."""
 
 from __future__ import annotations
 
@@ -196,3 +197,60 @@ async def test_a_websocket_viewer_gets_the_blocked_frame_with_its_id(
     ]
     assert frames[1]["data"]["token"] == "mail [redacted] now"
     assert frames[2]["data"]["reason"] == "pii"
+
+
+@pytest.mark.parametrize("fail", ["closed", "open"])
+async def test_an_inspector_that_times_out_blocks_fail_closed_and_passes_fail_open(
+    workdir: Path,
+    leaf: NatsServer,
+    js: JetStreamContext,
+    session: aiohttp.ClientSession,
+    fail: str,
+) -> None:
+    """The inspector is subscribed (so not `no_responders`) and never answers: each token with text
+    waits --inspector-timeout, then fail closed blocks it (`inspector_timeout`, its id kept) and fail
+    open delivers it as published; the done message (no text) is not asked and ends the stream."""
+    c = new_cid()
+    subject = f"inspect.silent.{fail}"
+    asked: list[int] = []
+    nc = await nats.connect(leaf.url, connect_timeout=2, allow_reconnect=False)
+
+    async def never_answer(msg: Msg) -> None:
+        asked.append(json.loads(msg.data)["sequence"])
+
+    args = [*BASE_ARGS, "--inspector-subject", subject, "--inspector-timeout", "0.3"]
+    try:
+        await nc.subscribe(subject, cb=never_answer)
+        await flushed(nc)
+        with sse_adapter(
+            workdir, leaf.url, [*args, "--inspector-fail", fail], name=f"sse-inspect-{fail}"
+        ) as silent:
+            reader = await open_stream(session, silent.stream_url(c))
+            try:
+                await until(lambda: metric(silent, "meshkit_sse_open_streams") >= 1, what="open")
+                for seq, text in ((1, "Hello "), (2, "world"), (3, "")):
+                    raw = token(c, seq, text=text, done=seq == 3)
+                    await js.publish(tokens_subject(c), raw, headers={"Nats-Msg-Id": message_id(c, seq)})
+                await reader.until_end(within=10)
+            finally:
+                await reader.close()
+            timeouts = metric(silent, "meshkit_sse_inspector_failures_total", '{kind="timeout"}')
+            blocked = metric(silent, "meshkit_sse_tokens_blocked_total", '{reason="inspector_timeout"}')
+    finally:
+        await nc.close()
+    assert sorted(asked) == [1, 2]  # asked, never answered
+    assert timeouts == 2
+    got = [(e.event, e.id, json.loads(e.data)) for e in reader.events]
+    if fail == "closed":
+        assert [(event, ident) for event, ident, _ in got] == [
+            ("blocked", "1"),
+            ("blocked", "2"),
+            ("done", "3"),
+        ]
+        assert got[0][2] == {"conversation_id": c, "sequence": 1, "reason": "inspector_timeout"}
+        assert b"Hello" not in reader.raw and b"world" not in reader.raw
+        assert blocked == 2
+    else:
+        assert [(event, ident) for event, ident, _ in got] == [("token", "1"), ("token", "2"), ("done", "3")]
+        assert [doc["token"] for _, _, doc in got] == ["Hello ", "world", ""]
+        assert blocked == 0
