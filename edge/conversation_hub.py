@@ -6,8 +6,9 @@ heartbeats every `--consumer-heartbeat` s) filtered on `chat.<id>.tokens`, deliv
 stored message of that subject, then live. An ordered consumer re-creates itself from the next stream
 sequence when a heartbeat or a sequence is missed (a leaf restart, a partition), so it loses nothing and
 repeats nothing; the log deduplicates by token sequence anyway. The subscription is made once however
-many viewers join at the same time, and dropped (unsubscribed, its consumer deleted) when the last
-viewer leaves.
+many viewers join at the same time, and dropped when the last viewer leaves: unsubscribed at once,
+its consumer deleted by a paced background deleter (`sse_consumer_deleter.py`: 2,000 deletes at once
+delayed every other conversation's tokens).
 
 Every delivered message goes into the conversation's `ConversationLog` (bounded by `--history`
 tokens; see there for order, dedup and gaps) and goes to its viewers: written at once to those whose
@@ -66,6 +67,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshkit.edge import sse_flow_control as flow_control
 from meshkit.edge.conversation_log import BlockedToken, ConversationLog, blocked_token
+from meshkit.edge.sse_consumer_deleter import ConsumerDeleter
 from meshkit.edge.sse_heartbeat_check import HeartbeatCheck
 from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
 from meshkit.edge.token_inspection import TokenInspection
@@ -179,6 +181,7 @@ class ConversationHub:
         self._conversations: dict[str, Conversation] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._heartbeats = HeartbeatCheck(2 * settings.consumer_heartbeat, self._subscriptions)
+        self._deleter = ConsumerDeleter(self._delete_consumer, timeout=settings.request_timeout)
 
     def _subscriptions(self) -> list[JetStreamContext.PushSubscription]:
         return [c.subscription for c in self._conversations.values() if c.subscription is not None]
@@ -266,6 +269,7 @@ class ConversationHub:
             self._spawn(self._unsubscribe(conv))
 
     async def _unsubscribe(self, conv: Conversation) -> None:
+        """Unsubscribe now; the consumer is deleted by the paced `ConsumerDeleter`."""
         # while _subscribe() is still under way there is nothing yet: it sees `closed` and comes back
         sub, conv.subscription = conv.subscription, None
         if sub is None:
@@ -274,10 +278,13 @@ class ConversationHub:
         try:
             async with asyncio.timeout(self.settings.request_timeout):
                 await sub.unsubscribe()
-                if isinstance(consumer, str):
-                    await self._js.delete_consumer(self.settings.stream, consumer)
         except Exception as exc:  # the server deletes it after inactive_threshold anyway
             log.debug("conversation %s: unsubscribe: %r", conv.id, exc)
+        if isinstance(consumer, str):
+            self._deleter.add(consumer)
+
+    async def _delete_consumer(self, consumer: str) -> None:
+        await self._js.delete_consumer(self.settings.stream, consumer)
 
     # -- messages ---------------------------------------------------------------------------------
     async def _on_message(self, conv: Conversation, msg: Msg) -> None:
@@ -480,6 +487,7 @@ class ConversationHub:
                 check.cancel()
         await asyncio.gather(*(self._unsubscribe(c) for c in conversations), return_exceptions=True)
         await self._heartbeats.close()
+        await self._deleter.close()
         for task in list(self._background):
             task.cancel()
         self.metrics.conversations.set(0)
