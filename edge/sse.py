@@ -35,7 +35,8 @@ API (the `--listen` port)
   paths; 405 JSON (`Allow: GET`) for other methods; 426 for a GET on `/ws/` that is not a handshake;
   503 JSON with `Retry-After` beyond `--max-connections` open streams, while shutting down, or when
   NATS cannot make the subscription. Errors are `{"error": {"message", "type", "code"}}`. Once a
-  stream has started, a failure (a replay JetStream did not answer) is `event: error` (a WebSocket
+  stream has started, a failure (a replay JetStream did not answer) is `event: error` (with
+  `?format=openai` a `data: {"error": ...}` line only, which the openai client raises; a WebSocket
   `error` frame) and the end.
 
 Auth (off by default; on with `--jwt-secret-file` and/or `--jwks`: `stream_auth.py`, the auth
@@ -215,9 +216,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             except DependencyError as exc:
                 log.warning("stream %s: %s", cid, exc)
                 with contextlib.suppress(ViewerCut, ConnectionError):
-                    await stream.write(
-                        b"event: error\ndata: " + error_body("unavailable", exc.message) + b"\n\n"
-                    )
+                    await stream.write(framer.error(error_body("unavailable", exc.message)))
                 ended = "error"
             except (ViewerCut, ConnectionError, asyncio.CancelledError):
                 raise
@@ -225,7 +224,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 log.exception("stream %s failed", cid)
                 body = error_body("server_error", "internal error (logged)")
                 with contextlib.suppress(ViewerCut, ConnectionError):
-                    await stream.write(b"event: error\ndata: " + body + b"\n\n")
+                    await stream.write(framer.error(body))
                 ended = "error"
             if ended == "reauth":
                 metrics.reauths.inc()
