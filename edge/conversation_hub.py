@@ -67,6 +67,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshkit.edge import sse_flow_control as flow_control
 from meshkit.edge.conversation_log import BlockedToken, ConversationLog, blocked_token
+from meshkit.edge.replay_start import replay_start
 from meshkit.edge.sse_consumer_deleter import ConsumerDeleter
 from meshkit.edge.sse_heartbeat_check import HeartbeatCheck
 from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
@@ -421,8 +422,10 @@ class ConversationHub:
     # -- replay -----------------------------------------------------------------------------------
     async def replay(self, conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
         """The conversation's stored tokens with `after < sequence < until` (`after` None: from the
-        first), sorted and unique, from an ephemeral pull consumer; `DependencyError` when JetStream
-        does not answer within the request timeout."""
+        first), sorted and unique, from an ephemeral pull consumer that starts near `after`
+        (`replay_start`: a binary search, not a read from the conversation's first token);
+        `DependencyError` when one step (the search, the consumer, a batch) takes longer than the
+        request timeout: a long replay over a distant leaf is bounded per batch, not as a whole."""
         subject = tokens_subject(conversation_id)
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.ALL,
@@ -432,29 +435,40 @@ class ConversationHub:
             inactive_threshold=30.0,
         )
         found: dict[int, TokenMessage] = {}
+        step = self.settings.request_timeout
         try:
-            async with asyncio.timeout(self.settings.request_timeout):
+            if after is not None:
+                async with asyncio.timeout(step):
+                    start = await replay_start(self._js, self.settings.stream, subject, after)
+                if start is None:  # nothing stored for it
+                    self.metrics.replays.labels("ok").inc()
+                    return []
+                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start
+            async with asyncio.timeout(step):
                 psub = await self._js.pull_subscribe(subject, stream=self.settings.stream, config=config)
-                try:
+            try:
+                async with asyncio.timeout(step):
                     remaining = (await psub.consumer_info()).num_pending or 0
-                    while remaining > 0:
-                        for msg in await psub.fetch(min(remaining, REPLAY_BATCH), timeout=1.0):
-                            remaining = msg.metadata.num_pending
-                            try:
-                                token = parse_token(msg.data, subject=msg.subject)
-                            except MalformedToken:
-                                self.metrics.malformed.inc()
-                                continue
-                            if token.sequence >= until:
-                                remaining = 0
-                                break
-                            if after is None or token.sequence > after:
-                                found.setdefault(token.sequence, token)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await psub.unsubscribe()
-                    with contextlib.suppress(Exception):
-                        await self._js.delete_consumer(self.settings.stream, config.name or "")
+                while remaining > 0:
+                    async with asyncio.timeout(step):
+                        batch = await psub.fetch(min(remaining, REPLAY_BATCH), timeout=1.0)
+                    for msg in batch:
+                        remaining = msg.metadata.num_pending
+                        try:
+                            token = parse_token(msg.data, subject=msg.subject)
+                        except MalformedToken:
+                            self.metrics.malformed.inc()
+                            continue
+                        if token.sequence >= until:
+                            remaining = 0
+                            break
+                        if after is None or token.sequence > after:
+                            found.setdefault(token.sequence, token)
+            finally:
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
+                with contextlib.suppress(Exception):
+                    await self._js.delete_consumer(self.settings.stream, config.name or "")
         except Exception as exc:
             self.metrics.replays.labels("failed").inc()
             raise DependencyError("nats", f"replay of {subject} failed: {exc!r}") from None
