@@ -99,9 +99,11 @@ class Adapter:
         assert self.hub is not None, "the hub starts before the listener"
         return self.hub
 
-    def delivered(self, message: TokenMessage) -> None:
+    def delivered(self, message: TokenMessage, live: bool) -> None:
+        """Counted; its publish -> written latency observed only when it was published after its
+        viewer joined (`live`): a resume of an hour-old conversation is not an hour of latency."""
         self.metrics.tokens_delivered.inc()
-        if message.ts is not None:
+        if live and message.ts is not None:
             self.metrics.latency.observe(max(0.0, time.time() - message.ts))
 
 

@@ -98,6 +98,7 @@ class Viewer:
     ends_at: float | None = None  # monotonic: the stream's token expires then (reauth)
     direct: Direct | None = None  # set while the pump is parked and the hub may write for it (feed)
     finished: bool = False  # the done token went out (written by feed(): the pump returns "done")
+    joined_at: float = field(default_factory=time.time)  # wall clock, as a message's `ts`
     _expiry: asyncio.TimerHandle | None = None
 
     def expire_at(self, ends_at: float) -> None:
@@ -192,7 +193,7 @@ class Replayer(Protocol):
 
 
 Write = Callable[[bytes], Awaitable[None]]
-Delivered = Callable[[TokenMessage], None]
+Delivered = Callable[[TokenMessage, bool], None]  # (message, published after the viewer joined)
 
 
 class DirectSink(Protocol):
@@ -254,7 +255,7 @@ async def pump(
     replay: Replayer,
     heartbeat: float,
     retry_ms: int,
-    delivered: Delivered = lambda _: None,
+    delivered: Delivered = lambda message, live: None,
     reset: Callable[[], None] = lambda: None,
     sink: DirectSink | None = None,
 ) -> str:
@@ -336,7 +337,8 @@ def _frame_token(
     viewer.cursor = message.sequence + 1
     if isinstance(message, BlockedToken):  # never a done one (inspection delivers those emptied)
         return head + framer.blocked(message), message.done
-    delivered(message)
+    # live: published after the viewer joined (a resume's or a late viewer's catch-up is not latency)
+    delivered(message, message.ts is None or message.ts >= viewer.joined_at)
     if message.done:
         return head + framer.done(message), True
     return head + framer.token(message), False

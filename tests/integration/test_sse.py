@@ -152,6 +152,27 @@ async def test_live_stream_end_to_end(
     assert metric(adapter, "meshkit_sse_delivery_latency_seconds_count") >= 10
 
 
+async def test_latency_is_observed_only_for_tokens_published_after_the_viewer_joined(
+    adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
+) -> None:
+    """A viewer of an hour-old conversation gets it all, but its catch-up is not an hour of latency
+    in meshkit_sse_delivery_latency_seconds (it was, for every resumed token)."""
+    c = cid()
+    await publish(js, c, range(1, 21), ts=time.time() - 3600)
+    count = metric(adapter, "meshkit_sse_delivery_latency_seconds_count")
+    total = metric(adapter, "meshkit_sse_delivery_latency_seconds_sum")
+    reader = await open_stream(session, adapter.stream_url(c))
+    try:
+        await reader.wait_for(lambda r: len(r.sequences) >= 20, what="the old tokens")
+        await publish(js, c, range(21, 31), done_at=30)
+        await reader.until_end()
+    finally:
+        await reader.close()
+    assert reader.sequences == list(range(1, 31))
+    assert metric(adapter, "meshkit_sse_delivery_latency_seconds_count") - count >= 10  # the live ones
+    assert metric(adapter, "meshkit_sse_delivery_latency_seconds_sum") - total < 60  # none hour-old
+
+
 async def test_late_viewer_gets_everything_so_far_then_live(
     adapter: SseAdapter, js: JetStreamContext, session: aiohttp.ClientSession
 ) -> None:
