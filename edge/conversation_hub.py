@@ -74,6 +74,7 @@ from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_toke
 from meshkit.edge.token_inspection import TokenInspection
 from meshkit.edge.viewer import Viewer, feed
 from meshkit.errors import DependencyError
+from meshkit.logs import Throttle
 
 __all__ = ["Conversation", "ConversationHub", "HubMetrics", "HubSettings"]
 
@@ -178,6 +179,7 @@ class ConversationHub:
         self.settings = settings
         self.metrics = metrics
         self._on_cut = on_cut
+        self._throttled = Throttle(log)
         self._inspection = inspection if inspection is not None and inspection.enabled else None
         self._conversations: dict[str, Conversation] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -374,8 +376,16 @@ class ConversationHub:
                 self.metrics.slow_drops.inc()
                 self._on_cut(viewer, reason)
                 viewer.cut(reason)
-            elif not feed(viewer, conv.log, now):
-                viewer.wake.set()
+            else:
+                try:
+                    parked = feed(viewer, conv.log, now)
+                except Exception:  # a framing bug: this viewer ends, the others still get the token
+                    self._throttled.exception("feed", "conversation %s: a direct write failed", conv.id)
+                    self._on_cut(viewer, "internal error (logged)")
+                    viewer.cut("internal error (logged)")
+                    continue
+                if not parked:
+                    viewer.wake.set()
 
     def _gap_timed_out(self, conv: Conversation) -> None:
         conv.gap_timer = None
