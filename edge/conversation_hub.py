@@ -55,6 +55,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -239,10 +240,18 @@ class ConversationHub:
         began = time.monotonic()
         subject = tokens_subject(conv.id)
 
+        # nats-py's subscription, its state and its cancelled task hold each other in cycles after
+        # unsubscribing: through a weak reference its callback does not keep the conversation (and its
+        # log) alive with them until a full garbage collection (sse_gc.py)
+        ref = weakref.ref(conv)
+
         async def on_message(msg: Msg) -> None:
-            await self._on_message(conv, msg)
-            if conv.subscription is not None:
-                await flow_control.answer(conv.subscription)
+            current = ref()
+            if current is None:
+                return
+            await self._on_message(current, msg)
+            if current.subscription is not None:
+                await flow_control.answer(current.subscription)
 
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
         try:

@@ -97,7 +97,8 @@ Start-up: NATS must be reachable and the stream (created by `meshkit bridge`) mu
 Modules: options `sse_options.py`; what both transports share (admission, metrics) `sse_streams.py`;
 WebSocket `sse_ws.py`; CORS `sse_cors.py`; framing `sse_format.py`; the response's transport as the
 hub's direct-write sink `sse_transport.py` (see `viewer.feed`); nats-py's flow-control poller replaced
-`sse_flow_control.py`; this module: the SSE handler, the NATS connection and the daemon.
+`sse_flow_control.py`; when the garbage collector walks the whole heap `sse_gc.py`; this module: the
+SSE handler, the NATS connection and the daemon.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ from meshkit.edge.conversation_hub import ConversationHub, HubMetrics, HubSettin
 from meshkit.edge.edge_mirror import MirrorMetrics, ensure_mirror, parse_mirror_of
 from meshkit.edge.sse_cors import CORS, Cors
 from meshkit.edge.sse_format import Framer, framer_for
+from meshkit.edge.sse_gc import GcPacer
 from meshkit.edge.sse_options import SseOptions
 from meshkit.edge.sse_streams import ADAPTER, Adapter, SseMetrics, admit, json_error, watching
 from meshkit.edge.sse_transport import TransportSink
@@ -462,6 +464,8 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         lambda: hub.viewers, heartbeat=opts.heartbeat, write_timeout=opts.write_timeout, stalled=stalled
     )
     await life.start("viewer clock", clock.start, clock.stop)
+    pacer = GcPacer(lambda: (adapter.open_streams, adapter.closed_streams))
+    await life.start("gc pacer", pacer.start, pacer.stop)
 
     async def draining() -> None:
         conn.draining = True

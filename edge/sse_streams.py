@@ -93,6 +93,7 @@ class Adapter:
     hub: ConversationHub | None = None
     auth: StreamAuth | None = None
     open_streams: int = 0
+    closed_streams: int = 0  # streams that ended, so far (`sse_gc.GcPacer` paces full collections by it)
     closing: bool = False
 
     def the_hub(self) -> ConversationHub:
@@ -186,6 +187,10 @@ async def admit(
     return Admission(cid, last, grant)
 
 
+def _nothing() -> None:
+    pass
+
+
 @contextlib.asynccontextmanager
 async def watching(
     adapter: Adapter, admission: Admission, abort: Callable[[], None]
@@ -205,7 +210,9 @@ async def watching(
         yield viewer, conv
     finally:
         viewer.cancel_expiry()
+        viewer.abort = _nothing  # its connection: not kept by whatever still holds the viewer (sse_gc.py)
         if conv is not None:
             hub.leave(conv, viewer)
         adapter.open_streams -= 1
+        adapter.closed_streams += 1
         adapter.metrics.open_streams.dec()

@@ -161,3 +161,29 @@ async def test_the_ordered_consumer_runs_without_its_timer_tasks(
         assert [e.sequence for e in last if e is not None] == [2010] and conv.log.duplicates == 0
     finally:
         hub.leave(conv, viewer)
+
+
+async def test_a_conversation_nobody_watches_is_freed_without_a_garbage_collection(
+    hub: ConversationHub, origin_js: JetStreamContext
+) -> None:
+    """nats-py's unsubscribed subscription lives on in reference cycles until a full collection (which
+    the adapter makes rare, sse_gc.py): its callback must not keep the conversation and its log."""
+    import gc
+    import weakref
+
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    await publish(origin_js, c, range(1, 4))
+    viewer = Viewer(c, None)
+    conv = await hub.join(c, viewer)
+    stored = conv.log
+    await until(lambda: stored.next_seq == 4, within=5, what="3 stored tokens")
+    gone = weakref.ref(conv)
+    gc.disable()
+    try:
+        hub.leave(conv, viewer)
+        del conv
+        await until(lambda: gone() is None, within=5, what="the conversation freed")
+    finally:
+        gc.enable()
