@@ -16,6 +16,13 @@ CPU <= 3x, <= 40 KB per open stream, every token once.
 Viewers are spread over `processes` loadgen workers (default: enough for the fd limit, and about 5,000
 deliveries/s each: one asyncio process saturates near 20k/s, and on 2 shared cores a margin matters).
 
+Measured (2026-12-02, 2 shared cores, the issue's load, `--target both`, medians of 3 runs, range):
+nchan p50 1.29 ms, p99 2.43 (2.37-2.62), 8.9 % of a core, 18 KB/stream; meshkit sse p50 2.30, p99 10.1
+(8.8-10.9), max 31, 24.1 % (23.6-24.3), 26 KB/stream, every token once, neither generator saturated:
+CPU 2.70x nchan's (target 3x), p99 4.2x (target 1.5x). Before the direct writes, the timer tasks and
+the GC pacing (2 runs): p99 263 ms, 41 % of a core. What is left of the p99 is mostly the JetStream
+path: in the same run a separate ordered consumer on the leaf saw p99 ~10 ms, a core subscription ~7 ms.
+
     .venv/bin/python bench/streaming.py [--target nchan|sse|both] [--streams 10000] [--conversations 2000]
         [--rate 1000] [--duration 20] [--processes P] [--json FILE] [--reports DIR]
 """
