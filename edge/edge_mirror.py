@@ -22,11 +22,11 @@ import re
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, ExternalStream, StorageType, StreamConfig, StreamInfo, StreamSource
+from nats.js.api import ExternalStream, StreamConfig, StreamInfo, StreamSource
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshkit.edge.token_stream import StreamLimits
+from meshkit.edge.token_stream import StreamLimits, limit_settings
 
 __all__ = ["MirrorMetrics", "MirrorSource", "ensure_mirror", "mirror_config", "parse_mirror_of"]
 
@@ -59,17 +59,10 @@ def parse_mirror_of(text: str) -> MirrorSource:
 
 def mirror_config(name: str, source: MirrorSource, limits: StreamLimits | None = None) -> StreamConfig:
     """The config `ensure_mirror` creates (see the module docstring)."""
-    limits = limits or StreamLimits()
     return StreamConfig(
         name=name,
         mirror=StreamSource(name=source.stream, external=ExternalStream(api=source.api_prefix)),
-        storage=StorageType.FILE,
-        num_replicas=limits.replicas,
-        max_age=limits.max_age,
-        max_bytes=limits.max_bytes,
-        max_msgs_per_subject=limits.max_msgs_per_subject,
-        max_msg_size=limits.max_msg_size,
-        discard=DiscardPolicy.OLD,
+        **limit_settings(limits),
     )
 
 

@@ -20,6 +20,7 @@ as is (its subjects are checked, since a stream without `chat.*.tokens` would si
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
@@ -27,7 +28,7 @@ from nats.js.errors import NotFoundError
 
 from meshkit.edge.token_contract import DEFAULT_STREAM, STREAM_SUBJECTS
 
-__all__ = ["StreamLimits", "ensure_stream", "stream_config"]
+__all__ = ["StreamLimits", "ensure_stream", "limit_settings", "stream_config"]
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,28 @@ class StreamLimits:
     replicas: int = 1
 
 
+def limit_settings(limits: StreamLimits | None = None) -> dict[str, Any]:
+    """The storage and limits of a token stream as StreamConfig fields (the stream and its edge
+    mirrors keep the same ones)."""
+    limits = limits or StreamLimits()
+    return {
+        "storage": StorageType.FILE,
+        "num_replicas": limits.replicas,
+        "max_age": limits.max_age,
+        "max_bytes": limits.max_bytes,
+        "max_msgs_per_subject": limits.max_msgs_per_subject,
+        "max_msg_size": limits.max_msg_size,
+        "discard": DiscardPolicy.OLD,
+    }
+
+
 def stream_config(name: str = DEFAULT_STREAM, limits: StreamLimits | None = None) -> StreamConfig:
     """The config `ensure_stream` creates (see the module docstring)."""
-    limits = limits or StreamLimits()
     return StreamConfig(
         name=name,
         subjects=[STREAM_SUBJECTS],
-        storage=StorageType.FILE,
-        num_replicas=limits.replicas,
-        max_age=limits.max_age,
-        max_bytes=limits.max_bytes,
-        max_msgs_per_subject=limits.max_msgs_per_subject,
-        max_msg_size=limits.max_msg_size,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=limits.duplicate_window,
+        duplicate_window=(limits or StreamLimits()).duplicate_window,
+        **limit_settings(limits),
     )
 
 

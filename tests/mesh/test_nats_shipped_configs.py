@@ -105,14 +105,9 @@ def _start(name: str, config: str, workdir: Path, *, linked: bool) -> ManagedPro
     return proc  # started by `with`
 
 
-def _port(proc: ManagedProcess, what: str) -> int:
-    return int(log_match(proc, rf"Listening for {what} connections on [^\s]+:(\d+)").group(1))
-
-
-async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_through_the_domain(
-    tmp_path: Path,
-) -> None:
-    origin_conf = rewrite(
+def _origin_conf(tmp_path: Path) -> str:
+    """origin.conf as shipped, on free ports, its store in `tmp_path`."""
+    return rewrite(
         shipped("origin.conf"),
         {
             r'^listen: "127\.0\.0\.1:4222"': 'listen: "127.0.0.1:-1"',
@@ -121,6 +116,16 @@ async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_throug
             r'^(\s*)store_dir: "\./meshkit-nats-origin"': rf'\1store_dir: "{tmp_path / "js"}"',
         },
     )
+
+
+def _port(proc: ManagedProcess, what: str) -> int:
+    return int(log_match(proc, rf"Listening for {what} connections on [^\s]+:(\d+)").group(1))
+
+
+async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_through_the_domain(
+    tmp_path: Path,
+) -> None:
+    origin_conf = _origin_conf(tmp_path)
     with _start("shipped-origin", origin_conf, tmp_path, linked=False) as origin:
         origin_client, origin_leaf = _port(origin, "client"), _port(origin, "leafnode")
         leaf_conf = rewrite(
@@ -176,15 +181,7 @@ async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_throug
 async def test_shipped_leaf_mirror_runs_and_mirrors_the_origins_stream(tmp_path: Path) -> None:
     """origin.conf + leaf-mirror.conf as shipped (ports and store dirs rewritten): the edge's JetStream
     (domain edge) holds a mirror of CHAT@origin that `ensure_mirror` creates and the origin fills."""
-    origin_conf = rewrite(
-        shipped("origin.conf"),
-        {
-            r'^listen: "127\.0\.0\.1:4222"': 'listen: "127.0.0.1:-1"',
-            r'^http: "127\.0\.0\.1:8222"': 'http: "127.0.0.1:-1"',
-            r'^(\s*)listen: "127\.0\.0\.1:7422"': r'\1listen: "127.0.0.1:-1"',
-            r'^(\s*)store_dir: "\./meshkit-nats-origin"': rf'\1store_dir: "{tmp_path / "js"}"',
-        },
-    )
+    origin_conf = _origin_conf(tmp_path)
     with _start("shipped-origin", origin_conf, tmp_path, linked=False) as origin:
         origin_leaf = _port(origin, "leafnode")
         mirror_conf = rewrite(
