@@ -25,18 +25,19 @@ from typing import Any
 
 log = logging.getLogger("meshkit.edge.hub")
 
-__all__ = ["answer", "stop_poller"]
+__all__ = ["answer", "jetstream_state", "stop_poller"]
 
 
-def _jsi(subscription: Any) -> Any:
-    """nats-py's per-subscription JetStream state (`Subscription._jsi`), or None."""
+def jetstream_state(subscription: Any) -> Any:
+    """nats-py's per-subscription JetStream state (`Subscription._jsi`), or None (also used by
+    sse_heartbeat_check)."""
     return getattr(getattr(subscription, "_sub", None), "_jsi", None)
 
 
 def stop_poller(subscription: Any) -> bool:
     """Cancel the flow-control poller of `subscription` (a `JetStreamContext.PushSubscription`);
     whether there was one to cancel."""
-    task = getattr(_jsi(subscription), "_fctask", None)
+    task = getattr(jetstream_state(subscription), "_fctask", None)
     if task is None or task.done():
         return False
     task.cancel()
@@ -45,7 +46,7 @@ def stop_poller(subscription: Any) -> bool:
 
 async def answer(subscription: Any) -> None:
     """Send the flow-control answer nats-py scheduled for after the messages handled so far, if any."""
-    jsi = _jsi(subscription)
+    jsi = jetstream_state(subscription)
     reply = getattr(jsi, "_fcr", None)
     if not reply or jsi.get_js_delivered() < jsi._fcd:
         return

@@ -22,14 +22,11 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from meshkit.edge.sse_flow_control import jetstream_state
+
 log = logging.getLogger("meshkit.edge.hub")
 
 __all__ = ["HeartbeatCheck"]
-
-
-def _jsi(subscription: Any) -> Any:
-    """nats-py's per-subscription JetStream state (`Subscription._jsi`), or None."""
-    return getattr(getattr(subscription, "_sub", None), "_jsi", None)
 
 
 class HeartbeatCheck:
@@ -42,7 +39,7 @@ class HeartbeatCheck:
     @staticmethod
     def stop(subscription: Any) -> bool:
         """Cancel nats-py's own check of `subscription`; whether there was one running."""
-        task = getattr(_jsi(subscription), "_hbtask", None)
+        task = getattr(jetstream_state(subscription), "_hbtask", None)
         if task is None or task.done():
             return False
         task.cancel()
@@ -62,7 +59,7 @@ class HeartbeatCheck:
         """One round: reset the ordered consumers that saw nothing since the last; how many."""
         reset = 0
         for subscription in list(self._subscriptions()):
-            jsi = _jsi(subscription)
+            jsi = jetstream_state(subscription)
             if jsi is None or jsi._conn.is_closed:
                 continue
             active, jsi._active = jsi._active, False
