@@ -115,6 +115,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
+from meshkit.connection_guard import default_connection_limit
 from meshkit.daemon import Daemon, Lifecycle, Resolved
 from meshkit.edge.conversation_hub import ConversationHub, HubMetrics, HubSettings
 from meshkit.edge.edge_mirror import MirrorMetrics, ensure_mirror, parse_mirror_of
@@ -471,7 +472,20 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         conn.draining = True
 
     life.on_draining(draining)
-    await life.serve_app("http", opts.listen, sse_app(adapter), handler_cancellation=True)
+    # streams beyond --max-connections get their 503; the connection bound sits above that, within
+    # the file descriptors the process has (else say so: past them, clients are refused, not 503)
+    budget = default_connection_limit()
+    if opts.max_connections > budget:
+        log.warning(
+            "--max-connections %d is over the %d connections the file-descriptor limit allows: "
+            "raise RLIMIT_NOFILE (ulimit -n) or lower it",
+            opts.max_connections,
+            budget,
+        )
+    connections = min(budget, opts.max_connections + 1024)
+    await life.serve_app(
+        "http", opts.listen, sse_app(adapter), handler_cancellation=True, max_connections=connections
+    )
     await life.start("readiness checks", conn.start_checks, conn.stop_checks)
 
 

@@ -7,19 +7,25 @@ them (the fd limit) make every real client fail — for the SSE adapter, a flood
 aiohttp's protocol (`protocol_factory`), so every daemon's listener gets it from `start_app`:
 
 - at most `limit` connections at once (default: the process's file descriptors less a reserve for
-  everything else it opens); one more is closed at once and counted (`refused`);
+  everything else it opens); at the limit a new connection first takes the place of the oldest one
+  still without a whole first request head (a slow or silent client's), else it is closed at once;
+  both counted (`evicted`, `refused`);
 - a new connection's first request head (up to the blank line) must be whole within `header_timeout`
   seconds (10 s, as the ext_authz HTTP port); else it is closed and counted (`header_timeout`).
 
-After its first request a connection is aiohttp's business: idle keep-alive connections close after
-its keep-alive timeout, long-lived ones (an SSE stream, a WebSocket) stay as long as they are used.
-The extproc check port has its own, finer table (`extproc/http_connections.py`: eviction order for
-Envoy's pooled connections); this is the plain bound for the other listeners.
+After its first request a connection is aiohttp's business: an idle keep-alive connection closes after
+`KEEPALIVE_SECONDS` (75 s; `start_app` sets it — aiohttp's own default is an hour, which let one cheap
+request hold a slot that long), long-lived ones (an SSE stream, a WebSocket) stay as long as they are
+used. A client that pre-opens connections and stays silent past the head timeout (browsers' and
+Envoy's preconnect) loses them; the rendered Envoy does not preconnect. The extproc check port has its
+own, finer table (`extproc/http_connections.py`: eviction order for Envoy's pooled connections); this
+is the plain bound for the other listeners.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 from collections.abc import Callable
@@ -28,14 +34,31 @@ from typing import Any
 
 from meshkit.logs import Throttle
 
-__all__ = ["HEADER_TIMEOUT_SECONDS", "ConnectionGuard", "default_connection_limit"]
+__all__ = [
+    "HEADER_TIMEOUT_SECONDS",
+    "KEEPALIVE_SECONDS",
+    "ConnectionGuard",
+    "default_connection_limit",
+    "raise_nofile_limit",
+]
 
 log = logging.getLogger("meshkit.connections")
 
 HEADER_TIMEOUT_SECONDS = 10.0
+KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection's life (above Envoy's 30 s idle_timeout)
 FD_RESERVE = 256  # descriptors kept for everything else: clients of NATS/Redis/S3, files, the admin port
 MIN_LIMIT = 16
 _HEAD_END = b"\r\n\r\n"
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every daemon at start, the load generator); the
+    soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def default_connection_limit() -> int:
@@ -53,9 +76,11 @@ class ConnectionGuard:
 
     limit: int = field(default_factory=default_connection_limit)
     header_timeout: float = HEADER_TIMEOUT_SECONDS
+    keepalive: float = KEEPALIVE_SECONDS  # aiohttp's keepalive_timeout on this listener (start_app)
     on_event: Callable[[str], None] | None = None
     open: int = 0
     _throttled: Throttle = field(default_factory=lambda: Throttle(log, 10.0))
+    _heads: dict[_Guarded, None] = field(default_factory=dict)  # still without a first head, oldest first
 
     def __post_init__(self) -> None:
         if self.limit < 1 or self.header_timeout <= 0:
@@ -87,32 +112,41 @@ class _Guarded(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
         if guard.open >= guard.limit:
-            transport.abort()  # type: ignore[attr-defined]
-            guard._closed("refused", "new connection closed: %d open, the limit", guard.open)
-            return
+            oldest = next(iter(guard._heads), None)
+            if oldest is None:
+                transport.abort()  # type: ignore[attr-defined]
+                guard._closed("refused", "new connection closed: %d open, the limit", guard.open)
+                return
+            oldest._abort("evicted", "connection closed for a new one: no whole request head yet, %d open")
         guard.open += 1
         self._counted = True
         self._transport = transport
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(guard.header_timeout, self._too_slow)
+        guard._heads[self] = None
         self._inner.connection_made(transport)
+
+    def _abort(self, reason: str, message: str) -> None:
+        self._head_done()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.abort()  # type: ignore[attr-defined]
+            self._guard._closed(reason, message, self._guard.open)
+
+    def _head_done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._guard._heads.pop(self, None)
 
     def _too_slow(self) -> None:
         self._timer = None
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.abort()  # type: ignore[attr-defined]
-            self._guard._closed(
-                "header_timeout",
-                "connection closed: no whole request head after %g s",
-                self._guard.header_timeout,
-            )
+        self._abort("header_timeout", "connection closed: no whole request head in time, %d open")
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
             seen = self._tail + data
             if _HEAD_END in seen:
-                self._timer.cancel()
-                self._timer = None
+                self._head_done()
                 self._tail = b""
             else:
                 self._tail = seen[-3:]
@@ -126,9 +160,7 @@ class _Guarded(asyncio.Protocol):
             return
         self._counted = False
         self._guard.open -= 1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._head_done()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

@@ -42,13 +42,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 
 from meshkit.admin import Readiness, admin_app
-from meshkit.connection_guard import ConnectionGuard
+from meshkit.connection_guard import ConnectionGuard, raise_nofile_limit
 from meshkit.errors import ConfigError, ListenError, MeshkitError, StartError
 from meshkit.options import option, parse_host_port, parse_seconds
 
 log = logging.getLogger("meshkit.daemon")
 
 PROGRESS_EVERY = 2.0  # seconds between "still starting" lines
+ADMIN_CONNECTIONS = 128  # the admin port's guard: probes and scrapes, never a crowd
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,17 @@ async def start_app(
     client that goes away cancels its handler at once (aiohttp's switch; a long-lived stream leaves
     then, not at its next write)."""
     sock = bind(address, what=what)
+    guard = guard or ConnectionGuard()
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, handler_cancellation=handler_cancellation
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=handler_cancellation,
+        keepalive_timeout=guard.keepalive,  # aiohttp's default is an hour: a connection slot each
     )
     await runner.setup()
     try:
-        await _GuardedSockSite(runner, sock, guard or ConnectionGuard()).start()
+        await _GuardedSockSite(runner, sock, guard).start()
     except BaseException:
         await runner.cleanup()
         sock.close()
@@ -400,7 +406,7 @@ async def run_daemon(
     # The admin port is up first (/readyz says "starting ...") and last (503 "draining" meanwhile).
     app = admin_app(life.readiness, life.registry)
     life.admin_address, admin = await start_app(
-        daemon_options.admin_listen, app, "--admin-listen", guard=life.guard("admin")
+        daemon_options.admin_listen, app, "--admin-listen", guard=life.guard("admin", ADMIN_CONNECTIONS)
     )
     try:
         try:
@@ -454,6 +460,8 @@ async def _unless_stopped(starting: Awaitable[None], stop: asyncio.Event) -> boo
 
 def run(daemon: Daemon, options: Resolved) -> None:
     """Run `daemon` as the process: signals, event loop; returns once it has stopped."""
+
+    raise_nofile_limit()  # every listener's connection bound follows it (connection_guard)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

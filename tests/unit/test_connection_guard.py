@@ -128,14 +128,34 @@ async def test_a_stream_lives_past_the_head_timeout(
     writer.close()
 
 
-async def test_beyond_the_limit_a_new_connection_is_closed_at_once_and_counted(
-    served: tuple[int, ConnectionGuard, list[str]],
-    clients: Clients,
+async def _answered(clients: Clients, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that made one request (answered): kept alive, past its head."""
+    reader, writer = await clients.open(port)
+    writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200 OK" in await asyncio.wait_for(reader.readuntil(b"ok"), 2)
+    return reader, writer
+
+
+async def test_at_the_limit_a_new_connection_takes_the_place_of_the_oldest_without_a_head(
+    served: tuple[int, ConnectionGuard, list[str]], clients: Clients
 ) -> None:
     port, guard, events = served
-    held = [await clients.open(port) for _ in range(3)]
+    silent = [await clients.open(port) for _ in range(3)]
     await asyncio.sleep(0.05)
     assert guard.open == 3
+    reader, writer = await clients.open(port)  # a real client while slow ones fill every slot
+    writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200 OK" in await asyncio.wait_for(reader.readuntil(b"ok"), 2)
+    assert await _closed_within(silent[0][0], 0.3)  # the oldest silent one made room
+    assert not await _closed_within(silent[1][0], 0.05)
+    assert events == ["evicted"]
+
+
+async def test_at_the_limit_with_every_connection_past_its_head_a_new_one_is_refused(
+    served: tuple[int, ConnectionGuard, list[str]], clients: Clients
+) -> None:
+    port, guard, events = served
+    held = [await _answered(clients, port) for _ in range(3)]
     extra_r, _ = await clients.open(port)
     assert await _closed_within(extra_r, 0.4)  # well before the head timeout
     assert events == ["refused"]
@@ -144,10 +164,20 @@ async def test_beyond_the_limit_a_new_connection_is_closed_at_once_and_counted(
         await w.wait_closed()
     await asyncio.sleep(0.1)
     assert guard.open == 0
-    reader, writer = await clients.open(port)  # room again
-    writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert b"200 OK" in await asyncio.wait_for(reader.readuntil(b"ok"), 2)
-    writer.close()
+    await _answered(clients, port)  # room again
+
+
+async def test_an_idle_keep_alive_connection_closes_after_the_keepalive(clients: Clients) -> None:
+    """One cheap request must not hold a slot for aiohttp's default hour."""
+    guard = ConnectionGuard(limit=3, header_timeout=5, keepalive=0.5)
+    address, listener = await start_app("127.0.0.1:0", _app(), "--listen", guard=guard)
+    try:
+        reader, _ = await _answered(clients, int(address.rsplit(":", 1)[1]))
+        assert await _closed_within(reader, 3.0)
+        await asyncio.sleep(0.05)
+        assert guard.open == 0
+    finally:
+        await listener.stop(0)
 
 
 async def test_serve_app_counts_open_and_closed_connections_in_the_daemons_metrics(clients: Clients) -> None:
@@ -155,7 +185,7 @@ async def test_serve_app_counts_open_and_closed_connections_in_the_daemons_metri
     address = await life.serve_app("http", "127.0.0.1:0", _app(), max_connections=1)
     try:
         port = int(address.rsplit(":", 1)[1])
-        await clients.open(port)
+        await _answered(clients, port)
         second_r, _ = await clients.open(port)
         assert await _closed_within(second_r, 1.0)
         assert life.registry.get_sample_value("meshkit_http_connections", {"listener": "http"}) == 1
