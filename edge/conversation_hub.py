@@ -457,8 +457,7 @@ class ConversationHub:
         step = self.settings.request_timeout
         try:
             if after is not None:
-                async with asyncio.timeout(step):
-                    start = await replay_start(self._js, self.settings.stream, subject, after)
+                start = await replay_start(self._js, self.settings.stream, subject, after, probe_timeout=step)
                 if start is None:  # nothing stored for it
                     self.metrics.replays.labels("ok").inc()
                     return []

@@ -16,6 +16,7 @@ safe side (an earlier start: more to read, nothing missed).
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from nats.js import JetStreamContext
@@ -47,27 +48,41 @@ async def _token_at_or_after(
 
 
 async def replay_start(
-    js: JetStreamContext, stream: str, subject: str, after: int, *, margin: int = DEFAULT_MARGIN
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    after: int,
+    *,
+    margin: int = DEFAULT_MARGIN,
+    probe_timeout: float | None = None,
 ) -> int | None:
     """The stream sequence a replay of `subject` for tokens above `after` should start at: every such
     token is stored at or after it (given the ordering above). None when the subject has no message.
 
     The search keeps `lo`, a subject message whose token is at most `after - margin`, and `hi`, a
     stream sequence from which every subject message is above it (or the end); an unreadable token
-    counts as above (the safe side: an earlier start)."""
+    counts as above (the safe side: an earlier start). `probe_timeout` bounds each round trip: one
+    that overruns in the bisection ends it at `lo` (safe: more to read); the first two raise
+    TimeoutError (nothing is known yet)."""
     target = after - margin
-    first = await _token_at_or_after(js, stream, subject, 1)
+    async with asyncio.timeout(probe_timeout):
+        first = await _token_at_or_after(js, stream, subject, 1)
     if first is None:
         return None
     if first[1] is None or first[1] > target:
         return first[0]
-    last = await js.get_msg(stream, subject=subject)  # the subject's last message
+    async with asyncio.timeout(probe_timeout):
+        last = await js.get_msg(stream, subject=subject)  # the subject's last message
     lo, hi = first[0], int(last.seq or first[0]) + 1
     for _ in range(MAX_PROBES):
         if hi - lo <= 1:
             break
         mid = (lo + hi) // 2
-        found = await _token_at_or_after(js, stream, subject, mid)
+        try:
+            async with asyncio.timeout(probe_timeout):
+                found = await _token_at_or_after(js, stream, subject, mid)
+        except TimeoutError:
+            break  # a slow link: start from what is known to be safe
         if found is None or found[0] >= hi:
             hi = mid  # no subject message in [mid, hi)
         elif found[1] is not None and found[1] <= target:

@@ -4,9 +4,11 @@ order within the margin, an unreadable message)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -128,3 +130,33 @@ async def test_no_message_none_and_an_early_resume_starts_at_the_first(nc: Clien
         await js.publish(tokens_subject("c1"), raw("c1", seq))
     first = await js.get_msg("CHAT", seq=1, subject=tokens_subject("c1"), next=True)
     assert await replay_start(js, "CHAT", tokens_subject("c1"), 3) == first.seq
+
+
+class SlowAfter(Counting):
+    """get_msg answers late from its `fast`-th call on (a distant, congested leaf)."""
+
+    def __init__(self, js: JetStreamContext, fast: int) -> None:
+        super().__init__(js)
+        self.fast = fast
+
+    async def get_msg(self, *args: Any, **kw: Any) -> Any:
+        if self.calls >= self.fast:
+            await asyncio.sleep(0.5)
+        return await super().get_msg(*args, **kw)
+
+
+async def test_a_probe_that_overruns_ends_the_search_at_a_safe_start(nc: Client) -> None:
+    js = nc.jetstream()
+    subject = tokens_subject("c1")
+    for seq in range(1, 2001):
+        await js.publish(subject, raw("c1", seq))
+    slow = SlowAfter(js, fast=4)  # the first, the last and two bisection probes answer in time
+    started = time.monotonic()
+    start = await replay_start(slow, "CHAT", subject, 1900, margin=8, probe_timeout=0.1)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 0.5  # one overrun probe, not the whole search
+    assert start is not None
+    got = await read_from(js, subject, start)
+    assert [s for s in got if s > 1900] == list(range(1901, 2001))  # earlier than needed, never later
+    assert len(got) > 100
+    with pytest.raises(TimeoutError):  # nothing known yet: the caller's replay fails
+        await replay_start(SlowAfter(js, fast=0), "CHAT", subject, 1900, probe_timeout=0.1)  # type: ignore[arg-type]
