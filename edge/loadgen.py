@@ -161,7 +161,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where tokens are published (default: nats for --target sse, nchan for --target nchan)",
     )
     parser.add_argument("--pub-url", metavar="BASE", help="nchan's publisher base URL (default: --url)")
-    parser.add_argument("--nats", metavar="URL", help="NATS server for --publish nats")
+    parser.add_argument(
+        "--nats",
+        metavar="URL",
+        help="NATS server for --publish nats: the origin (meshkit's shipped leaf configs refuse "
+        "token publishes)",
+    )
     parser.add_argument("--redis", metavar="URL", help="Redis for --publish redis-pubsub|redis-stream")
     parser.add_argument(
         "--stream-key", default=DEFAULT_STREAM_KEY, help=f"Redis Stream key (default: {DEFAULT_STREAM_KEY})"

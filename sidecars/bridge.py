@@ -21,7 +21,9 @@ What it does (the contract is `meshkit.edge.token_contract`; the stream `meshkit
   is then acknowledged (never read forever);
 - `--js-domain D`: the JetStream API calls (the stream check) go to domain D (a bridge on a leaf
   node reaches the origin's JetStream only so); the tokens themselves are core publishes on the
-  stream's subjects and reach the origin's stream across the leaf.
+  stream's subjects and reach the origin's stream across the leaf — but not across meshkit's shipped
+  leaf configs (`mesh/nats/leaf*.conf` deny `chat.*.tokens` upward, so edge clients cannot forge
+  tokens): with those, connect the bridge to the origin.
 
 Start and outages: the bridge never exits because Redis or NATS is down. It keeps connecting (a
 progress line every 5 s), `ensure_stream` runs once NATS answers (again when publishes find no stream),
@@ -166,7 +168,12 @@ class BridgeOptions:
     claim_every: float = option(
         5.0, "Streams: seconds between two looks for such entries", parse=parse_seconds, metavar="SECONDS"
     )
-    js_domain: str = option("", "JetStream domain of the origin (needed through a leaf node)", parse=_domain)
+    js_domain: str = option(
+        "",
+        "JetStream domain of the origin (through a leaf node; meshkit's shipped leaf configs refuse "
+        "token publishes: connect to the origin)",
+        parse=_domain,
+    )
     stream: str = option(
         DEFAULT_STREAM, "JetStream stream (created with meshkit's limits if missing)", parse=_stream_name
     )

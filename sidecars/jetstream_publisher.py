@@ -442,7 +442,10 @@ class AckWindow:
         if no_responders:
             self.stats.retries["no_responders"] += 1
             self._throttle.warning(
-                "no_responders", "bridge: no JetStream stream answers for %s; retrying", p.subject
+                "no_responders",
+                "bridge: no JetStream stream answers for %s; retrying (through a leaf that denies "
+                "chat.*.tokens, as meshkit's shipped leaf configs do? connect to the origin)",
+                p.subject,
             )
             if self.on_no_responders is not None:
                 self.on_no_responders()
