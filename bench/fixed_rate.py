@@ -170,6 +170,13 @@ def run(
     x_cache: dict[str, int] = {}
     errors = 0
     offsets = schedule(rate, arrivals, seed)
+
+    def reconnect(conn: Connection) -> None:
+        del by_fd[conn.sock.fileno()]
+        conn.sock.close()
+        conn.connect()
+        by_fd[conn.sock.fileno()] = conn
+
     cpu0, wall0 = time.process_time(), time.perf_counter()
     t0 = wall0 + 0.05
     end = t0 + duration
@@ -184,7 +191,11 @@ def run(
             while backlog and idle:
                 conn = idle.popleft()
                 due = backlog.popleft()
-                conn.send(request, due, now)
+                try:
+                    conn.send(request, due, now)
+                except OSError:  # the server closed it while idle (a keep-alive timeout): a new one
+                    reconnect(conn)
+                    conn.send(request, due, now)
                 late.append(now - due)
             in_flight = [c for c in pool if c.busy]
             if next_due >= end and not backlog and not in_flight:
@@ -200,11 +211,8 @@ def run(
                     got = conn.receive()
                 except (ConnectionError, OSError):
                     errors += 1
-                    del by_fd[conn.sock.fileno()]
-                    conn.sock.close()
-                    conn.connect()
+                    reconnect(conn)
                     conn.busy = False
-                    by_fd[conn.sock.fileno()] = conn
                     idle.append(conn)
                     continue
                 if got is None:
@@ -216,10 +224,7 @@ def run(
                 if answer.x_cache:
                     x_cache[answer.x_cache] = x_cache.get(answer.x_cache, 0) + 1
                 if close:
-                    del by_fd[conn.sock.fileno()]
-                    conn.sock.close()
-                    conn.connect()
-                    by_fd[conn.sock.fileno()] = conn
+                    reconnect(conn)
                 idle.append(conn)
     finally:
         gc.enable()
