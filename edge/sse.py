@@ -92,7 +92,9 @@ finish writing -> subscriptions dropped -> inspection closed (the audit queue fl
 drained -> exit 0.
 
 Start-up: NATS must be reachable and the stream (created by `meshkit bridge`) must exist within
-`--start-timeout` (progress lines meanwhile), else one line and exit 1; a JWKS URL must load.
+`--start-timeout` (progress lines meanwhile), else one line and exit 1; a JWKS URL must load. With
+`--mirror-of STREAM@DOMAIN` the stream is an edge-local mirror this adapter creates on its leaf's own
+JetStream (`edge_mirror.py`): it then reads only that, and stays ready while the link is down.
 
 Modules: options `sse_options.py`; what both transports share (admission, metrics) `sse_streams.py`;
 WebSocket `sse_ws.py`; CORS `sse_cors.py`; framing `sse_format.py`; the response's transport as the
