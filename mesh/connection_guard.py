@@ -52,8 +52,8 @@ _HEAD_END = b"\r\n\r\n"
 
 
 def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (every daemon at start, the load generator); the
-    soft limit now in force."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the load generator does; a daemon keeps the
+    operator's soft limit, which its connection bounds follow); the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != soft:
         with contextlib.suppress(ValueError, OSError):

@@ -42,7 +42,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 
 from meshkit.admin import Readiness, admin_app
-from meshkit.connection_guard import ConnectionGuard, raise_nofile_limit
+from meshkit.connection_guard import ConnectionGuard
 from meshkit.errors import ConfigError, ListenError, MeshkitError, StartError
 from meshkit.options import option, parse_host_port, parse_seconds
 
@@ -460,8 +460,6 @@ async def _unless_stopped(starting: Awaitable[None], stop: asyncio.Event) -> boo
 
 def run(daemon: Daemon, options: Resolved) -> None:
     """Run `daemon` as the process: signals, event loop; returns once it has stopped."""
-
-    raise_nofile_limit()  # every listener's connection bound follows it (connection_guard)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
