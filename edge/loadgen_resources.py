@@ -23,7 +23,6 @@ import resource
 import time
 from dataclasses import dataclass, field
 
-from meshkit.connection_guard import raise_nofile_limit
 from meshkit.edge.loadgen_stats import Histogram
 
 __all__ = [
@@ -171,6 +170,15 @@ class LoopLagMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def ephemeral_ports() -> int:

@@ -25,7 +25,6 @@ is the plain bound for the other listeners.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
 from collections.abc import Callable
@@ -39,7 +38,6 @@ __all__ = [
     "KEEPALIVE_SECONDS",
     "ConnectionGuard",
     "default_connection_limit",
-    "raise_nofile_limit",
 ]
 
 log = logging.getLogger("meshkit.connections")
@@ -49,16 +47,6 @@ KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection's life (above Envoy's 
 FD_RESERVE = 256  # descriptors kept for everything else: clients of NATS/Redis/S3, files, the admin port
 MIN_LIMIT = 16
 _HEAD_END = b"\r\n\r\n"
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (the load generator does; a daemon keeps the
-    operator's soft limit, which its connection bounds follow); the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def default_connection_limit() -> int:
@@ -72,7 +60,7 @@ def default_connection_limit() -> int:
 @dataclass
 class ConnectionGuard:
     """The count and the rules of one listener; `on_event(reason)` is told of every connection it closes
-    (`refused`, `header_timeout`), for a metric."""
+    (`refused`, `evicted`, `header_timeout`), for a metric."""
 
     limit: int = field(default_factory=default_connection_limit)
     header_timeout: float = HEADER_TIMEOUT_SECONDS

@@ -42,7 +42,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 
 from meshkit.admin import Readiness, admin_app
-from meshkit.connection_guard import ConnectionGuard
+from meshkit.connection_guard import ConnectionGuard, default_connection_limit
 from meshkit.errors import ConfigError, ListenError, MeshkitError, StartError
 from meshkit.options import option, parse_host_port, parse_seconds
 
@@ -243,7 +243,8 @@ class Lifecycle:
         )
         self._closed = Counter(
             "meshkit_http_connections_closed",
-            "HTTP connections closed by the guard: over the limit (refused), no request head in time",
+            "HTTP connections closed by the guard: over the limit (refused, or evicted for a new one), "
+            "no request head in time",
             ["listener", "reason"],
             registry=self.registry,
         )
@@ -316,9 +317,10 @@ class Lifecycle:
     def guard(self, listener: str, limit: int | None = None) -> ConnectionGuard:
         """A `ConnectionGuard` for one listener, counted in `meshkit_http_connections{listener}` and
         `meshkit_http_connections_closed_total{listener,reason}`."""
-        guard = ConnectionGuard(on_event=lambda reason: self._closed.labels(listener, reason).inc())
-        if limit is not None:
-            guard.limit = limit
+        guard = ConnectionGuard(
+            limit=default_connection_limit() if limit is None else limit,
+            on_event=lambda reason: self._closed.labels(listener, reason).inc(),
+        )
         self._open.labels(listener).set_function(lambda: guard.open)
         return guard
 
