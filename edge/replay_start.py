@@ -17,10 +17,11 @@ safe side (an earlier start: more to read, nothing missed).
 from __future__ import annotations
 
 import asyncio
-import json
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+
+from meshkit.edge.token_contract import MalformedToken, parse_token
 
 __all__ = ["DEFAULT_MARGIN", "replay_start"]
 
@@ -37,12 +38,9 @@ async def _token_at_or_after(
         msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
     except NotFoundError:
         return None
-    token: int | None
     try:
-        token = json.loads(msg.data or b"")["sequence"]
-    except (ValueError, KeyError, TypeError):
-        token = None
-    if not isinstance(token, int) or isinstance(token, bool):
+        token: int | None = parse_token(msg.data or b"", subject=msg.subject).sequence
+    except MalformedToken:
         token = None
     return int(msg.seq or seq), token
 
