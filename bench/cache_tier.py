@@ -41,6 +41,7 @@ from pathlib import Path
 
 import xxhash
 from credentials import Credentials, mint
+from fixed_rate import percentile
 from run import CLK_TCK, make_body, session_ticks
 
 from meshkit.harness.daemons import dev_upstream, embedding_cache, extproc
@@ -67,13 +68,6 @@ class Sample:
     max_ms: float
     rate: float  # completed requests per second
     cpu_us: dict[str, float]  # role -> CPU microseconds per request
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 def run_client(

@@ -143,11 +143,12 @@ def build_request(url: str, body: bytes, headers: Sequence[tuple[str, str]]) -> 
     return (parts.hostname, port), request
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The nearest-rank `q` quantile of already sorted values (nan when empty); bench/cache_tier.py's too."""
+    if not sorted_values:
         return float("nan")
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
 
 
 def run(
@@ -239,7 +240,10 @@ def run(
         "errors": errors,
         "latency_ms": [round(v, 4) for v in latency],
         "service_ms": [round(v, 4) for v in service],
-        "late_ms": {"p99": round(quantile(late, 0.99) * 1e3, 4), "max": round(max(late, default=0) * 1e3, 4)},
+        "late_ms": {
+            "p99": round(percentile(sorted(late), 0.99) * 1e3, 4),
+            "max": round(max(late, default=0) * 1e3, 4),
+        },
         "cpu_s": round(time.process_time() - cpu0, 4),
         "wall_s": round(time.perf_counter() - wall0, 4),
     }
