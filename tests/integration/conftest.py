@@ -22,6 +22,7 @@ from meshkit.extproc.auth.rate_limit import RateLimiter
 from meshkit.harness.daemons import Echo, Extproc, echo, extproc
 from meshkit.harness.envoy import Envoy, envoy
 from meshkit.harness.nats import NatsServer, nats_server, nats_server_binary
+from meshkit.harness.netns import Namespace, network_namespace
 from meshkit.harness.redis import RedisServer, redis_server
 from meshkit.render import Api, FrontConfig
 
@@ -96,6 +97,17 @@ def ingress(
     """A front Envoy to meshkit over ext_proc, ext_authz (gRPC), ext_authz (HTTP): each test runs on all."""
     with front(workdir, upstream, meshkit_server, request.param) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="module")
+def netns_edge() -> Iterator[Namespace]:
+    """A network namespace with two veth links to this host (skipped without root or `ip`): links[0]
+    for a leaf's link to its origin (the one a test cuts), links[1] for clients of the edge."""
+    try:
+        with network_namespace(links=2) as ns:
+            yield ns
+    except HarnessError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture

@@ -8,25 +8,15 @@ settings (1 s x 3) the leaf drops a dead link within seconds and reconnects soon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from meshkit.errors import HarnessError
 from meshkit.harness.nats import NatsServer, nats_server
-from meshkit.harness.netns import Namespace, network_namespace
+from meshkit.harness.netns import Namespace
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def edge() -> Iterator[Namespace]:
-    try:
-        with network_namespace(links=2) as ns:
-            yield ns
-    except HarnessError as exc:  # not root, or no `ip`
-        pytest.skip(str(exc))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float) -> float:
@@ -39,7 +29,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> float:
     raise AssertionError(f"not within {timeout} s")
 
 
-def test_the_namespace_is_another_host_reached_only_over_its_links(edge: Namespace, tmp_path: Path) -> None:
+def test_the_namespace_is_another_host_reached_only_over_its_links(
+    netns_edge: Namespace, tmp_path: Path
+) -> None:
+    edge = netns_edge
     origin_ip = edge.links[0].host_ip
     with (
         nats_server(tmp_path / "o", name="netns-origin", host=origin_ip) as origin,

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,33 +27,17 @@ from nats.js.api import StreamConfig
 
 from meshkit.daemon import parse_ready
 from meshkit.edge.token_stream import ensure_stream
-from meshkit.errors import HarnessError
 from meshkit.harness.nats import NatsServer, nats_server
-from meshkit.harness.netns import Namespace, network_namespace
+from meshkit.harness.netns import Namespace
 from meshkit.harness.process import ManagedProcess
 
 from .test_sse_partition import _status
-from .test_sse_support import SseReader, open_stream, publish, until
+from .test_sse_support import SseReader, open_stream, publish, session, until
 
 pytestmark = pytest.mark.integration
+__all__ = ["session"]  # the fixture, used from test_sse_support
 
 CUT_SECONDS = 6.0  # the leaf drops a dead link after 3-4 s (ping 1 s x 3)
-
-
-@pytest.fixture
-def edge() -> Iterator[Namespace]:
-    """links[0]: the leaf's link to the origin (the one that is cut); links[1]: clients to the edge."""
-    try:
-        with network_namespace(links=2) as ns:
-            yield ns
-    except HarnessError as exc:  # not root, or no `ip`
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 @contextmanager
@@ -82,8 +66,9 @@ def _gauge(readyz: str, name: str) -> float:
 
 
 async def test_the_edge_replays_from_its_mirror_while_cut_from_the_origin(
-    edge: Namespace, tmp_path: Path, session: aiohttp.ClientSession
+    netns_edge: Namespace, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
+    edge = netns_edge
     live, ended = f"live-{uuid.uuid4().hex[:8]}", f"ended-{uuid.uuid4().hex[:8]}"
     total = 600
     uplink = edge.links[0]
