@@ -123,6 +123,12 @@ async def test_pubsub_messages_read_with_the_servers_eof_are_returned_then_the_e
     assert await src.read(10) == []  # subscribed
     for i in range(5):
         assert await inspect.publish("chat.k.tokens", b"%d" % i) == 1
+
+    async def written() -> bool:  # Redis sends a subscriber's messages after PUBLISH answers
+        clients = await inspect.client_list()
+        return any(c.get("psub") == "1" and c.get("omem") == "0" for c in clients)
+
+    await eventually(written, "the five messages written to the subscriber's socket", within=5)
     redis.kill()
     redis.process.stop()  # reaped: the EOF is in the socket behind the five messages
     reader = src._conn._reader  # a busy bridge comes back to a reader that holds both: wait for that
