@@ -1,20 +1,40 @@
-"""The hub: one JetStream subscription per conversation per process, shared by all its viewers.
+"""The hub: one NATS subscription per conversation per process, shared by all its viewers.
 
-`ConversationHub.join(conversation_id, viewer)` finds or creates the conversation's `Conversation`:
-an ordered push consumer (nats-py `ordered_consumer=True`, memory storage, flow control, idle
-heartbeats every `--consumer-heartbeat` s) filtered on `chat.<id>.tokens`, delivering from the first
-stored message of that subject, then live. An ordered consumer re-creates itself from the next stream
-sequence when a heartbeat or a sequence is missed (a leaf restart, a partition), so it loses nothing and
-repeats nothing; the log deduplicates by token sequence anyway. The subscription is made once however
-many viewers join at the same time, and dropped when the last viewer leaves: unsubscribed at once,
-its consumer deleted by a paced background deleter (`sse_consumer_deleter.py`: 2,000 deletes at once
-delayed every other conversation's tokens).
+`ConversationHub.join(conversation_id, viewer)` finds or creates the conversation's `Conversation`
+and its subscription, made once however many viewers join at the same time and dropped when the last
+one leaves. Two ways to follow a conversation, chosen by the stream (`HubSettings.live`):
+
+- live (the stream republishes what it stored on `chat.<id>.live`, as streams `meshkit bridge`
+  creates do; `token_stream.py`): a plain core subscription on `chat.<id>.live` first, then the
+  catch-up: what the stream holds of `chat.<id>.tokens` (one request for its last message, a replay
+  when there is one), then what came live meanwhile (held in order, at most `--history`; the log drops
+  the overlap). The SUB and the catch-up's requests leave on one connection in order and the origin
+  registers the interest before it serves them, so a message stored in between is in the catch-up or
+  comes live. Only stored, deduplicated messages are republished (a message on the live subject
+  without the stream's `Nats-Stream` header is counted as malformed and skipped). No consumer per
+  conversation on the origin, no idle heartbeats: at the issue's load (2,000 conversations) this
+  halved the p99 and cut the adapter's CPU by a fifth (token_stream.py). What core delivery does not
+  promise, the hub makes up for: a message sent into a dead link (a leaf cut from its origin, a
+  reconnect) is gone, so when the stream answers again after it did not, `resync()` (the adapter
+  calls it from its readiness check) has every conversation that is not done read what the stream
+  stored after its last token; a link lost and back between two checks is caught by the next token
+  (a gap, filled from JetStream) or, when the lost tokens were the last ones, by the idle check: a
+  conversation that is not done and silent for `idle_check` s (doubling up to `idle_check_max`,
+  back on a message) asks the stream for its last message, one request, and reads what it missed;
+- a consumer (a stream without the republish, and an edge mirror: `--mirror-of`, local to the leaf
+  anyway): an ordered push consumer (nats-py `ordered_consumer=True`, memory storage, flow control,
+  idle heartbeats every `--consumer-heartbeat` s) filtered on `chat.<id>.tokens`, delivering from the
+  first stored message of that subject, then live. An ordered consumer re-creates itself from the next
+  stream sequence when a heartbeat or a sequence is missed (a leaf restart, a partition), so it loses
+  nothing and repeats nothing; the log deduplicates by token sequence anyway. Dropped: unsubscribed
+  at once, its consumer deleted by a paced background deleter (`sse_consumer_deleter.py`: 2,000
+  deletes at once delayed every other conversation's tokens).
 
 Every delivered message goes into the conversation's `ConversationLog` (bounded by `--history`
 tokens; see there for order, dedup and gaps) and goes to its viewers: written at once to those whose
 pump waits with a ready sink (`viewer.feed`: an SSE viewer keeping up), the others' pumps woken; a
 viewer that is more than `--client-queue` live tokens behind is cut off right there (see `viewer.py`).
-nats-py's two timer tasks per subscription are cancelled after subscribing: flow control is answered
+A consumer's two nats-py timer tasks are cancelled after subscribing: flow control is answered
 as messages are handled (`sse_flow_control.py`), idle heartbeats are checked for every subscription
 by one task (`sse_heartbeat_check.py`).
 
@@ -62,8 +82,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshkit.edge import sse_flow_control as flow_control
@@ -71,7 +93,13 @@ from meshkit.edge.conversation_log import BlockedToken, ConversationLog, blocked
 from meshkit.edge.replay_start import replay_start
 from meshkit.edge.sse_consumer_deleter import ConsumerDeleter
 from meshkit.edge.sse_heartbeat_check import HeartbeatCheck
-from meshkit.edge.token_contract import MalformedToken, TokenMessage, parse_token, tokens_subject
+from meshkit.edge.token_contract import (
+    MalformedToken,
+    TokenMessage,
+    live_subject,
+    parse_token,
+    tokens_subject,
+)
 from meshkit.edge.token_inspection import TokenInspection
 from meshkit.edge.viewer import Viewer, feed
 from meshkit.errors import DependencyError
@@ -83,6 +111,10 @@ log = logging.getLogger("meshkit.edge.hub")
 
 REPLAY_BATCH = 256
 INSPECT_WINDOW = 32  # inspection checks under way per conversation (and per replay) at most
+CATCH_UP_CONCURRENCY = 8  # live mode: conversations reading the stream at once (idle checks, a resync)
+IDLE_TICK = 1.0  # live mode: how often silent conversations are looked at
+NO_MESSAGE = 10037  # JetStream's error code for "no message found" (a 404 like "no such stream")
+UNBOUNDED = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -93,6 +125,9 @@ class HubSettings:
     gap_timeout: float = 1.0
     consumer_heartbeat: float = 2.0
     request_timeout: float = 5.0  # one JetStream API request (subscribe, a replay)
+    live: bool = False  # the stream republishes on chat.<id>.live: core subscriptions (see the docstring)
+    idle_check: float = 5.0  # live: a silent conversation is compared with the stream after this ...
+    idle_check_max: float = 60.0  # ... doubling each time up to this, back to idle_check on a message
 
 
 @dataclass
@@ -158,12 +193,20 @@ class Conversation:
     log: ConversationLog
     viewers: set[Viewer] = field(default_factory=set)
     ready: asyncio.Future[None] | None = None
-    subscription: JetStreamContext.PushSubscription | None = None
+    subject: str = field(init=False)  # chat.<id>.tokens
+    subscription: Subscription | None = None  # a JetStream push subscription, or a core one (live)
     gap_timer: asyncio.TimerHandle | None = None
     gap_task: asyncio.Task[None] | None = None
     caught_up: bool = False  # the subscription delivered everything stored when it was made
     closed: bool = False
     inspecting: deque[tuple[asyncio.Future[TokenMessage], bool]] = field(default_factory=deque)
+    live_buffer: list[Msg] | None = None  # live: messages that came while catching up (in order)
+    heard: float = 0.0  # live: when a message last came (monotonic)
+    idle_wait: float = 0.0  # live: silent this long, the conversation is compared with the stream
+    catch_up: asyncio.Task[None] | None = None  # live: a read of what the stream stored after the log
+
+    def __post_init__(self) -> None:
+        self.subject = tokens_subject(self.id)
 
 
 class ConversationHub:
@@ -186,9 +229,15 @@ class ConversationHub:
         self._background: set[asyncio.Task[Any]] = set()
         self._heartbeats = HeartbeatCheck(2 * settings.consumer_heartbeat, self._subscriptions)
         self._deleter = ConsumerDeleter(self._delete_consumer, timeout=settings.request_timeout)
+        self._catching_up = asyncio.Semaphore(CATCH_UP_CONCURRENCY)
+        self._idle_task: asyncio.Task[None] | None = None
 
     def _subscriptions(self) -> list[JetStreamContext.PushSubscription]:
-        return [c.subscription for c in self._conversations.values() if c.subscription is not None]
+        return [
+            c.subscription
+            for c in self._conversations.values()
+            if isinstance(c.subscription, JetStreamContext.PushSubscription)
+        ]
 
     # -- viewers ----------------------------------------------------------------------------------
     def conversation(self, conversation_id: str) -> Conversation | None:
@@ -238,7 +287,24 @@ class ConversationHub:
 
     async def _subscribe(self, conv: Conversation) -> None:
         began = time.monotonic()
-        subject = tokens_subject(conv.id)
+        if self.settings.live:
+            await self._subscribe_live(conv)
+        else:
+            await self._subscribe_consumer(conv)
+        self.metrics.subscribe_seconds.observe(time.monotonic() - began)
+        if conv.closed:  # every viewer left while subscribing
+            self._spawn(self._unsubscribe(conv))
+
+    def _cannot_subscribe(self, conv: Conversation, subject: str, exc: BaseException) -> DependencyError:
+        if self._conversations.get(conv.id) is conv:
+            del self._conversations[conv.id]
+            self.metrics.conversations.set(len(self._conversations))
+        conv.closed = True
+        log.warning("conversation %s: cannot subscribe: %r", conv.id, exc)
+        return DependencyError("nats", f"cannot subscribe to {subject}: {exc!r}")
+
+    async def _subscribe_consumer(self, conv: Conversation) -> None:
+        subject = conv.subject
 
         # nats-py's subscription, its state and its cancelled task hold each other in cycles after
         # unsubscribing: through a weak reference its callback does not keep the conversation (and its
@@ -265,20 +331,74 @@ class ConversationHub:
                     config=config,
                 )
         except Exception as exc:
-            if self._conversations.get(conv.id) is conv:
-                del self._conversations[conv.id]
-                self.metrics.conversations.set(len(self._conversations))
-            conv.closed = True
-            log.warning("conversation %s: cannot subscribe: %r", conv.id, exc)
-            raise DependencyError("nats", f"cannot subscribe to {subject}: {exc!r}") from None
+            raise self._cannot_subscribe(conv, subject, exc) from None
         # nats-py's two timer tasks per subscription: the hub's one check instead (sse_flow_control,
         # sse_heartbeat_check)
         flow_control.stop_poller(conv.subscription)
         HeartbeatCheck.stop(conv.subscription)
         self._heartbeats.start()
-        self.metrics.subscribe_seconds.observe(time.monotonic() - began)
-        if conv.closed:  # every viewer left while subscribing
-            self._spawn(self._unsubscribe(conv))
+
+    async def _subscribe_live(self, conv: Conversation) -> None:
+        """A core subscription on chat.<id>.live first, then what the stream stored so far (the
+        catch-up), then what came live meanwhile, in order (the log drops the overlap)."""
+        subject = live_subject(conv.id)
+        ref = weakref.ref(conv)  # see _subscribe_consumer
+
+        async def on_live(msg: Msg) -> None:
+            current = ref()
+            if current is None or current.closed:
+                return
+            if current.live_buffer is not None:  # catching up: after what was stored
+                if len(current.live_buffer) < self.settings.history:
+                    current.live_buffer.append(msg)
+                return  # past that: it is stored, the gap fill or the idle check reads it
+            await self._on_live(current, msg)
+
+        conv.live_buffer = []
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                conv.subscription = await self._js._nc.subscribe(subject, cb=on_live)
+            # The SUB and the requests below leave on one connection, in order, and the origin
+            # registers the interest before it reads the stream for them: a message stored in
+            # between is in the catch-up or comes live (or both: the log drops the second copy).
+            stored = await self._stored(conv.id, None)
+        except Exception as exc:
+            sub, conv.subscription = conv.subscription, None
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            raise self._cannot_subscribe(conv, subject, exc) from None
+        conv.heard, conv.idle_wait = time.monotonic(), self.settings.idle_check
+        for i, token in enumerate(stored):  # like a consumer's catch-up: the last one is not backlog
+            if self.deliver(conv, token, backlog=i < len(stored) - 1):
+                self._audit(token)
+        while conv.live_buffer:
+            await self._on_live(conv, conv.live_buffer.pop(0))
+        conv.live_buffer = None
+        conv.caught_up = True
+        if self._idle_task is None or self._idle_task.done():
+            self._idle_task = asyncio.ensure_future(self._idle_rounds())
+
+    async def _stored(self, conversation_id: str, after: int | None) -> list[TokenMessage]:
+        """The tokens the stream holds of a conversation with a sequence above `after` (None: all), up to
+        its last message now: one request when there is nothing new, a replay when there is."""
+        subject = tokens_subject(conversation_id)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                last = await self._js.get_last_msg(self.settings.stream, subject)
+        except NotFoundError as exc:
+            if exc.err_code == NO_MESSAGE:
+                return []
+            raise DependencyError("nats", f"last message of {subject}: {exc}") from None
+        except Exception as exc:
+            raise DependencyError("nats", f"last message of {subject}: {exc!r}") from None
+        try:
+            until = parse_token(last.data or b"", subject=subject).sequence + 1
+        except MalformedToken:
+            until = UNBOUNDED
+        if after is not None and until <= after + 1:
+            return []
+        return await self.replay(conversation_id, after, until)
 
     async def _unsubscribe(self, conv: Conversation) -> None:
         """Unsubscribe now; the consumer is deleted by the paced `ConsumerDeleter`."""
@@ -300,15 +420,9 @@ class ConversationHub:
 
     # -- messages ---------------------------------------------------------------------------------
     async def _on_message(self, conv: Conversation, msg: Msg) -> None:
+        """A message of the conversation's JetStream consumer."""
         if conv.closed:
             return
-        try:
-            token = parse_token(msg.data, subject=msg.subject)
-        except MalformedToken as exc:
-            self.metrics.malformed.inc()
-            log.warning("conversation %s: skipped a malformed stream message: %s", conv.id, exc.reason)
-            return
-        self.metrics.messages.inc()
         backlog = False
         if not conv.caught_up:  # the first catch-up on what was stored does not count as lag
             try:
@@ -316,6 +430,34 @@ class ConversationHub:
             except Exception:  # not a JetStream message: cannot happen on this subscription
                 backlog = False
             conv.caught_up = not backlog
+        await self._take(conv, msg.data, backlog)
+
+    async def _on_live(self, conv: Conversation, msg: Msg) -> None:
+        """A message on chat.<id>.live: the stream's copy of one it stored."""
+        conv.heard, conv.idle_wait = time.monotonic(), self.settings.idle_check
+        headers = msg.headers
+        if headers is None or headers.get("Nats-Stream") != self.settings.stream:
+            self.metrics.malformed.inc()
+            self._throttled.warning(
+                "not-republished",
+                "conversation %s: skipped a message on %s that stream %s did not republish",
+                conv.id,
+                msg.subject,
+                self.settings.stream,
+            )
+            return
+        await self._take(conv, msg.data, False)
+
+    async def _take(self, conv: Conversation, data: bytes, backlog: bool) -> None:
+        if conv.closed:
+            return
+        try:
+            token = parse_token(data, subject=conv.subject)
+        except MalformedToken as exc:
+            self.metrics.malformed.inc()
+            log.warning("conversation %s: skipped a malformed stream message: %s", conv.id, exc.reason)
+            return
+        self.metrics.messages.inc()
         logged = conv.log.next_seq
         if self._inspection is None or (
             logged is not None and token.sequence < logged and not conv.inspecting
@@ -438,6 +580,67 @@ class ConversationHub:
             loop = asyncio.get_running_loop()
             conv.gap_timer = loop.call_later(self.settings.gap_timeout, self._gap_timed_out, conv)
 
+    # -- live mode: catching up on what a lost link lost -------------------------------------------
+    def resync(self) -> int:
+        """The link to the stream is back after a loss (a cut leaf, a reconnect): in live mode every
+        subscribed conversation that is not done reads what the stream stored after its last token
+        (core messages sent into a dead link are gone); how many. A consumer heals itself: 0."""
+        if not self.settings.live:
+            return 0
+        count = 0
+        for conv in list(self._conversations.values()):
+            if not conv.closed and conv.live_buffer is None and conv.log.done_seq is None:
+                self._catch_up(conv)
+                count += 1
+        return count
+
+    async def _idle_rounds(self) -> None:
+        """Live mode: a conversation that is not done and was silent for its `idle_wait` is compared
+        with the stream (a link lost and back between two readiness checks can lose a conversation's
+        last tokens, and nothing after them would show the gap); the wait doubles each time, up to
+        `idle_check_max`, and starts again at `idle_check` with the next message."""
+        while True:
+            await asyncio.sleep(IDLE_TICK)
+            now = time.monotonic()
+            for i, conv in enumerate(list(self._conversations.values())):
+                if i % 512 == 511:
+                    await asyncio.sleep(0)  # 10,000 conversations are not one long step
+                if conv.closed or conv.live_buffer is not None or conv.log.done_seq is not None:
+                    continue
+                if now - conv.heard >= conv.idle_wait:
+                    conv.heard, conv.idle_wait = now, min(2 * conv.idle_wait, self.settings.idle_check_max)
+                    self._catch_up(conv)
+
+    def _catch_up(self, conv: Conversation) -> None:
+        if conv.catch_up is not None or conv.closed:
+            return
+        conv.catch_up = task = asyncio.ensure_future(self._read_after_log(conv))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read_after_log(self, conv: Conversation) -> None:
+        try:
+            async with self._catching_up:
+                if conv.closed:
+                    return
+                after = None if conv.log.next_seq is None else conv.log.next_seq - 1
+                try:
+                    found = await self._stored(conv.id, after)
+                except DependencyError as exc:
+                    self._throttled.warning("catch-up", "conversation %s: not caught up: %s", conv.id, exc)
+                    return
+                if conv.closed or not found:
+                    return
+                for token in found:
+                    before = conv.log.duplicates + conv.log.after_done
+                    conv.log.add(token)
+                    if conv.log.duplicates + conv.log.after_done == before:
+                        self._audit(token)
+                log.info("conversation %s: %d stored token(s) read that never came live", conv.id, len(found))
+                self._wake(conv)
+        finally:
+            conv.catch_up = None
+
     # -- replay -----------------------------------------------------------------------------------
     async def replay(self, conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
         """The conversation's stored tokens with `after < sequence < until` (`after` None: from the
@@ -520,6 +723,9 @@ class ConversationHub:
         await asyncio.gather(*(self._unsubscribe(c) for c in conversations), return_exceptions=True)
         await self._heartbeats.close()
         await self._deleter.close()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            await asyncio.gather(self._idle_task, return_exceptions=True)
         for task in list(self._background):
             task.cancel()
         self.metrics.conversations.set(0)

@@ -115,6 +115,7 @@ from typing import Any
 import nats
 from aiohttp import web
 from nats.aio.client import Client
+from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from meshkit.connection_guard import default_connection_limit
@@ -129,7 +130,9 @@ from meshkit.edge.sse_streams import ADAPTER, Adapter, SseMetrics, admit, json_e
 from meshkit.edge.sse_transport import TransportSink
 from meshkit.edge.sse_ws import websocket_stream
 from meshkit.edge.stream_auth import StreamAuth, StreamAuthOptions
+from meshkit.edge.token_contract import LIVE_SUBJECTS
 from meshkit.edge.token_inspection import TokenInspection, TokenInspectionOptions
+from meshkit.edge.token_stream import republishes_live
 from meshkit.edge.viewer import Viewer, ViewerClock, ViewerCut, pump
 from meshkit.errors import DependencyError, error_body
 
@@ -285,6 +288,8 @@ class _Nats:
     _poke: asyncio.Event = field(default_factory=asyncio.Event)
     _ok: bool = True  # what the last check found (a change is logged)
     mirror_metrics: MirrorMetrics | None = None  # --mirror-of: the mirror's lag, on each check
+    stream_config: StreamConfig | None = None  # what wait_for_stream found (not with --mirror-of)
+    on_back: Callable[[], None] | None = None  # the stream answers again after it did not
 
     def _set(self, ready: bool, reason: str) -> None:
         if not self.draining:
@@ -345,7 +350,7 @@ class _Nats:
                     await ensure_mirror(self.js(), self.opts.stream, mirror)
                     log.info("stream %s: the edge mirror of %s", self.opts.stream, mirror)
                 else:
-                    await self.js().stream_info(self.opts.stream)
+                    self.stream_config = (await self.js().stream_info(self.opts.stream)).config
                 return
             except NotFoundError:
                 if not said:
@@ -379,6 +384,8 @@ class _Nats:
                 if (problem is None) != self._ok:
                     if problem is None:
                         log.info("stream %s reachable again: ready", self.opts.stream)
+                        if self.on_back is not None:
+                            self.on_back()
                     else:
                         log.warning("stream %s not reachable: not ready (%r)", self.opts.stream, problem)
                 self._ok = problem is None
@@ -431,7 +438,18 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
         "on (JWT)" if auth is not None else "off",
         inspection.summary(),
     )
+    live = conn.stream_config is not None and republishes_live(conn.stream_config)
+    if live:
+        log.info("stream %s republishes on %s: live tokens by core subscription", opts.stream, LIVE_SUBJECTS)
+    elif not opts.mirror_of:
+        log.warning(
+            "stream %s does not republish stored tokens on %s (streams meshkit bridge creates do): one "
+            "JetStream consumer per conversation instead, slower (see token_stream.py)",
+            opts.stream,
+            LIVE_SUBJECTS,
+        )
     settings = HubSettings(
+        live=live,
         stream=opts.stream,
         history=opts.history,
         client_queue=opts.client_queue,
@@ -451,6 +469,12 @@ async def serve(options: Resolved, life: Lifecycle) -> None:
     hub = ConversationHub(
         conn.js(), settings, HubMetrics.create(life.registry), on_cut=on_cut, inspection=inspection
     )
+
+    def on_back() -> None:
+        if count := hub.resync():
+            log.info("catching up %d conversation(s) on what the stream stored meanwhile", count)
+
+    conn.on_back = on_back
 
     async def start_hub() -> None:
         adapter.hub = hub

@@ -21,6 +21,11 @@ JetStream: the stream (default `CHAT`) holds the subjects `chat.*.tokens`; every
 with `Nats-Msg-Id: <conversation_id>:<sequence>` (`message_id()`), so two bridges side by side store
 each token once. A message that breaks the contract goes to `chat.deadletter` (not part of the
 stream's subjects) with the reason.
+
+Live copies: the stream republishes every message it stored (after dedup) on `chat.<id>.live`
+(`live_subject()`, JetStream RePublish, headers `Nats-Stream`, `Nats-Sequence`, `Nats-Last-Sequence`):
+an edge subscribes to that with a plain core subscription per conversation, and reads the stream
+itself only for what was stored before it subscribed or what a cut link lost (`conversation_hub.py`).
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ __all__ = [
     "CONVERSATION_ID",
     "DEADLETTER_SUBJECT",
     "DEFAULT_STREAM",
+    "LIVE_REPUBLISH_DEST",
+    "LIVE_SUBJECTS",
     "STREAM_SUBJECTS",
     "MalformedToken",
     "TokenMessage",
     "conversation_of_subject",
     "is_conversation_id",
+    "live_subject",
     "message_id",
     "parse_token",
     "tokens_subject",
@@ -48,6 +56,8 @@ __all__ = [
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 STREAM_SUBJECTS = "chat.*.tokens"
+LIVE_SUBJECTS = "chat.*.live"  # what the stream republishes stored tokens on (see the docstring)
+LIVE_REPUBLISH_DEST = "chat.{{wildcard(1)}}.live"  # the RePublish destination that maps one onto the other
 DEADLETTER_SUBJECT = "chat.deadletter"
 DEFAULT_STREAM = "CHAT"
 _SUBJECT = re.compile(r"chat\.([A-Za-z0-9_-]{1,128})\.tokens")
@@ -72,6 +82,13 @@ def tokens_subject(conversation_id: str) -> str:
     if not is_conversation_id(conversation_id):
         raise ValueError(f"not a conversation id (expected {CONVERSATION_ID.pattern}): {conversation_id!r}")
     return f"chat.{conversation_id}.tokens"
+
+
+def live_subject(conversation_id: str) -> str:
+    """`chat.<conversation_id>.live`, where the stream republishes what it stored of `tokens_subject()`;
+    a `ValueError` for an id that is not one."""
+    tokens_subject(conversation_id)  # the same check
+    return f"chat.{conversation_id}.live"
 
 
 def conversation_of_subject(subject: str) -> str | None:

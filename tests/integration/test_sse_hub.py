@@ -1,6 +1,8 @@
 """The conversation hub in-process on a real NATS origin + leaf: a token the live path missed is filled
 from JetStream (not skipped), one JetStream does not have either is skipped with a reset, and the
-per-viewer replay reads exactly the asked-for range."""
+per-viewer replay reads exactly the asked-for range. `hub` follows conversations with one ordered
+consumer each (a stream without the republish); `live_hub` with core subscriptions on the stream's
+republished chat.<id>.live copies, catching up from the stream."""
 
 from __future__ import annotations
 
@@ -61,6 +63,20 @@ async def hub(
 ) -> AsyncIterator[ConversationHub]:
     nc = await nats.connect(servers[1].url)  # the leaf, as the adapter does
     settings = HubSettings(gap_timeout=0.2, consumer_heartbeat=0.5)
+    hub = ConversationHub(nc.jetstream(domain="origin"), settings, HubMetrics.create(registry))
+    try:
+        yield hub
+    finally:
+        await hub.close()
+        await nc.close()
+
+
+@pytest.fixture
+async def live_hub(
+    servers: tuple[NatsServer, NatsServer], origin_js: JetStreamContext, registry: CollectorRegistry
+) -> AsyncIterator[ConversationHub]:
+    nc = await nats.connect(servers[1].url)
+    settings = HubSettings(live=True, gap_timeout=0.2, idle_check=0.3, idle_check_max=0.6)
     hub = ConversationHub(nc.jetstream(domain="origin"), settings, HubMetrics.create(registry))
     try:
         yield hub
@@ -147,7 +163,7 @@ async def test_the_ordered_consumer_runs_without_its_timer_tasks(
     conv = await hub.join(c, viewer)
     try:
         sub = conv.subscription
-        assert sub is not None
+        assert isinstance(sub, JetStreamContext.PushSubscription)
         jsi = sub._sub._jsi
         assert jsi is not None
         poller = jsi._fctask
@@ -187,3 +203,125 @@ async def test_a_conversation_nobody_watches_is_freed_without_a_garbage_collecti
         await until(lambda: gone() is None, within=5, what="the conversation freed")
     finally:
         gc.enable()
+
+
+# -- live mode -----------------------------------------------------------------------------------------
+async def consumers_of(js: JetStreamContext, c: str) -> list[str]:
+    for _ in range(10):
+        try:
+            infos = await js.consumers_info("CHAT")
+        except (TypeError, AttributeError):  # nats-py 2.16 on a consumer deleted while listed
+            await asyncio.sleep(0.1)
+            continue
+        return [i.name for i in infos if i.config.filter_subject == f"chat.{c}.tokens"]
+    raise AssertionError("consumers_info kept failing")
+
+
+async def test_live_joins_catch_up_on_what_was_stored_then_follow_without_gap_or_duplicate(
+    live_hub: ConversationHub, origin_js: JetStreamContext, registry: CollectorRegistry
+) -> None:
+    """Stored before the join and published during its catch-up: every token once, in order, the
+    stored ones counted as backlog; no consumer is left on the origin for the conversation."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    await publish(origin_js, c, range(1, 301))
+    viewer = Viewer(c, None)
+    joined = asyncio.ensure_future(live_hub.join(c, viewer))
+    await publish(origin_js, c, range(301, 401))  # while it subscribes and reads the stream
+    conv = await joined
+    try:
+        await publish(origin_js, c, range(401, 411))
+        await publish(origin_js, c, [411], done_at=411)
+        await until(lambda: conv.log.done_seq == 411, within=10, what="the whole conversation")
+        assert sequences(conv) == list(range(1, 412))
+        assert conv.log.backlog_end >= 300  # what was stored before the join does not count as lag
+        assert sample(registry, "meshkit_sse_gaps_skipped_total") == 0
+        assert await consumers_of(origin_js, c) == []  # the catch-up's consumer is gone, no other
+    finally:
+        live_hub.leave(conv, viewer)
+
+
+async def test_live_messages_the_stream_did_not_republish_are_skipped(
+    live_hub: ConversationHub,
+    servers: tuple[NatsServer, NatsServer],
+    origin_js: JetStreamContext,
+    registry: CollectorRegistry,
+) -> None:
+    """A core publish straight onto chat.<id>.live (no stream stored it: a resume could not find it)
+    is counted as malformed and not logged; the stream's copies are."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    viewer = Viewer(c, None)
+    conv = await live_hub.join(c, viewer)
+    forger = await nats.connect(servers[0].url)
+    try:
+        before = sample(registry, "meshkit_sse_malformed_messages_total")
+        await forger.publish(f"chat.{c}.live", token(c, 1, text="forged"))
+        await forger.publish(f"chat.{c}.live", token(c, 1, text="forged"), headers={"Nats-Stream": "OTHER"})
+        await forger.flush()
+        await until(
+            lambda: sample(registry, "meshkit_sse_malformed_messages_total") == before + 2,
+            within=5,
+            what="both counted",
+        )
+        assert conv.log.next_seq is None  # nothing logged
+        await publish(origin_js, c, [1, 2])
+        await until(lambda: sequences(conv) == [1, 2], within=5, what="the stored tokens")
+        first = conv.log.read(1, 1)[0]
+        assert first is not None and b"forged" not in first.raw
+    finally:
+        live_hub.leave(conv, viewer)
+        await forger.close()
+
+
+async def test_live_tokens_a_lost_link_never_delivered_are_read_by_the_idle_check(
+    live_hub: ConversationHub, origin_js: JetStreamContext
+) -> None:
+    """The end of a conversation lost on the way (nothing after it shows a gap): a conversation silent
+    for `idle_check` is compared with the stream and reads what it missed."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    viewer = Viewer(c, None)
+    conv = await live_hub.join(c, viewer)
+    try:
+        await publish(origin_js, c, [1, 2])
+        await until(lambda: sequences(conv) == [1, 2], within=5, what="live tokens")
+        sub = conv.subscription
+        assert sub is not None
+        await sub.unsubscribe()  # the link "loses" everything from here on
+        await publish(origin_js, c, [3, 4])
+        await publish(origin_js, c, [5], done_at=5)
+        await until(lambda: conv.log.done_seq == 5, within=5, what="the lost end read from the stream")
+        assert sequences(conv) == [1, 2, 3, 4, 5]
+    finally:
+        live_hub.leave(conv, viewer)
+
+
+async def test_live_resync_reads_what_the_stream_stored_while_the_link_was_lost(
+    servers: tuple[NatsServer, NatsServer], origin_js: JetStreamContext, registry: CollectorRegistry
+) -> None:
+    """`resync()` (the adapter calls it when the stream answers again): every conversation that is
+    not done reads what it missed at once, without waiting for an idle check; a done one is left."""
+    from meshkit.edge.viewer import Viewer
+
+    nc = await nats.connect(servers[1].url)
+    settings = HubSettings(live=True, idle_check=600.0, idle_check_max=600.0)
+    hub = ConversationHub(nc.jetstream(domain="origin"), settings, HubMetrics.create(registry))
+    a, b = f"c-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+    va, vb = Viewer(a, None), Viewer(b, None)
+    try:
+        await publish(origin_js, b, [1], done_at=1)
+        ca, cb = await hub.join(a, va), await hub.join(b, vb)
+        assert cb.log.done_seq == 1
+        sub = ca.subscription
+        assert sub is not None
+        await sub.unsubscribe()
+        await publish(origin_js, a, [1, 2, 3])
+        assert hub.resync() == 1  # a; b is done
+        await until(lambda: sequences(ca) == [1, 2, 3], within=5, what="a's tokens from the stream")
+    finally:
+        await hub.close()
+        await nc.close()

@@ -163,6 +163,13 @@ async def test_shipped_origin_and_leaf_run_and_the_leaf_reaches_jetstream_throug
                 )
                 with pytest.raises(NoRespondersError):
                     await nc.request("chat.c2.tokens", b"{}", timeout=2)
+                # nor a forged live copy to the adapters of other edges (they follow chat.<id>.live)
+                watcher = await direct.subscribe("chat.c1.live")
+                await flushed(direct)
+                await nc.publish("chat.c1.live", b'{"conversation_id":"c1","sequence":9}')
+                await flushed(nc)
+                with pytest.raises(nats.errors.TimeoutError):
+                    await watcher.next_msg(timeout=0.5)
                 # dead letters (raw payloads) stay at the origin
                 leaked = await nc.subscribe("chat.deadletter")
                 await flushed(nc)
