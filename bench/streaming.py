@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import signal
+import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,9 +159,16 @@ def nchan_row(
 
 
 def sse_row(
-    load: StreamingLoad, workdir: Path, *, json_file: Path | None = None, progress: bool = True
+    load: StreamingLoad,
+    workdir: Path,
+    *,
+    json_file: Path | None = None,
+    progress: bool = True,
+    probe: dict[str, Any] | None = None,
 ) -> StreamingRow:
-    """NATS origin + leaf and `meshkit sse` on the leaf, measured under `load`, stopped."""
+    """NATS origin + leaf and `meshkit sse` on the leaf, measured under `load`, stopped. With `probe`
+    (a dict), a bare subscriber on the leaf (`nats_probe.py`) measures the broker path alone during
+    the run, and its numbers go into the dict."""
     import nats
 
     from meshkit.edge.token_stream import ensure_stream
@@ -177,7 +187,10 @@ def sse_row(
         nats_server(workdir, jetstream=False, leaf_remote=origin.leaf_url, name="bench-leaf") as leaf,
     ):
         asyncio.run(create_stream(origin.url))
-        with sse_adapter(workdir, leaf.url, js_domain=origin.domain) as adapter:
+        with (
+            sse_adapter(workdir, leaf.url, js_domain=origin.domain) as adapter,
+            nats_probe(leaf.url, workdir / "probe.json", enabled=probe is not None) as probed,
+        ):
             row, _ = asyncio.run(
                 measure(
                     "sse",
@@ -190,7 +203,34 @@ def sse_row(
                     progress=progress,
                 )
             )
+        if probe is not None:
+            probe.update(probed())
     return row
+
+
+@contextlib.contextmanager
+def nats_probe(url: str, out: Path, *, enabled: bool) -> Iterator[Callable[[], dict[str, Any]]]:
+    """`nats_probe.py` on `url` while the block runs (nothing when not `enabled`); the callable gives
+    its numbers after the block (stopped with SIGTERM first)."""
+    result: dict[str, Any] = {}
+    if not enabled:
+        yield lambda: result
+        return
+    argv = [sys.executable, str(Path(__file__).with_name("nats_probe.py")), "--nats", url, "--json", str(out)]
+    proc = subprocess.Popen(argv)
+    try:
+        yield lambda: result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode == 0 and out.exists():
+            result.update(json.loads(out.read_text()))
+        else:
+            result["error"] = f"nats_probe exited {proc.returncode}"
 
 
 def compare(sse: StreamingRow, nchan: StreamingRow) -> dict[str, bool | None]:
@@ -242,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int)
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="with the sse row: a bare NATS subscriber on the leaf measures the broker path alone "
+        "(bench/nats_probe.py)",
+    )
+    parser.add_argument(
         "--reports",
         type=Path,
         help="a directory for each target's whole loadgen report (nchan.json, sse.json)",
@@ -258,10 +304,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="meshkit-bench-streaming-") as tmp:
         if args.target in ("nchan", "both"):
             rows.append(nchan_row(load, Path(tmp) / "nchan", json_file=report("nchan")))
+        probe: dict[str, Any] | None = {} if args.probe else None
         if args.target in ("sse", "both"):
-            rows.append(sse_row(load, Path(tmp) / "sse", json_file=report("sse")))
+            rows.append(sse_row(load, Path(tmp) / "sse", json_file=report("sse"), probe=probe))
     print(table(rows))
     out: dict[str, Any] = {"load": asdict(load), "rows": [asdict(r) for r in rows]}
+    if probe is not None:
+        out["nats_probe"] = probe
+        print(
+            "nats path alone (publisher -> origin -> leaf -> a bare subscriber, during the sse row): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in probe.items() if k.endswith("_ms") and v is not None)
+            + f", {probe.get('messages', 0):,} messages"
+        )
     if len(rows) == 2:
         out["targets"] = compare(rows[1], rows[0])
         print(json.dumps(out["targets"], indent=2))
