@@ -17,14 +17,15 @@ Viewers are spread over `processes` loadgen workers (default: enough for the fd 
 deliveries/s each: one asyncio process saturates near 20k/s, and on 2 shared cores a margin matters).
 
 Measured (2026-12-02, 2 shared cores, the issue's load, `--target both`, medians of 3 runs, range):
-nchan p50 1.29 ms, p99 2.43 (2.37-2.62), 8.9 % of a core, 18 KB/stream; meshkit sse p50 2.30, p99 10.1
-(8.8-10.9), max 31, 24.1 % (23.6-24.3), 26 KB/stream, every token once, neither generator saturated:
-CPU 2.70x nchan's (target 3x), p99 4.2x (target 1.5x). Before the direct writes, the timer tasks and
-the GC pacing (2 runs): p99 263 ms, 41 % of a core. What is left of the p99 is mostly the JetStream
-path: in the same run a separate ordered consumer on the leaf saw p99 ~10 ms, a core subscription ~7 ms.
+nchan p50 1.28 ms, p99 2.56 (2.40-2.85), 9.0 % of a core, 18 KB/stream; meshkit sse (live copies by
+core subscription) p50 1.82, p99 5.12 (4.74-5.63), max 25, 19.6 % (18.8-19.8), 26 KB/stream, every
+token once, neither generator saturated: CPU 2.2x nchan's (target 3x), p99 2.0x (target 1.5x). With
+`--probe`, a bare subscriber on the leaf in the same kind of run: p50 0.86, p99 3.30 ms - the broker
+path alone is 1.3x nchan's whole path. One ordered consumer per conversation (before) gave p99 10.1,
+24 %; before the direct writes and the GC pacing, p99 263 ms, 41 %.
 
     .venv/bin/python bench/streaming.py [--target nchan|sse|both] [--streams 10000] [--conversations 2000]
-        [--rate 1000] [--duration 20] [--processes P] [--json FILE] [--reports DIR]
+        [--rate 1000] [--duration 20] [--processes P] [--json FILE] [--reports DIR] [--probe]
 """
 
 from __future__ import annotations

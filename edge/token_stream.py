@@ -16,9 +16,10 @@ sequence, then live). Its limits, and why:
   deduplicated, is also published once on its conversation's live subject, so an edge follows a
   conversation with a plain core subscription (one hop, no consumer on the origin per conversation)
   and reads the stream only to catch up (`conversation_hub.py`). Measured at the issue's load
-  (10,000 streams, 2,000 conversations, 1,000 tokens/s, 2 shared cores): p99 publish->viewer 4.7 ms
-  with it, 10.1 ms with one ordered consumer per conversation, which is what `meshkit sse` falls back
-  to for a stream without it (`republishes_live`).
+  (10,000 streams, 2,000 conversations, 1,000 tokens/s, 2 shared cores; bench/streaming.py): p99
+  publish->viewer 5.1 ms and 20 % of a core with it, 10.1 ms and 24 % with one ordered consumer per
+  conversation, which is what `meshkit sse` falls back to for a stream without it
+  (`republishes_live`).
 
 `ensure_stream` never weakens an existing stream an operator tuned: when the stream exists it is left
 as is (its subjects are checked, since a stream without `chat.*.tokens` would silently store nothing;
