@@ -381,7 +381,9 @@ class ConversationHub:
 
     async def _stored(self, conversation_id: str, after: int | None) -> list[TokenMessage]:
         """The tokens the stream holds of a conversation with a sequence above `after` (None: all), up to
-        its last message now: one request when there is nothing new, a replay when there is."""
+        its last message now: one request when there is nothing new, a replay when there is. The replay
+        ends at that message's stream sequence, not at its token's: two bridges can store neighbours out
+        of order, and the last one stored need not be the highest token."""
         subject = tokens_subject(conversation_id)
         try:
             async with asyncio.timeout(self.settings.request_timeout):
@@ -393,12 +395,12 @@ class ConversationHub:
         except Exception as exc:
             raise DependencyError("nats", f"last message of {subject}: {exc!r}") from None
         try:
-            until = parse_token(last.data or b"", subject=subject).sequence + 1
+            newest = parse_token(last.data or b"", subject=subject).sequence
         except MalformedToken:
-            until = UNBOUNDED
-        if after is not None and until <= after + 1:
+            newest = None
+        if after is not None and newest is not None and newest <= after:
             return []
-        return await self.replay(conversation_id, after, until)
+        return await self.replay(conversation_id, after, UNBOUNDED, through=last.seq)
 
     async def _unsubscribe(self, conv: Conversation) -> None:
         """Unsubscribe now; the consumer is deleted by the paced `ConsumerDeleter`."""
@@ -642,9 +644,12 @@ class ConversationHub:
             conv.catch_up = None
 
     # -- replay -----------------------------------------------------------------------------------
-    async def replay(self, conversation_id: str, after: int | None, until: int) -> list[TokenMessage]:
+    async def replay(
+        self, conversation_id: str, after: int | None, until: int, *, through: int | None = None
+    ) -> list[TokenMessage]:
         """The conversation's stored tokens with `after < sequence < until` (`after` None: from the
-        first), sorted and unique, from an ephemeral pull consumer that starts near `after`
+        first) and, with `through`, stored at stream sequence `through` or before, sorted and unique,
+        from an ephemeral pull consumer that starts near `after`
         (`replay_start`: a binary search, not a read from the conversation's first token);
         `DependencyError` when one step (the search, the consumer, a batch) takes longer than the
         request timeout: a long replay over a distant leaf is bounded per batch, not as a whole."""
@@ -675,6 +680,12 @@ class ConversationHub:
                         batch = await psub.fetch(min(remaining, REPLAY_BATCH), timeout=1.0)
                     for msg in batch:
                         remaining = msg.metadata.num_pending
+                        stored_at = msg.metadata.sequence.stream
+                        if through is not None and stored_at > through:
+                            remaining = 0
+                            break
+                        if through is not None and stored_at == through:
+                            remaining = 0  # the last one to read
                         try:
                             token = parse_token(msg.data, subject=msg.subject)
                         except MalformedToken:

@@ -325,3 +325,25 @@ async def test_live_resync_reads_what_the_stream_stored_while_the_link_was_lost(
     finally:
         await hub.close()
         await nc.close()
+
+
+async def test_live_join_reads_a_stored_end_whose_last_tokens_were_stored_out_of_order(
+    live_hub: ConversationHub, origin_js: JetStreamContext
+) -> None:
+    """Two bridges can store neighbours out of order (the log's docstring): the stream's last message
+    is token 4, stored after 5 (done). The catch-up reads up to the stream's last message, not up to the
+    last message's token sequence (that stopped at 5 and never read 4 or 5: the viewer waited forever,
+    every idle check stopping at the same place); the consumer mode reads them in stream order."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    await publish(origin_js, c, [1, 2, 3])
+    await publish(origin_js, c, [5], done_at=5)
+    await publish(origin_js, c, [4])
+    viewer = Viewer(c, None)
+    conv = await live_hub.join(c, viewer)
+    try:
+        await until(lambda: conv.log.done_seq == 5, within=5, what="the stored conversation's end")
+        assert sequences(conv) == [1, 2, 3, 4, 5]
+    finally:
+        live_hub.leave(conv, viewer)
