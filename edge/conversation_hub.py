@@ -633,13 +633,10 @@ class ConversationHub:
                     return
                 if conv.closed or not found:
                     return
-                for token in found:
-                    before = conv.log.duplicates + conv.log.after_done
-                    conv.log.add(token)
-                    if conv.log.duplicates + conv.log.after_done == before:
+                for token in found:  # as if it came live: a gap in it is held, then filled or skipped
+                    if self.deliver(conv, token):
                         self._audit(token)
                 log.info("conversation %s: %d stored token(s) read that never came live", conv.id, len(found))
-                self._wake(conv)
         finally:
             conv.catch_up = None
 

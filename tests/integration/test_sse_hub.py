@@ -347,3 +347,29 @@ async def test_live_join_reads_a_stored_end_whose_last_tokens_were_stored_out_of
         assert sequences(conv) == [1, 2, 3, 4, 5]
     finally:
         live_hub.leave(conv, viewer)
+
+
+async def test_live_a_token_missing_from_what_a_catch_up_read_is_skipped_with_a_reset(
+    live_hub: ConversationHub, origin_js: JetStreamContext, registry: CollectorRegistry
+) -> None:
+    """The idle check reads 3 and 5 (done) that never came live; 4 is nowhere (never stored, aged out):
+    it is held for --gap-timeout like a gap the live path shows, then skipped with a reset (the
+    catch-up armed no gap timer: the viewer waited for 4 forever)."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    viewer = Viewer(c, None)
+    conv = await live_hub.join(c, viewer)
+    try:
+        await publish(origin_js, c, [1, 2])
+        await until(lambda: sequences(conv) == [1, 2], within=5, what="live tokens")
+        sub = conv.subscription
+        assert sub is not None
+        await sub.unsubscribe()  # the link "loses" everything from here on
+        await publish(origin_js, c, [3])
+        await publish(origin_js, c, [5], done_at=5)
+        await until(lambda: conv.log.done_seq == 5, within=5, what="4 skipped, 5 logged")
+        assert sequences(conv) == [1, 2, 3, None, 5]
+        assert sample(registry, "meshkit_sse_gaps_skipped_total") == 1
+    finally:
+        live_hub.leave(conv, viewer)
