@@ -204,6 +204,7 @@ class Conversation:
     heard: float = 0.0  # live: when a message last came (monotonic)
     idle_wait: float = 0.0  # live: silent this long, the conversation is compared with the stream
     catch_up: asyncio.Task[None] | None = None  # live: a read of what the stream stored after the log
+    resync_again: bool = False  # live: a resync() came while catching up: read again after it
 
     def __post_init__(self) -> None:
         self.subject = tokens_subject(self.id)
@@ -376,6 +377,9 @@ class ConversationHub:
             await self._on_live(conv, conv.live_buffer.pop(0))
         conv.live_buffer = None
         conv.caught_up = True
+        if conv.resync_again:  # a link lost during the catch-up: what it lost is not in there
+            conv.resync_again = False
+            self._catch_up(conv)
         if self._idle_task is None or self._idle_task.done():
             self._idle_task = asyncio.ensure_future(self._idle_rounds())
 
@@ -591,9 +595,15 @@ class ConversationHub:
             return 0
         count = 0
         for conv in list(self._conversations.values()):
-            if not conv.closed and conv.live_buffer is None and conv.log.done_seq is None:
+            if conv.closed or conv.log.done_seq is not None:
+                continue
+            count += 1
+            if conv.live_buffer is not None or conv.catch_up is not None:
+                # catching up already (a join, an idle check): it may have asked the stream before the
+                # loss, so it reads again when it is over
+                conv.resync_again = True
+            else:
                 self._catch_up(conv)
-                count += 1
         return count
 
     async def _idle_rounds(self) -> None:
@@ -639,6 +649,9 @@ class ConversationHub:
                 log.info("conversation %s: %d stored token(s) read that never came live", conv.id, len(found))
         finally:
             conv.catch_up = None
+            if conv.resync_again and not conv.closed:
+                conv.resync_again = False
+                self._catch_up(conv)
 
     # -- replay -----------------------------------------------------------------------------------
     async def replay(

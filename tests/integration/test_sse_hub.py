@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import nats
 import pytest
@@ -373,3 +374,43 @@ async def test_live_a_token_missing_from_what_a_catch_up_read_is_skipped_with_a_
         assert sample(registry, "meshkit_sse_gaps_skipped_total") == 1
     finally:
         live_hub.leave(conv, viewer)
+
+
+async def test_live_a_resync_while_a_catch_up_is_under_way_is_not_dropped(
+    servers: tuple[NatsServer, NatsServer], origin_js: JetStreamContext, registry: CollectorRegistry
+) -> None:
+    """A catch-up that asked the stream before the link was lost (an idle check, a join) cannot see what
+    the loss lost: a resync() meanwhile reads again once it is over, instead of leaving those tokens to
+    the next idle check (up to idle_check_max later; 600 s here)."""
+    from meshkit.edge.viewer import Viewer
+
+    nc = await nats.connect(servers[1].url)
+    settings = HubSettings(live=True, idle_check=600.0, idle_check_max=600.0)
+    hub = ConversationHub(nc.jetstream(domain="origin"), settings, HubMetrics.create(registry))
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    viewer = Viewer(c, None)
+    try:
+        conv = await hub.join(c, viewer)
+        await publish(origin_js, c, [1, 2])
+        await until(lambda: sequences(conv) == [1, 2], within=5, what="live tokens")
+        stored, release = hub._stored, asyncio.Event()
+
+        async def slow_stored(conversation_id: str, after: int | None) -> list[Any]:
+            found = await stored(conversation_id, after)  # asked before the loss: nothing new
+            await release.wait()
+            return found
+
+        hub._stored = slow_stored  # type: ignore[method-assign]
+        hub._catch_up(conv)  # under way, as an idle check would be
+        await asyncio.sleep(0.3)
+        hub._stored = stored  # type: ignore[method-assign]
+        sub = conv.subscription
+        assert sub is not None
+        await sub.unsubscribe()  # the link "loses" everything from here on
+        await publish(origin_js, c, [3, 4])
+        assert hub.resync() == 1  # the stream answers again
+        release.set()
+        await until(lambda: sequences(conv) == [1, 2, 3, 4], within=5, what="what the loss lost")
+    finally:
+        await hub.close()
+        await nc.close()
