@@ -232,6 +232,7 @@ class ConversationHub:
         self._deleter = ConsumerDeleter(self._delete_consumer, timeout=settings.request_timeout)
         self._catching_up = asyncio.Semaphore(CATCH_UP_CONCURRENCY)
         self._idle_task: asyncio.Task[None] | None = None
+        self._closed = False  # close() was called: a join that ends after it starts no idle checks
 
     def _subscriptions(self) -> list[JetStreamContext.PushSubscription]:
         return [
@@ -380,7 +381,7 @@ class ConversationHub:
         if conv.resync_again:  # a link lost during the catch-up: what it lost is not in there
             conv.resync_again = False
             self._catch_up(conv)
-        if self._idle_task is None or self._idle_task.done():
+        if not self._closed and (self._idle_task is None or self._idle_task.done()):
             self._idle_task = asyncio.ensure_future(self._idle_rounds())
 
     async def _stored(self, conversation_id: str, after: int | None) -> list[TokenMessage]:
@@ -733,6 +734,7 @@ class ConversationHub:
 
     async def close(self) -> None:
         """Drop every subscription (at shutdown, after the listeners stopped)."""
+        self._closed = True
         conversations = list(self._conversations.values())
         self._conversations.clear()
         for conv in conversations:

@@ -414,3 +414,29 @@ async def test_live_a_resync_while_a_catch_up_is_under_way_is_not_dropped(
     finally:
         await hub.close()
         await nc.close()
+
+
+async def test_live_no_idle_task_outlives_the_hub_when_a_join_ends_after_close(
+    servers: tuple[NatsServer, NatsServer], origin_js: JetStreamContext, registry: CollectorRegistry
+) -> None:
+    """close() during a join's catch-up: the join ends after it and must not start the idle checks of a
+    closed hub (a task looping every second for good)."""
+    from meshkit.edge.viewer import Viewer
+
+    nc = await nats.connect(servers[1].url)
+    hub = ConversationHub(nc.jetstream(domain="origin"), HubSettings(live=True), HubMetrics.create(registry))
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    await publish(origin_js, c, range(1, 51))
+    try:
+        joined = asyncio.ensure_future(hub.join(c, Viewer(c, None)))
+        await asyncio.sleep(0)  # the SUB is out, the catch-up under way
+        await hub.close()
+        await asyncio.gather(joined, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        rounds = [t for t in asyncio.all_tasks() if "_idle_rounds" in repr(t.get_coro())]
+        assert rounds == []
+    finally:
+        for t in asyncio.all_tasks():
+            if "_idle_rounds" in repr(t.get_coro()):
+                t.cancel()
+        await nc.close()
