@@ -67,8 +67,9 @@ CORS (off by default; `--cors-origin ORIGIN`, repeatable, `*` only without `--co
 preflight `OPTIONS /stream/{id}` answered (204, or 403 for another origin); a WebSocket from an origin
 not allowed is refused (403) before the upgrade (`sse_cors.py`).
 
-Sharing and slow clients: one JetStream subscription per conversation, shared by all its viewers
-(`conversation_hub.py`); a viewer is a cursor into the conversation's shared log, bounded by
+Sharing and slow clients: one NATS subscription per conversation, shared by all its viewers (a core
+subscription on the stream's republished `chat.<id>.live` copies, or an ordered consumer when the
+stream has no such republish or with --mirror-of: `conversation_hub.py`); a viewer is a cursor into the conversation's shared log, bounded by
 `--client-queue` live tokens; past that it is cut off (logged with the reason, counted) and can resume
 with Last-Event-ID (`viewer.py`). A client that stops reading when no more tokens come (so it never
 falls behind) is cut off the same way once one write has blocked for `--write-timeout` s. A client

@@ -75,7 +75,8 @@ class SseOptions:
     )
     consumer_heartbeat: float = option(
         2.0,
-        "idle heartbeat of each conversation's ordered consumer (a dead one is re-created after 2 missed)",
+        "idle heartbeat of each conversation's ordered consumer, when the stream has no live republish or "
+        "with --mirror-of (a dead one is re-created after 2 missed)",
         parse=parse_seconds,
         metavar="SECONDS",
     )
