@@ -69,12 +69,12 @@ not allowed is refused (403) before the upgrade (`sse_cors.py`).
 
 Sharing and slow clients: one NATS subscription per conversation, shared by all its viewers (a core
 subscription on the stream's republished `chat.<id>.live` copies, or an ordered consumer when the
-stream has no such republish or with --mirror-of: `conversation_hub.py`); a viewer is a cursor into the conversation's shared log, bounded by
-`--client-queue` live tokens; past that it is cut off (logged with the reason, counted) and can resume
-with Last-Event-ID (`viewer.py`). A client that stops reading when no more tokens come (so it never
-falls behind) is cut off the same way once one write has blocked for `--write-timeout` s. A client
-that disconnects leaves at once (its handler is cancelled: `serve_app(handler_cancellation=True)`),
-and the subscription goes with the last one.
+stream has no such republish or with --mirror-of: `conversation_hub.py`); a viewer is a cursor into
+the conversation's shared log, bounded by `--client-queue` live tokens; past that it is cut off
+(logged with the reason, counted) and can resume with Last-Event-ID (`viewer.py`). A client that
+stops reading when no more tokens come (so it never falls behind) is cut off the same way once one
+write has blocked for `--write-timeout` s. A client that disconnects leaves at once (its handler is
+cancelled: `serve_app(handler_cancellation=True)`), and the subscription goes with the last one.
 
 Admin port: `/healthz`; `/readyz` is 200 only while NATS is connected and the stream answers
 (checked every `--ready-interval` s and right after a reconnect: a leaf cut from its origin keeps its
