@@ -371,11 +371,15 @@ class ConversationHub:
                     await sub.unsubscribe()
             raise self._cannot_subscribe(conv, subject, exc) from None
         conv.heard, conv.idle_wait = time.monotonic(), self.settings.idle_check
-        for i, token in enumerate(stored):  # like a consumer's catch-up: the last one is not backlog
+        # Like a consumer's catch-up: the stored tokens are backlog but the last (which closes an open
+        # start: see conversation_log), and so is what came live meanwhile but its last, when there
+        # was a stored part (a viewer is not "slow" for them; none stored: they are the live start).
+        for i, token in enumerate(stored):
             if self.deliver(conv, token, backlog=i < len(stored) - 1):
                 self._audit(token)
         while conv.live_buffer:
-            await self._on_live(conv, conv.live_buffer.pop(0))
+            msg = conv.live_buffer.pop(0)
+            await self._on_live(conv, msg, backlog=bool(stored) and bool(conv.live_buffer))
         conv.live_buffer = None
         conv.caught_up = True
         if conv.resync_again:  # a link lost during the catch-up: what it lost is not in there
@@ -439,7 +443,7 @@ class ConversationHub:
             conv.caught_up = not backlog
         await self._take(conv, msg.data, backlog)
 
-    async def _on_live(self, conv: Conversation, msg: Msg) -> None:
+    async def _on_live(self, conv: Conversation, msg: Msg, *, backlog: bool = False) -> None:
         """A message on chat.<id>.live: the stream's copy of one it stored."""
         conv.heard, conv.idle_wait = time.monotonic(), self.settings.idle_check
         headers = msg.headers
@@ -453,7 +457,7 @@ class ConversationHub:
                 self.settings.stream,
             )
             return
-        await self._take(conv, msg.data, False)
+        await self._take(conv, msg.data, backlog)
 
     async def _take(self, conv: Conversation, data: bytes, backlog: bool) -> None:
         if conv.closed:

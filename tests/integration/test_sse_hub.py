@@ -440,3 +440,34 @@ async def test_live_no_idle_task_outlives_the_hub_when_a_join_ends_after_close(
             if "_idle_rounds" in repr(t.get_coro()):
                 t.cancel()
         await nc.close()
+
+
+async def test_live_tokens_that_came_during_the_catch_up_count_as_backlog_not_lag(
+    live_hub: ConversationHub, origin_js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens published while a join reads what was stored wait in its live buffer; like a consumer's
+    catch-up they are backlog but the last, so a viewer is not cut off as "slow" for tokens it was not
+    sent yet (--client-queue counts live lag only)."""
+    from meshkit.edge.viewer import Viewer
+
+    c = f"c-{uuid.uuid4().hex[:8]}"
+    await publish(origin_js, c, range(1, 11))
+    read_stored = live_hub._stored
+
+    async def stored_then_more(conversation_id: str, after: int | None) -> list[Any]:
+        found = await read_stored(conversation_id, after)
+        await publish(origin_js, c, range(11, 41))  # stored after the read: they come live only
+        conv = live_hub.conversation(c)
+        assert conv is not None
+        await until(lambda: len(conv.live_buffer or []) == 30, within=5, what="30 buffered")
+        return found
+
+    monkeypatch.setattr(live_hub, "_stored", stored_then_more)
+    viewer = Viewer(c, None)
+    conv = await live_hub.join(c, viewer)
+    try:
+        assert sequences(conv) == list(range(1, 41))
+        assert conv.log.backlog_end == 40  # 1..39 are backlog, 40 (the catch-up's last) is not
+        assert viewer.lag(conv.log) <= 1
+    finally:
+        live_hub.leave(conv, viewer)
