@@ -291,6 +291,7 @@ class _Nats:
     mirror_metrics: MirrorMetrics | None = None  # --mirror-of: the mirror's lag, on each check
     stream_config: StreamConfig | None = None  # what wait_for_stream found (not with --mirror-of)
     on_back: Callable[[], None] | None = None  # the stream answers again after it did not
+    _resync_due: bool = False  # the connection was lost: on_back once a check passes connected
 
     def _set(self, ready: bool, reason: str) -> None:
         if not self.draining:
@@ -302,6 +303,7 @@ class _Nats:
                 return
             log.warning("NATS connection lost: not ready until it is back")
             self._ok = False
+            self._resync_due = True
             self._set(False, "nats disconnected")
 
         async def reconnected() -> None:
@@ -382,15 +384,21 @@ class _Nats:
                     problem = None
                 except Exception as exc:
                     problem = exc
+                # What the link lost meanwhile is read once the stream answers again: after checks that
+                # failed, and after a lost connection even when a check answered just before the loss
+                # (so `_ok` did not change across it).
+                back = problem is None and (not self._ok or self._resync_due) and self.client.is_connected
                 if (problem is None) != self._ok:
                     if problem is None:
                         log.info("stream %s reachable again: ready", self.opts.stream)
-                        if self.on_back is not None:
-                            self.on_back()
                     else:
                         log.warning("stream %s not reachable: not ready (%r)", self.opts.stream, problem)
                 self._ok = problem is None
                 self._set(self._ok, "serving" if self._ok else f"stream {self.opts.stream} not reachable")
+                if back:
+                    self._resync_due = False
+                    if self.on_back is not None:
+                        self.on_back()
             self._poke.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.opts.ready_interval):
