@@ -27,7 +27,16 @@ from meshkit.harness.edge_daemons import SseAdapter, sse_adapter
 from meshkit.harness.nats import NatsServer, nats_server
 
 from .conftest import request
-from .test_sse_support import SseReader, leaf_subscriptions, metric, open_stream, publish, settled, until
+from .test_sse_support import (
+    SseReader,
+    consumers_of,
+    leaf_subscriptions,
+    metric,
+    open_stream,
+    publish,
+    settled,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -420,16 +429,6 @@ async def test_five_viewers_share_one_subscription_gone_after_they_leave(
     settled(adapter)
     before = leaf_subscriptions(leaf)
 
-    async def consumers() -> list[str]:
-        for _ in range(10):
-            try:
-                infos = await js.consumers_info("CHAT")
-            except (TypeError, AttributeError):  # nats-py 2.16 on a consumer deleted while listed
-                await asyncio.sleep(0.1)
-                continue
-            return [i.name for i in infos if i.config.filter_subject == f"chat.{c}.tokens"]
-        raise AssertionError("consumers_info kept failing")
-
     readers = [await open_stream(session, adapter.stream_url(c)) for _ in range(5)]
     try:
         await publish(js, c, range(1, 4))
@@ -438,7 +437,7 @@ async def test_five_viewers_share_one_subscription_gone_after_they_leave(
         during = leaf_subscriptions(leaf)
         assert len(during) == len(before) + 1, (before, during)
         assert f"chat.{c}.live" in during  # the stream republishes: a core subscription ...
-        assert await consumers() == []  # ... and no consumer on the origin for it
+        assert await consumers_of(js, c) == []  # ... and no consumer on the origin for it
         assert metric(adapter, "meshkit_sse_conversations_subscribed") >= 1
     finally:
         for reader in readers:

@@ -24,6 +24,7 @@ from meshkit.harness.nats import NatsServer
 
 from .test_sse_support import (  # noqa: F401 (fixtures)
     BASE_ARGS,
+    consumers_of,
     js,
     leaf,
     leaf_subscriptions,
@@ -61,17 +62,6 @@ def adapter(workdir: Path, leaf: NatsServer, stream_created: None) -> Iterator[S
         yield running
 
 
-async def consumers(js: JetStreamContext, c: str) -> list[str]:
-    for _ in range(10):
-        try:
-            infos = await js.consumers_info("CHAT")
-        except (TypeError, AttributeError):  # nats-py 2.16 on a consumer deleted while listed
-            await asyncio.sleep(0.1)
-            continue
-        return [i.name for i in infos if i.config.filter_subject == f"chat.{c}.tokens"]
-    raise AssertionError("consumers_info kept failing")
-
-
 def test_the_adapter_says_it_follows_conversations_with_consumers(adapter: SseAdapter) -> None:
     settled(adapter)
     text = adapter.process.log_text()
@@ -90,7 +80,7 @@ async def test_a_late_viewer_gets_what_was_stored_then_live_through_one_consumer
     reader = await open_stream(session, adapter.stream_url(c))
     try:
         await reader.wait_for(lambda r: r.sequences == [1, 2, 3, 4, 5], what="the stored tokens")
-        assert len(await consumers(js, c)) == 1  # one ordered consumer for the conversation ...
+        assert len(await consumers_of(js, c)) == 1  # one ordered consumer for the conversation ...
         assert not [s for s in leaf_subscriptions(leaf, "meshkit-sse") if s == f"chat.{c}.live"]
         await publish(js, c, range(6, 9), done_at=8)
         await reader.wait_for(lambda r: r.sequences == list(range(1, 9)), what="then live, to done")
@@ -98,7 +88,7 @@ async def test_a_late_viewer_gets_what_was_stored_then_live_through_one_consumer
     finally:
         await reader.close()
     deadline = time.monotonic() + 5
-    while await consumers(js, c):  # ... deleted after the last viewer left
+    while await consumers_of(js, c):  # ... deleted after the last viewer left
         assert time.monotonic() < deadline, "the conversation's consumer was not deleted"
         await asyncio.sleep(0.05)
 

@@ -22,7 +22,7 @@ from meshkit.edge.token_contract import parse_token
 from meshkit.edge.token_stream import ensure_stream
 from meshkit.harness.nats import NatsServer, nats_server
 
-from .test_sse_support import publish, token, until
+from .test_sse_support import consumers_of, publish, token, until
 
 pytestmark = pytest.mark.integration
 
@@ -207,17 +207,6 @@ async def test_a_conversation_nobody_watches_is_freed_without_a_garbage_collecti
 
 
 # -- live mode -----------------------------------------------------------------------------------------
-async def consumers_of(js: JetStreamContext, c: str) -> list[str]:
-    for _ in range(10):
-        try:
-            infos = await js.consumers_info("CHAT")
-        except (TypeError, AttributeError):  # nats-py 2.16 on a consumer deleted while listed
-            await asyncio.sleep(0.1)
-            continue
-        return [i.name for i in infos if i.config.filter_subject == f"chat.{c}.tokens"]
-    raise AssertionError("consumers_info kept failing")
-
-
 async def test_live_joins_catch_up_on_what_was_stored_then_follow_without_gap_or_duplicate(
     live_hub: ConversationHub, origin_js: JetStreamContext, registry: CollectorRegistry
 ) -> None:

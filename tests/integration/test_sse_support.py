@@ -126,6 +126,18 @@ def leaf_subscriptions(leaf: NatsServer, name: str = "meshkit-sse") -> list[str]
     return subs
 
 
+async def consumers_of(js: JetStreamContext, cid: str, stream: str = "CHAT") -> list[str]:
+    """The names of the consumers on `stream` filtered on the conversation's subject."""
+    for _ in range(10):
+        try:
+            infos = await js.consumers_info(stream)
+        except (TypeError, AttributeError):  # nats-py 2.16 on a consumer deleted while listed
+            await asyncio.sleep(0.1)
+            continue
+        return [i.name for i in infos if i.config.filter_subject == f"chat.{cid}.tokens"]
+    raise AssertionError("consumers_info kept failing")
+
+
 def metric(adapter: SseAdapter, name: str, labels: str = "") -> float:
     """One sample of the adapter's /metrics (0 when absent)."""
     with urllib.request.urlopen(f"{adapter.admin_url}/metrics", timeout=5) as resp:
