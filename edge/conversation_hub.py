@@ -48,6 +48,11 @@ Decisions:
   rest. Memory: a subscribed conversation holds at most `--history` messages (default 1024, the
   default `--client-queue` too, so a viewer within its lag bound reads from memory), about its raw
   JSON plus ~150 bytes each; a conversation with no viewer holds nothing;
+- live mode's catch-up at a join reads everything the stream holds of the conversation (in batches
+  of `REPLAY_BATCH`, into one list, inspected when inspection is on) and the log keeps the last
+  `--history` of it, as a consumer's catch-up did while streaming: a 4,000-token answer is about
+  0.5 MB for a moment; the stream's bound is 100,000 messages per conversation. Reading only the tail
+  would need a log that starts mid-conversation knowing where the conversation starts: not done;
 - a gap in token sequences (a token stored out of order, or never): held for `--gap-timeout` s; then
   the hub replays the subject from JetStream looking for the missing tokens, logs what it finds, and
   skips the rest (viewers get `event: reset` for them: never a silent gap);
