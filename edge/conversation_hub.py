@@ -151,11 +151,13 @@ class HubMetrics:
         return cls(
             Gauge(
                 "meshkit_sse_conversations_subscribed",
-                "Conversations with a JetStream subscription (one each, shared by its viewers)",
+                "Conversations with a NATS subscription (one each, shared by its viewers)",
                 registry=registry,
             ),
             Counter(
-                "meshkit_sse_messages_received", "Token messages delivered by JetStream", registry=registry
+                "meshkit_sse_messages_received",
+                "Token messages received (live copies, consumer deliveries)",
+                registry=registry,
             ),
             Counter(
                 "meshkit_sse_duplicates_dropped",
@@ -185,7 +187,7 @@ class HubMetrics:
             ),
             Histogram(
                 "meshkit_sse_subscribe_seconds",
-                "Time to create a conversation's JetStream subscription",
+                "Time to subscribe to a conversation (with its catch-up on what was stored)",
                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
                 registry=registry,
             ),

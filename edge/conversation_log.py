@@ -1,8 +1,9 @@
 """One conversation's tokens as the hub has seen them: in sequence order, deduplicated, bounded.
 
-A `ConversationLog` is fed every message its conversation's JetStream subscription delivers (stream
-order) and keeps the last `capacity` tokens contiguous by token `sequence`, so a viewer reads "from
-sequence N on" by position. What it decides:
+A `ConversationLog` is fed every message its conversation's subscription delivers (the stream's
+order: its live copies, or a consumer) and what the hub reads from the stream to catch up, and keeps
+the last `capacity` tokens contiguous by token `sequence`, so a viewer reads "from sequence N on" by
+position. What it decides:
 
 - order and dedup by token sequence: a message whose sequence was already logged (a redelivery, a
   second bridge's copy stored without dedup) is dropped and counted; one that arrives early (a gap:
