@@ -82,7 +82,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,10 +289,12 @@ class ConversationHub:
             check.cancel()
         self._spawn(self._unsubscribe(conv))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A background task the hub keeps until it is done (and cancels at close())."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _subscribe(self, conv: Conversation) -> None:
         began = time.monotonic()
@@ -560,9 +562,7 @@ class ConversationHub:
         conv.gap_timer = None
         if conv.closed or conv.log.waiting_for is None:
             return
-        conv.gap_task = task = asyncio.ensure_future(self._fill_gap(conv))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        conv.gap_task = self._spawn(self._fill_gap(conv))
 
     async def _fill_gap(self, conv: Conversation) -> None:
         """Look for the missing tokens in JetStream; skip what is not there."""
@@ -638,9 +638,7 @@ class ConversationHub:
     def _catch_up(self, conv: Conversation) -> None:
         if conv.catch_up is not None or conv.closed:
             return
-        conv.catch_up = task = asyncio.ensure_future(self._read_after_log(conv))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        conv.catch_up = self._spawn(self._read_after_log(conv))
 
     async def _read_after_log(self, conv: Conversation) -> None:
         try:
